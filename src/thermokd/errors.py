@@ -1,0 +1,15 @@
+"""The library's one exception family: catch ``ThermoKDError`` to handle any bad input."""
+from __future__ import annotations
+
+
+class ThermoKDError(ValueError):
+    """Bad input to thermokd: the message names the value and what is allowed."""
+
+
+class ConfigError(ThermoKDError):
+    """An invalid configuration field."""
+
+
+def choice_error(kind: str, value: object, allowed: "list[str] | tuple[str, ...]") -> ThermoKDError:
+    """A uniform 'unknown name' error that lists the accepted names."""
+    return ThermoKDError(f"unknown {kind} {value!r}; expected one of: {', '.join(sorted(allowed))}")

@@ -1,0 +1,211 @@
+"""``DistillationLoss``: a temperature strategy + a divergence family + an optional per-sample weighting + CE.
+
+One call per batch, one extra call (``observe``) after the optimiser step; usable in any training loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import temperature as temperature_mod
+from . import weighting as weighting_mod
+from .dkd import dkd_terms
+from .errors import ThermoKDError, choice_error
+from .functional import DIVERGENCES, divergence
+from .progress import Progress, require_progress
+from .rows import Rows
+from .temperature import Fixed, TemperatureStrategy
+from .weighting import Weighting
+
+FAMILIES = ("kd", "dkd")
+SCALES = ("product", "none")
+
+
+@dataclass
+class LossOutput:
+    """``loss``: the scalar to backpropagate. ``terms``: named loss tensors (``ce``, ``kd``, and DKD's ``tckd``,
+    ``nckd``). ``stats``: floats over the valid rows (temperatures, teacher soft-label entropy in nats at the
+    teacher's τ, weights, ...). ``progress``: the progress the batch was computed at."""
+
+    loss: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    progress: "Progress | None" = None
+
+
+def _as_strategy(temperature) -> TemperatureStrategy:
+    if isinstance(temperature, TemperatureStrategy):
+        return temperature
+    if isinstance(temperature, str):
+        return temperature_mod.build(temperature)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        return Fixed(float(temperature))
+    raise ThermoKDError(f"temperature must be a number, a strategy name or a TemperatureStrategy, got {temperature!r}")
+
+
+def _row_column(tau: Tensor) -> Tensor:
+    """A strategy's τ as a scalar or ``[N, 1]`` float32."""
+    tau = tau.float()
+    return tau if tau.dim() == 0 else tau.reshape(-1, 1)
+
+
+class DistillationLoss(nn.Module):
+    """``L = ce_weight·CE(z^s, y) + kd_weight·mean_i w_i·s_i·D(p(z^t_i; τ^t_i) ‖ p(z^s_i; τ^s_i))``.
+
+    - ``temperature``: a strategy (``thermokd.temperature.*``), a strategy name, or a number (fixed τ).
+    - ``family``: ``"kd"`` with ``divergence`` in ``kl`` (default), ``reverse_kl``, ``js``, ``tvd``; or ``"dkd"``
+      (``dkd_alpha``·TCKD + ``dkd_beta``·NCKD, ramped in over ``dkd_warmup`` epochs).
+    - ``weighting``: None, a :class:`~thermokd.weighting.Weighting`, or its name; weights have mean 1.
+    - ``scale``: ``"product"`` multiplies each row by ``τ^t_i·τ^s_i`` (τ² for a shared τ; strategies may override,
+      e.g. logit standardisation uses τ_b²); ``"none"`` turns it off.
+    - Logits ``[..., C]`` of any float dtype; rows with ``labels == ignore_index`` or ``mask == False`` count
+      nowhere. The maths runs in float32.
+    """
+
+    def __init__(self, temperature: "TemperatureStrategy | float | str" = 4.0, family: str = "kd",
+                 divergence: str = "kl", weighting: "Weighting | str | None" = None, ce_weight: float = 0.1,
+                 kd_weight: float = 0.9, scale: str = "product", dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
+                 dkd_warmup: int = 20, ignore_index: int = -100, check_inputs: bool = True) -> None:
+        super().__init__()
+        if family not in FAMILIES:
+            raise choice_error("loss family", family, FAMILIES)
+        if divergence not in DIVERGENCES:
+            raise choice_error("divergence", divergence, DIVERGENCES)
+        if family == "dkd" and divergence != "kl":
+            raise ThermoKDError(f"family 'dkd' is defined with KL only, got divergence={divergence!r}")
+        if scale not in SCALES:
+            raise choice_error("scale", scale, SCALES)
+        for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("dkd_alpha", dkd_alpha),
+                            ("dkd_beta", dkd_beta), ("dkd_warmup", dkd_warmup)):
+            if not value >= 0:
+                raise ThermoKDError(f"{name} must be >= 0, got {value!r}")
+        self.temperature = _as_strategy(temperature)
+        self.weighting = weighting_mod.build(weighting) if isinstance(weighting, str) else weighting
+        self.family, self.divergence, self.scale = family, divergence, scale
+        self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
+        self.dkd_alpha, self.dkd_beta, self.dkd_warmup = float(dkd_alpha), float(dkd_beta), int(dkd_warmup)
+        self.ignore_index, self.check_inputs = int(ignore_index), bool(check_inputs)
+
+    # -- input handling -------------------------------------------------------------------------------
+    def _valid_rows(self, student: Tensor, teacher: Tensor, labels: "Tensor | None",
+                    mask: "Tensor | None") -> tuple[Tensor, Tensor, "Tensor | None"]:
+        if student.shape != teacher.shape:
+            raise ThermoKDError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+                                "must have the same shape")
+        if student.dim() < 2:
+            raise ThermoKDError(f"logits need a class axis: expected [..., C], got shape {tuple(student.shape)}")
+        num_classes, lead = student.shape[-1], student.shape[:-1]
+        s, t = student.reshape(-1, num_classes), teacher.detach().reshape(-1, num_classes)
+        keep = None
+        if mask is not None:
+            if mask.shape != lead:
+                raise ThermoKDError(f"mask {tuple(mask.shape)} must match the logits' leading shape {tuple(lead)}")
+            keep = mask.reshape(-1).to(torch.bool)
+        if labels is not None:
+            if labels.shape != lead:
+                raise ThermoKDError(f"labels {tuple(labels.shape)} must match the logits' leading shape {tuple(lead)}")
+            labels = labels.reshape(-1).long()
+            labelled = labels != self.ignore_index
+            keep = labelled if keep is None else keep & labelled
+        if keep is not None and not bool(keep.all()):
+            s, t = s[keep], t[keep]
+            labels = labels[keep] if labels is not None else None
+        if self.check_inputs and s.numel():
+            if labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+                raise ThermoKDError(f"label {bad} is out of range for {num_classes} classes "
+                                    f"(allowed: 0..{num_classes - 1}, or {self.ignore_index} to ignore a row)")
+            for who, x in (("student", s), ("teacher", t)):
+                if not bool(torch.isfinite(x).all()):
+                    raise ThermoKDError(f"{who} logits contain NaN or inf")
+        return s.float(), t.float(), labels
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: "Tensor | None" = None, *,
+                mask: "Tensor | None" = None, progress: "Progress | None" = None) -> LossOutput:
+        s, t, labels = self._valid_rows(student_logits, teacher_logits, labels, mask)
+        if s.shape[0] == 0:  # nothing to learn from; keep the graph so backward() still works
+            zero = student_logits.sum() * 0.0
+            return LossOutput(zero, {"ce": zero, "kd": zero}, {"rows": 0.0}, progress)
+        rows = Rows(s, t, labels, progress)
+        terms: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {}
+        total = s.new_zeros(())
+        if labels is not None:
+            terms["ce"] = -rows.student_log_probs.gather(-1, labels.unsqueeze(-1)).mean()
+            total = total + self.ce_weight * terms["ce"]
+        elif self.ce_weight and self.kd_weight == 0:
+            raise ThermoKDError("a cross-entropy-only loss needs labels")
+        if self.kd_weight:
+            kd, kd_stats = self._distillation(rows, terms)
+            terms["kd"] = kd
+            stats.update(kd_stats)
+            total = total + self.kd_weight * self._warmup(progress) * kd
+        output = LossOutput(total, terms, {}, progress)
+        stats["loss"] = total
+        stats.update(terms)
+        output.stats = self._to_floats(stats, rows.num_rows)
+        return output
+
+    def _distillation(self, rows: Rows, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        temps = self.temperature(rows)
+        tau_t, tau_s = _row_column(temps.teacher), _row_column(temps.student)
+        if not self.temperature.learnable:
+            tau_t, tau_s = tau_t.detach(), tau_s.detach()
+        log_p_t = torch.log_softmax(rows.teacher / tau_t, dim=-1)
+        if self.family == "dkd":
+            if rows.labels is None:
+                raise ThermoKDError("family 'dkd' needs labels: it splits the target class from the others")
+            tckd, nckd = dkd_terms(rows.student, rows.teacher, rows.labels, tau_t, tau_s)
+            per_row = self.dkd_alpha * tckd + self.dkd_beta * nckd
+        else:
+            per_row = divergence(log_p_t, torch.log_softmax(rows.student / tau_s, dim=-1), self.divergence)
+        if self.scale == "product":
+            factor = temps.scale if temps.scale is not None else tau_t * tau_s
+            per_row = per_row * (factor.reshape(-1) if factor.dim() else factor)
+        weights = self.weighting(rows) if self.weighting is not None else None
+        if weights is not None:
+            per_row = per_row * weights
+        if self.family == "dkd":
+            scale = (tau_t * tau_s).reshape(-1) if self.scale == "product" else 1.0
+            terms["tckd"] = (tckd * scale).mean()
+            terms["nckd"] = (nckd * scale).mean()
+        with torch.no_grad():
+            entropy = -(log_p_t.exp() * log_p_t).sum(-1)
+            stats = {"tau_teacher_mean": tau_t.mean(), "tau_teacher_min": tau_t.min(),
+                     "tau_teacher_max": tau_t.max(), "tau_student_mean": tau_s.mean(),
+                     "tau_student_min": tau_s.min(), "tau_student_max": tau_s.max(),
+                     "teacher_entropy_mean": entropy.mean(), "teacher_entropy_std": entropy.std(correction=0)}
+            if weights is not None:
+                stats.update(weight_std=weights.std(correction=0), weight_min=weights.min(),
+                             weight_max=weights.max())
+            else:
+                stats["weight_std"] = entropy.new_zeros(())
+            stats.update(temps.stats)
+        return per_row.mean(), stats
+
+    def _warmup(self, progress: "Progress | None") -> float:
+        """DKD's ramp ``min(e/warmup, 1)`` with the 1-based epoch e; 1 for the KD family."""
+        if self.family != "dkd" or self.dkd_warmup == 0:
+            return 1.0
+        p = require_progress(progress, f"DKD's {self.dkd_warmup}-epoch warm-up (dkd_warmup=0 turns it off)")
+        return min((p.epoch + 1) / self.dkd_warmup, 1.0)
+
+    @staticmethod
+    def _to_floats(stats: dict[str, Tensor], num_rows: int) -> dict[str, float]:
+        keys = list(stats)
+        with torch.no_grad():  # one device sync for all statistics
+            values = torch.stack([stats[k].detach().float().reshape(()) for k in keys]).tolist()
+        out = dict(zip(keys, values))
+        out["rows"] = float(num_rows)
+        return out
+
+    def observe(self, output: LossOutput) -> None:
+        """Call after the optimiser step: stateful strategies (DTS) update from this batch's output."""
+        self.temperature.observe(output)
+
+    def extra_repr(self) -> str:
+        return (f"family={self.family}, divergence={self.divergence}, ce_weight={self.ce_weight:g}, "
+                f"kd_weight={self.kd_weight:g}, scale={self.scale}")

@@ -1,0 +1,61 @@
+"""The valid rows of one batch, flattened to ``[N, C]`` float32, with the τ=1 log-probabilities that several
+components need (CE, CIST weights, DTS's CE gap) computed at most once per batch."""
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from .progress import Progress
+
+
+class Rows:
+    """Student and teacher logits of the valid (unmasked) rows, ``[N, C]`` float32; ``labels`` ``[N]`` or None.
+
+    The teacher logits carry no gradient. ``student`` keeps its graph; use ``student_detached`` for statistics.
+    """
+
+    def __init__(self, student: Tensor, teacher: Tensor, labels: "Tensor | None" = None,
+                 progress: "Progress | None" = None) -> None:
+        self.student = student
+        self.teacher = teacher.detach()
+        self.labels = labels
+        self.progress = progress
+
+    @property
+    def num_rows(self) -> int:
+        return self.student.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.student.shape[-1]
+
+    @cached_property
+    def student_detached(self) -> Tensor:
+        return self.student.detach()
+
+    @cached_property
+    def student_log_probs(self) -> Tensor:
+        """``log σ(z^s)`` at τ=1, with gradient (shared by the CE term and the weights)."""
+        return torch.log_softmax(self.student, dim=-1)
+
+    @cached_property
+    def teacher_log_probs(self) -> Tensor:
+        """``log σ(z^t)`` at τ=1."""
+        return torch.log_softmax(self.teacher, dim=-1)
+
+    def _at_label_or_max(self, log_probs: Tensor) -> Tensor:
+        if self.labels is None:
+            return log_probs.amax(-1)
+        return log_probs.gather(-1, self.labels.unsqueeze(-1)).squeeze(-1)
+
+    @cached_property
+    def teacher_label_log_prob(self) -> Tensor:
+        """``log σ(z^t)[y]`` per row (``max`` over classes when there are no labels)."""
+        return self._at_label_or_max(self.teacher_log_probs)
+
+    @cached_property
+    def student_label_log_prob(self) -> Tensor:
+        """``log σ(z^s)[y]`` per row, detached (``max`` over classes when there are no labels)."""
+        return self._at_label_or_max(self.student_log_probs.detach())

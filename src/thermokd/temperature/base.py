@@ -1,0 +1,97 @@
+"""The interface every temperature strategy implements, and the name registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ThermoKDError, choice_error
+from ..rows import Rows
+
+if TYPE_CHECKING:
+    from ..loss import LossOutput
+
+
+@dataclass
+class Temperatures:
+    """What a strategy returns for one batch of ``N`` valid rows.
+
+    ``teacher`` / ``student``: a scalar tensor or ``[N, 1]``. ``scale``: the factor multiplying each row's
+    divergence (scalar or ``[N]``); None means the default ``τ^t·τ^s``. ``stats``: extra scalar statistics the
+    strategy wants logged (and, for DTS, read back in ``observe``).
+    """
+
+    teacher: Tensor
+    student: Tensor
+    scale: "Tensor | None" = None
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class TemperatureStrategy(nn.Module):
+    """Base class: ``forward(rows) -> Temperatures``. State lives in parameters/buffers (``state_dict``-able).
+
+    ``learnable`` strategies (CTKD) let gradients reach their parameters through τ; for all others the loss
+    detaches τ, so the student can never lower its loss by moving its own temperature.
+    """
+
+    name: ClassVar[str] = ""
+    learnable: ClassVar[bool] = False
+
+    def forward(self, rows: Rows) -> Temperatures:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def observe(self, output: "LossOutput") -> None:
+        """Called after the optimiser step with the batch's output; stateful strategies update here."""
+
+    def temperatures(self, student_logits: Tensor, teacher_logits: Tensor, labels: "Tensor | None" = None,
+                     progress=None) -> Temperatures:
+        """Convenience for inspection: temperatures of ``[N, C]`` logits without building a loss."""
+        with torch.no_grad():
+            return self(Rows(student_logits.float(), teacher_logits.float(), labels, progress))
+
+
+def check_positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ThermoKDError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def check_bounds(tau_min: float, tau_max: float) -> tuple[float, float]:
+    check_positive("tau_min", tau_min)
+    check_positive("tau_max", tau_max)
+    if tau_min > tau_max:
+        raise ThermoKDError(f"tau_min must be <= tau_max, got tau_min={tau_min}, tau_max={tau_max}")
+    return float(tau_min), float(tau_max)
+
+
+def scalar(value: float, like: Tensor) -> Tensor:
+    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+
+
+_REGISTRY: dict[str, Callable[..., TemperatureStrategy]] = {}
+
+
+def register(*names: str):
+    """Class decorator: make a strategy reachable by ``build(name)`` under each of ``names``."""
+    def wrap(cls):
+        for n in names:
+            _REGISTRY[n] = cls
+        return cls
+    return wrap
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(name: str, **kwargs) -> TemperatureStrategy:
+    """Build a strategy by its command-line name, e.g. ``build("cist", tau0=4.0)``."""
+    key = name.strip().lower().replace("_", "-")
+    if key not in _REGISTRY:
+        raise choice_error("temperature strategy", name, names())
+    try:
+        return _REGISTRY[key](**kwargs)
+    except TypeError as exc:  # unknown keyword: name it rather than show a traceback
+        raise ThermoKDError(f"bad argument for temperature strategy {name!r}: {exc}") from None

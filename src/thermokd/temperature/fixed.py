@@ -1,0 +1,25 @@
+"""Hinton KD's single shared temperature."""
+from __future__ import annotations
+
+import torch
+
+from ..rows import Rows
+from .base import Temperatures, TemperatureStrategy, check_positive, register
+
+
+@register("fixed", "kd", "dkd")
+class Fixed(TemperatureStrategy):
+    """One τ for teacher and student, all samples (default 4, the CIFAR convention)."""
+
+    name = "fixed"
+
+    def __init__(self, tau: float = 4.0) -> None:
+        super().__init__()
+        self.register_buffer("tau", torch.tensor(check_positive("tau", tau)))
+
+    def forward(self, rows: Rows) -> Temperatures:
+        tau = self.tau.to(rows.teacher.device)
+        return Temperatures(teacher=tau, student=tau)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau.item():g}"

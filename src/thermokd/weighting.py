@@ -1,0 +1,83 @@
+"""Per-sample weights for the distillation term, normalised to mean 1 over the valid rows, never differentiated."""
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ThermoKDError, choice_error
+from .functional import soft_label_entropy
+from .rows import Rows
+
+
+class Weighting(nn.Module):
+    """Base class: ``forward(rows) -> [N]`` weights with mean 1 (rows are the valid rows only)."""
+
+    name = ""
+
+    @staticmethod
+    def normalise(raw: Tensor) -> Tensor:
+        """``w_i = w̃_i · N / Σ w̃``: mean 1 over the rows given."""
+        return raw * (raw.numel() / raw.sum().clamp_min(1e-12))
+
+
+class ConfidenceDifficulty(Weighting):
+    """CIST's weights (reconstructed, METHODS.md §1): ``w̃_i = a_i^α · (d_i + ε)^β`` with teacher confidence
+    ``a_i = σ(z^t_i)[y_i]`` and student difficulty ``d_i = 1 − σ(z^s_i)[y_i]`` (max-probability versions
+    without labels). ``alpha=0`` or ``beta=0`` switches a factor off (the ablations)."""
+
+    name = "confidence-difficulty"
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-3) -> None:
+        super().__init__()
+        if alpha < 0 or beta < 0 or eps <= 0:
+            raise ThermoKDError(f"ConfidenceDifficulty needs alpha >= 0, beta >= 0, eps > 0; got "
+                                f"alpha={alpha}, beta={beta}, eps={eps}")
+        self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
+
+    @torch.no_grad()
+    def forward(self, rows: Rows) -> Tensor:
+        # a^α (d+ε)^β computed as exp(α log a + β log(d+ε)): one exp instead of two powers
+        log_w = self.alpha * rows.teacher_label_log_prob
+        if self.beta:
+            difficulty = -torch.expm1(rows.student_label_log_prob)  # 1 − p, accurate when p ≈ 1
+            log_w = log_w + self.beta * torch.log(difficulty + self.eps)
+        return self.normalise(torch.exp(log_w - log_w.max()))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, beta={self.beta:g}, eps={self.eps:g}"
+
+
+class TeacherEntropy(Weighting):
+    """ER-KD: weight each sample by the entropy of the teacher's soft label at ``tau`` (default 4).
+
+    Normalised to mean 1 (``normalize=False`` keeps the raw entropies, as the ER-KD code does)."""
+
+    name = "teacher-entropy"
+
+    def __init__(self, tau: float = 4.0, normalize: bool = True) -> None:
+        super().__init__()
+        if not tau > 0:
+            raise ThermoKDError(f"TeacherEntropy tau must be > 0, got {tau!r}")
+        self.tau, self.normalize = float(tau), bool(normalize)
+
+    @torch.no_grad()
+    def forward(self, rows: Rows) -> Tensor:
+        entropy = soft_label_entropy(rows.teacher, self.tau)
+        return self.normalise(entropy) if self.normalize else entropy
+
+
+_WEIGHTINGS = {"none": None, "confidence-difficulty": ConfidenceDifficulty, "teacher-entropy": TeacherEntropy}
+
+
+def build(name: str, **kwargs) -> "Weighting | None":
+    """Weighting by name: ``none``, ``confidence-difficulty`` or ``teacher-entropy``."""
+
+    key = name.strip().lower().replace("_", "-")
+    if key not in _WEIGHTINGS:
+        raise choice_error("weighting", name, list(_WEIGHTINGS))
+    cls = _WEIGHTINGS[key]
+    return None if cls is None else cls(**kwargs)
+
+
+__all__ = ["ConfidenceDifficulty", "TeacherEntropy", "Weighting", "build"]
