@@ -117,9 +117,11 @@ class DistillationLoss(nn.Module):
                 bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
                 raise ThermoKDError(f"label {bad} is out of range for {num_classes} classes "
                                     f"(allowed: 0..{num_classes - 1}, or {self.ignore_index} to ignore a row)")
-            for who, x in (("student", s), ("teacher", t)):
-                if not bool(torch.isfinite(x).all()):
-                    raise ThermoKDError(f"{who} logits contain NaN or inf")
+            # a finite sum proves every entry finite; the full check runs only when it is not (or overflowed)
+            if not bool(torch.isfinite(s.sum() + t.sum())):
+                for who, x in (("student", s), ("teacher", t)):
+                    if not bool(torch.isfinite(x).all()):
+                        raise ThermoKDError(f"{who} logits contain NaN or inf")
         return s.float(), t.float(), labels
 
     # -- the loss -------------------------------------------------------------------------------------
@@ -155,34 +157,39 @@ class DistillationLoss(nn.Module):
         if not self.temperature.learnable:
             tau_t, tau_s = tau_t.detach(), tau_s.detach()
         log_p_t = torch.log_softmax(rows.teacher / tau_t, dim=-1)
+        p_t = log_p_t.exp()
         if self.family == "dkd":
             if rows.labels is None:
                 raise ThermoKDError("family 'dkd' needs labels: it splits the target class from the others")
             tckd, nckd = dkd_terms(rows.student, rows.teacher, rows.labels, tau_t, tau_s)
             per_row = self.dkd_alpha * tckd + self.dkd_beta * nckd
+        elif self.divergence == "kl" and self.check_inputs:
+            # inputs are finite, so log p_t is finite and p_t·(…) needs no underflow guard; p_t is shared
+            # with the entropy statistic below
+            per_row = (p_t * (log_p_t - torch.log_softmax(rows.student / tau_s, dim=-1))).sum(-1)
         else:
             per_row = divergence(log_p_t, torch.log_softmax(rows.student / tau_s, dim=-1), self.divergence)
+        factor = None
         if self.scale == "product":
             factor = temps.scale if temps.scale is not None else tau_t * tau_s
-            per_row = per_row * (factor.reshape(-1) if factor.dim() else factor)
+            factor = factor.reshape(-1) if factor.dim() else factor
         weights = self.weighting(rows) if self.weighting is not None else None
         if weights is not None:
-            per_row = per_row * weights
+            factor = weights if factor is None else factor * weights
+        if factor is not None:
+            per_row = per_row * factor
         if self.family == "dkd":
             scale = (tau_t * tau_s).reshape(-1) if self.scale == "product" else 1.0
             terms["tckd"] = (tckd * scale).mean()
             terms["nckd"] = (nckd * scale).mean()
         with torch.no_grad():
-            entropy = -(log_p_t.exp() * log_p_t).sum(-1)
-            stats = {"tau_teacher_mean": tau_t.mean(), "tau_teacher_min": tau_t.min(),
-                     "tau_teacher_max": tau_t.max(), "tau_student_mean": tau_s.mean(),
-                     "tau_student_min": tau_s.min(), "tau_student_max": tau_s.max(),
-                     "teacher_entropy_mean": entropy.mean(), "teacher_entropy_std": entropy.std(correction=0)}
-            if weights is not None:
-                stats.update(weight_std=weights.std(correction=0), weight_min=weights.min(),
-                             weight_max=weights.max())
-            else:
-                stats["weight_std"] = entropy.new_zeros(())
+            entropy = -(p_t * log_p_t).sum(-1)
+            tau_min, tau_max = torch.aminmax(tau_t.detach())
+            entropy_std, entropy_mean = torch.std_mean(entropy, correction=0)
+            stats = {"tau_teacher_mean": tau_t.mean(), "tau_teacher_min": tau_min, "tau_teacher_max": tau_max,
+                     "tau_student_mean": tau_s.mean(), "teacher_entropy_mean": entropy_mean,
+                     "teacher_entropy_std": entropy_std,
+                     "weight_std": weights.std(correction=0) if weights is not None else entropy.new_zeros(())}
             stats.update(temps.stats)
         return per_row.mean(), stats
 

@@ -37,12 +37,12 @@ class ConfidenceDifficulty(Weighting):
 
     @torch.no_grad()
     def forward(self, rows: Rows) -> Tensor:
-        # a^α (d+ε)^β computed as exp(α log a + β log(d+ε)): one exp instead of two powers
-        log_w = self.alpha * rows.teacher_label_log_prob
+        # log w̃ = α log a + β log(d+ε); then N·softmax(log w̃) over rows is w̃·N/Σw̃ in one stable op
+        log_w = rows.teacher_label_log_prob if self.alpha == 1.0 else self.alpha * rows.teacher_label_log_prob
         if self.beta:
-            difficulty = -torch.expm1(rows.student_label_log_prob)  # 1 − p, accurate when p ≈ 1
-            log_w = log_w + self.beta * torch.log(difficulty + self.eps)
-        return self.normalise(torch.exp(log_w - log_w.max()))
+            log_d = torch.log((1.0 + self.eps) - rows.student_label_log_prob.exp())
+            log_w = log_w + (log_d if self.beta == 1.0 else self.beta * log_d)
+        return torch.softmax(log_w, dim=0) * log_w.numel()
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, beta={self.beta:g}, eps={self.eps:g}"

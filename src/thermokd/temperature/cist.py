@@ -15,6 +15,11 @@ from .base import Temperatures, TemperatureStrategy, check_bounds, check_positiv
 STUDENT_RULES = ("ratio", "teacher")
 
 
+def _max_minus_mean(z: torch.Tensor) -> torch.Tensor:
+    """The centred max of float32 rows without ``centred_max``'s clamp (τ is clamped afterwards)."""
+    return z.amax(-1, keepdim=True) - z.mean(-1, keepdim=True)
+
+
 @register("cist")
 class CIST(TemperatureStrategy):
     """Sample-wise ``τ^t_i = clip(m^t_i/ρ)``, ``τ^s_i = clip(m^s_i/ρ)`` with ``m`` the centred max logit.
@@ -42,10 +47,14 @@ class CIST(TemperatureStrategy):
         else:
             raise ThermoKDError(f"CIST ratio must be a positive number or 'auto', got {ratio!r}")
         self.register_buffer("ratio", torch.tensor(initial, dtype=torch.float32))
+        self._calibrated: "bool | None" = None  # cache of "ratio is set", dropped when state is loaded
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_calibrated", None))
 
     @property
     def calibrated(self) -> bool:
-        return not bool(torch.isnan(self.ratio))
+        if self._calibrated is None:
+            self._calibrated = not bool(torch.isnan(self.ratio))
+        return self._calibrated
 
     @torch.no_grad()
     def calibrate(self, teacher_logits: torch.Tensor) -> float:
@@ -55,20 +64,21 @@ class CIST(TemperatureStrategy):
         if not median > 0:
             raise ThermoKDError("cannot calibrate CIST: the teacher's logits are constant per row (centred max 0)")
         self.ratio.fill_(median / self.tau0)
+        self._calibrated = True
         return float(self.ratio)
 
     def forward(self, rows: Rows) -> Temperatures:
         with torch.no_grad():
-            m_t = centred_max(rows.teacher)
             if not self.calibrated:
                 self.calibrate(rows.teacher)
-            rho = self.ratio.to(m_t.device)
-            tau_t = (m_t / rho).clamp_(self.tau_min, self.tau_max)
+            rho = self.ratio.to(rows.teacher.device)
             if self.student_rule == "teacher":
-                tau_s = tau_t
-            else:
-                tau_s = (centred_max(rows.student_detached) / rho).clamp_(self.tau_min, self.tau_max)
-        return Temperatures(teacher=tau_t, student=tau_s)
+                tau_t = (_max_minus_mean(rows.teacher) / rho).clamp_(self.tau_min, self.tau_max)
+                return Temperatures(teacher=tau_t, student=tau_t)
+            # one division and clamp for both sides (this runs every step)
+            m = torch.cat([_max_minus_mean(rows.teacher), _max_minus_mean(rows.student_detached)], dim=-1)
+            tau = m.div_(rho).clamp_(self.tau_min, self.tau_max)
+        return Temperatures(teacher=tau[:, :1], student=tau[:, 1:])
 
     def extra_repr(self) -> str:
         return (f"tau0={self.tau0:g}, ratio={float(self.ratio):g}, tau_min={self.tau_min:g}, "

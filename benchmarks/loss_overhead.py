@@ -1,0 +1,68 @@
+"""Forward+backward time of DistillationLoss per strategy, as a ratio to fixed-τ KD, measured in one process.
+
+    python benchmarks/loss_overhead.py [--large] [--repeats N]
+
+Shapes: [256, 100] (CIFAR-100-like batch) and, with --large, [8·512, 32000] (a language-model batch).
+Each configuration is timed in interleaved rounds (KD, then each method, repeated), and the ratio of medians
+is reported, so machine noise hits all methods alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import thermokd as tk
+
+METHODS = ["kd", "cist", "dts", "ctkd", "lskd", "dtkd", "dkd", "entropy-target", "erkd"]
+
+
+def step_time(loss_fn: tk.DistillationLoss, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+              progress: tk.Progress) -> float:
+    s = student.detach().requires_grad_(True)
+    start = time.perf_counter()
+    out = loss_fn(s, teacher, labels, progress=progress)
+    out.loss.backward()
+    loss_fn.observe(out)
+    return time.perf_counter() - start
+
+
+def measure(shape: tuple[int, int], repeats: int, methods: list[str]) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    n, c = shape
+    teacher = torch.randn(n, c, generator=gen) * (1 + 4 * torch.rand(n, 1, generator=gen))
+    student = torch.randn(n, c, generator=gen) * 2
+    labels = torch.randint(0, c, (n,), generator=gen)
+    progress = tk.Progress(step=0, total_steps=100, epoch=3, total_epochs=10)
+    losses = {m: tk.build_loss(m) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for m in methods:  # warm-up (allocator, CIST calibration)
+        step_time(losses[m], student, teacher, labels, progress)
+    for _ in range(repeats):
+        for m in methods:
+            times[m].append(step_time(losses[m], student, teacher, labels, progress))
+    base = statistics.median(times["kd"])
+    return {m: statistics.median(times[m]) / base for m in methods} | {"kd_seconds": base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--large", action="store_true", help="also time [8*512, 32000] (needs ~10 GB RAM)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [(256, 100)] + ([(8 * 512, 32000)] if args.large else [])
+    for shape in shapes:
+        repeats = args.repeats if shape[1] <= 1000 else max(3, args.repeats // 40)
+        ratios = measure(shape, repeats, METHODS)
+        print(f"\nlogits {list(shape)}: fixed KD forward+backward median {ratios.pop('kd_seconds') * 1e3:.2f} ms "
+              f"({repeats} rounds, {args.threads} threads); time relative to fixed KD:")
+        for m in METHODS:
+            print(f"  {m:15s} {ratios[m]:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
