@@ -125,8 +125,12 @@ class DistillationLoss(nn.Module):
         return s.float(), t.float(), labels
 
     # -- the loss -------------------------------------------------------------------------------------
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: "Tensor | None" = None, *,
+    def forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None" = None, *,
                 mask: "Tensor | None" = None, progress: "Progress | None" = None) -> LossOutput:
+        if teacher_logits is None:
+            if self.kd_weight:
+                raise ThermoKDError("teacher_logits is None, but this loss distils (kd_weight > 0)")
+            teacher_logits = student_logits.detach()  # a cross-entropy-only loss never reads it
         s, t, labels = self._valid_rows(student_logits, teacher_logits, labels, mask)
         if s.shape[0] == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = student_logits.sum() * 0.0
@@ -208,6 +212,12 @@ class DistillationLoss(nn.Module):
         out = dict(zip(keys, values))
         out["rows"] = float(num_rows)
         return out
+
+    @torch.no_grad()
+    def prepare(self, teacher_logits: Tensor) -> None:
+        """Optional, before training: let the strategy see the teacher's logits on the training set (CIST with
+        ``ratio="auto"`` calibrates ρ on all of them rather than on the first batch)."""
+        self.temperature.prepare(teacher_logits)
 
     def observe(self, output: LossOutput) -> None:
         """Call after the optimiser step: stateful strategies (DTS) update from this batch's output."""

@@ -42,6 +42,9 @@ class TemperatureStrategy(nn.Module):
     def forward(self, rows: Rows) -> Temperatures:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def prepare(self, teacher_logits: Tensor) -> None:
+        """Called once before training with the teacher's logits on the training set (``[..., C]``)."""
+
     def observe(self, output: "LossOutput") -> None:
         """Called after the optimiser step with the batch's output; stateful strategies update here."""
 

@@ -67,6 +67,11 @@ class CIST(TemperatureStrategy):
         self._calibrated = True
         return float(self.ratio)
 
+    def prepare(self, teacher_logits: torch.Tensor) -> None:
+        """With ``ratio="auto"``, calibrate ρ on the whole training set's teacher logits (once)."""
+        if not self.calibrated:
+            self.calibrate(teacher_logits)
+
     def forward(self, rows: Rows) -> Temperatures:
         with torch.no_grad():
             if not self.calibrated:

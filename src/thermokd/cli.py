@@ -1,0 +1,160 @@
+"""The ``thermokd`` command. Each command prints a short summary and writes machine-readable results.
+
+Bad input ends with one line on stderr naming the problem, no traceback, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import ThermoKDError
+
+BUNDLED = Path(__file__).parent / "configs"
+PRESETS = {"digits": "digits.yaml", "fashion-mnist": "fashion_mnist.yaml"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise ThermoKDError(f"{self.prog}: {message}")
+
+
+def resolve_config(path: "str | None", data: "str | None") -> "Path | None":
+    """``--config`` as a file, or the name of a bundled config (``digits``); else a preset for ``--data``."""
+    if path:
+        p = Path(path)
+        if p.is_file() or p.suffix in (".yaml", ".yml") or os.sep in path:
+            return p
+        bundled = BUNDLED / f"{path.replace('-', '_')}.yaml"
+        if bundled.is_file():
+            return bundled
+        names = sorted(f.stem for f in BUNDLED.glob("*.yaml"))
+        raise ThermoKDError(f"config {path!r} is neither a file nor a bundled config ({', '.join(names)})")
+    preset = PRESETS.get(data or "digits", "default.yaml")
+    return BUNDLED / preset
+
+
+def load_run_config(args, extra_overrides: "list[str] | None" = None):
+    from .config import load_config
+
+    overrides = list(extra_overrides or [])
+    if getattr(args, "data", None):
+        overrides.insert(0, f"data.name={args.data}")
+    if getattr(args, "epochs", None) is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if getattr(args, "teacher_epochs", None) is not None:
+        overrides.append(f"teacher.epochs={args.teacher_epochs}")
+    overrides += args.set or []
+    # quote the data spec so YAML keeps paths such as "npz:/a/b.npz" as strings
+    overrides = [f"data.name={json.dumps(o.split('=', 1)[1])}" if o.startswith("data.name=") else o for o in overrides]
+    return load_config(resolve_config(getattr(args, "config", None), getattr(args, "data", None)), overrides)
+
+
+def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--config", help="YAML config file, or a bundled config name (digits, fashion_mnist, ...)")
+    p.add_argument("--data", help="digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--cache", type=Path, help="teacher cache folder (default $THERMOKD_CACHE or ~/.cache/thermokd)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if out_required:
+        p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="thermokd", description="Knowledge distillation with the temperature done right.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("compare", help="train one student per method and seed with one teacher; report")
+    _common(p)
+    p.add_argument("--methods", default="ce,kd,cist,dts,ctkd,lskd,entropy-target",
+                   help="comma-separated methods (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=int, help="student epochs")
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+
+    p = sub.add_parser("distill", help="train one student; --resume continues a killed run")
+    _common(p)
+    p.add_argument("--method", help="method name (overrides method.name)")
+    p.add_argument("--seed", type=int, help="student seed (overrides train.seed)")
+    p.add_argument("--epochs", type=int, help="student epochs")
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+
+    p = sub.add_parser("train-teacher", help="train (or find in the cache) the teacher of a config")
+    _common(p, out_required=False)
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+
+    p = sub.add_parser("report", help="rewrite report.md and the plots of a compare folder from its results.json")
+    p.add_argument("folder", type=Path)
+    return parser
+
+
+def _compare(args) -> None:
+    from .experiments.compare import parse_methods, run_compare
+    from .experiments.report import summarize
+
+    methods = parse_methods(args.methods)
+    if args.seeds < 1:
+        raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
+    cfg = load_run_config(args)
+    results = run_compare(cfg, methods, list(range(args.seeds)), args.out, args.cache, not args.no_progress)
+    summary = summarize(results["runs"])
+    print(f"\n{'method':15s} {'best acc':>16s} {'last acc':>16s}")
+    for method, s in summary.items():
+        print(f"{method:15s} {100 * s['best_mean']:7.2f} ± {100 * s['best_std']:5.2f} "
+              f"{100 * s['last_mean']:7.2f} ± {100 * s['last_std']:5.2f}")
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'report.md'}")
+
+
+def _distill(args) -> None:
+    from .engine.run import run_distill
+
+    extra = ([f"method.name={args.method}"] if args.method else []) + \
+            ([f"train.seed={args.seed}"] if args.seed is not None else [])
+    cfg = load_run_config(args, extra)
+    if args.no_progress:
+        cfg.train.progress_bar = False
+    result = run_distill(cfg, args.out, resume=args.resume, cache_dir=args.cache, progress_bar=not args.no_progress)
+    print(f"{result['method']} seed {result['seed']}: best test accuracy {result['best_acc']:.4f} "
+          f"(epoch {result['best_epoch']}), last {result['last_acc']:.4f}; wrote {args.out / 'result.json'}")
+
+
+def _train_teacher(args) -> None:
+    from .engine.run import train_teacher
+
+    cfg = load_run_config(args)
+    info = train_teacher(cfg, args.cache, progress_bar=not args.no_progress)
+    print(f"teacher {info['model']} on {cfg.data.name}: test accuracy {info['test_acc']:.4f}; cached in {info['dir']}")
+
+
+def _report(args) -> None:
+    from .experiments.report import write_report
+
+    path = args.folder / "results.json"
+    if not path.is_file():
+        raise ThermoKDError(f"no results.json in {args.folder}")
+    print(f"wrote {write_report(json.loads(path.read_text()), args.folder)}")
+
+
+COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_teacher, "report": _report}
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except ThermoKDError as exc:
+        print(f"thermokd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thermokd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Run configurations: YAML files validated into typed dataclasses; every error names the field.
+
+A config has five sections (``data``, ``teacher``, ``student``, ``method``, ``train``); see ``configs/`` for
+complete examples. ``--set section.field=value`` overrides one field (the value is parsed as YAML).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def validate(self, where: str) -> None:
+        _positive(f"{where}.lr", self.lr)
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"{where}: weight_decay must be >= 0 and momentum in [0, 1), "
+                              f"got weight_decay={self.weight_decay}, momentum={self.momentum}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule per epoch: ``step`` (×gamma at each milestone epoch), ``cosine`` or ``constant``;
+    optional linear warm-up over ``warmup_epochs``."""
+
+    name: Literal["step", "cosine", "constant"] = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.warmup_epochs < 0 or any(m < 1 for m in self.milestones):
+            raise ConfigError(f"{where}: warmup_epochs must be >= 0 and milestones >= 1, got "
+                              f"warmup_epochs={self.warmup_epochs}, milestones={self.milestones}")
+
+
+@dataclass
+class DataConfig:
+    """``name``: digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR (text sets in later work).
+    ``augment``: ``default`` (the dataset's own choice), ``none``, ``crop``, ``crop-flip``."""
+
+    name: str = "digits"
+    augment: Literal["default", "none", "crop", "crop-flip"] = "default"
+    augment_views: int = 4  # fixed augmented views of the training set whose teacher logits are cached
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: trained here with cross-entropy (and cached by a key of this section and the data), or
+    loaded from ``checkpoint`` (a safetensors file of a model of this architecture)."""
+
+    model: str = "resnet20"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    checkpoint: "str | None" = None
+    epochs: int = 30
+    batch_size: int = 128
+    seed: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class StudentConfig:
+    model: str = "resnet8"
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """``name``: a method of ``thermokd.method_names()``; ``temperature``/``weighting``/``loss``: keyword
+    overrides for that method's temperature strategy, weighting and ``DistillationLoss``."""
+
+    name: str = "kd"
+    temperature: dict[str, Any] = field(default_factory=dict)
+    weighting: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """``batch_size`` is the global batch per optimiser step, split across processes and accumulation steps."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    teacher_cache: bool = True
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: end of each epoch only)
+    log_every: int = 10
+    eval_batch_size: int = 512
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        from .methods import method_names
+        from .models import MODEL_NAMES
+
+        for where, value in (("teacher.epochs", self.teacher.epochs), ("train.epochs", self.train.epochs),
+                             ("teacher.batch_size", self.teacher.batch_size),
+                             ("train.batch_size", self.train.batch_size), ("train.grad_accum", self.train.grad_accum),
+                             ("train.eval_batch_size", self.train.eval_batch_size),
+                             ("data.augment_views", self.data.augment_views), ("train.log_every", self.train.log_every)):
+            _positive(where, value)
+        if self.train.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.train.checkpoint_every}")
+        if self.train.batch_size % self.train.grad_accum:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} must be divisible by "
+                              f"train.grad_accum={self.train.grad_accum}")
+        name = self.method.name.strip().lower().replace("_", "-")
+        if name not in method_names():
+            raise ConfigError(f"method.name: unknown method {self.method.name!r}; allowed: {', '.join(method_names())}")
+        self.method.name = name
+        for where, model in (("teacher.model", self.teacher.model), ("student.model", self.student.model)):
+            if model not in MODEL_NAMES and not model.startswith("wrn_"):
+                raise ConfigError(f"{where}: unknown model {model!r}; allowed: {', '.join(MODEL_NAMES)}")
+        for where, opt in (("teacher.optimizer", self.teacher.optimizer), ("train.optimizer", self.train.optimizer)):
+            opt.validate(where)
+        self.teacher.schedule.validate("teacher.schedule")
+        self.train.schedule.validate("train.schedule")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(where: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{where} must be > 0, got {value!r}")
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int→float allowed), recursing into dataclasses."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
+        return value
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: Any, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown field {prefix}{unknown[0]}; allowed in {where or 'the config'}: "
+                          f"{', '.join(sorted(fields))}")
+    values = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a plain mapping (as read from YAML) into a :class:`RunConfig`."""
+    return _build(RunConfig, raw, "").validate()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: "list[str] | None") -> dict[str, Any]:
+    """Apply ``section.field=value`` strings to a raw mapping; values are parsed as YAML (``1e-3``, ``[1,2]``)."""
+    import yaml
+
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({exc.problem})") from None
+        if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_config(path: "str | Path | None" = None, overrides: "list[str] | None" = None) -> RunConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    _normalise_numbers(raw)
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def _normalise_numbers(node: Any) -> None:
+    """PyYAML (YAML 1.1) reads ``5e-4`` as a string; turn such strings into floats."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(v, str) and _looks_numeric(v) and not v.strip().isalpha():
+                node[k] = float(v)
+            else:
+                _normalise_numbers(v)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, str) and _looks_numeric(v):
+                node[i] = float(v)
+            else:
+                _normalise_numbers(v)

@@ -1,0 +1,158 @@
+"""One student run end to end (``thermokd distill``) and teacher training (``thermokd train-teacher``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from ..diagnostics import soft_label_report
+from ..errors import ThermoKDError
+from ..methods import build_loss
+from ..progress import Progress
+from .teacher import cached_view_logits, obtain_teacher, save_weights, teacher_dir
+from .trainer import EpochData, LoopConfig, Trainer, predict, save_json
+
+FINAL_KEYS = ("tau_teacher_mean", "tau_teacher_min", "tau_teacher_max", "tau_student_mean",
+              "teacher_entropy_mean", "teacher_entropy_std", "weight_std")
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``accelerate.Accelerator`` (devices, DDP under ``accelerate launch``/``torchrun``, mixed precision)."""
+    from accelerate import Accelerator
+
+    if mixed_precision != "no" and not torch.cuda.is_available() and mixed_precision == "fp16":
+        raise ThermoKDError("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on the CPU")
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+class Experiment:
+    """Data, model factory and augmentation for a config, shared by the teacher and every student run."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from ..data import load_data, make_augment
+
+        self.cfg = cfg
+        self.bundle = load_data(cfg.data.name, seed=cfg.teacher.seed)
+        name = self.bundle.default_augment if cfg.data.augment == "default" else cfg.data.augment
+        self.augment_name = name
+        self._augment = make_augment(name, self.bundle.input_shape)
+
+    def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
+        from ..models import build_model
+
+        shape = self.bundle.input_shape
+        try:
+            model = build_model(name, num_classes=self.bundle.num_classes, in_channels=shape[0],
+                                input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
+        except TypeError as exc:
+            raise ThermoKDError(f"bad model_args for {name!r}: {exc}") from None
+        if len(shape) == 3 and name != "mlp":  # measured faster for convolutions on the CPU (DATA.md)
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def augmented(self, seed: int, index: int) -> Tensor:
+        """The training inputs under augmentation draw ``(seed, index)``; the raw inputs without augmentation."""
+        x = self.bundle.train.x
+        if self.augment_name == "none":
+            return x
+        return self._augment(x, torch.Generator().manual_seed(seed * 7_919 + index))
+
+    def fresh_data(self, seed: int) -> EpochData:
+        """A new augmentation draw every epoch (teacher training, online-teacher students)."""
+        b = self.bundle
+        return EpochData(train_y=b.train.y, test_x=b.test.x, test_y=b.test.y,
+                         inputs_for_epoch=lambda epoch: self.augmented(seed, epoch))
+
+    def cached_data(self, teacher: nn.Module, tdir: Path, device, is_main: bool) -> EpochData:
+        """Fixed augmented views of the training set (one if no augmentation), with the teacher's logits on each
+        computed once and cached; epoch ``e`` uses view ``e mod K``, so a KD epoch costs about a CE epoch."""
+        b, k = self.bundle, (1 if self.augment_name == "none" else self.cfg.data.augment_views)
+        view_seed = self.cfg.teacher.seed + 1
+        views = [self.augmented(view_seed, v) for v in range(k)]
+        tag = hashlib.sha256(f"{self.augment_name}-{k}-{view_seed}".encode()).hexdigest()[:10]
+        logits = cached_view_logits(teacher, views, tdir / f"logits-{tag}.safetensors", device,
+                                    self.cfg.train.eval_batch_size, is_main)
+        return EpochData(train_y=b.train.y, test_x=b.test.x, test_y=b.test.y,
+                         inputs_for_epoch=lambda epoch: views[epoch % k],
+                         teacher_logits_for_epoch=lambda epoch: logits[epoch % k])
+
+    def teacher(self, accelerator, cache_dir: "Path | None", progress_bar: bool = True) -> tuple[nn.Module, dict]:
+        teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed),
+                                       accelerator, cache_dir, progress_bar)
+        if info["test_logits"].shape[-1] != self.bundle.num_classes:
+            raise ThermoKDError(f"the teacher predicts {info['test_logits'].shape[-1]} classes but the data "
+                                f"{self.cfg.data.name!r} has {self.bundle.num_classes}")
+        return teacher, info
+
+
+def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=None,
+                  progress_bar: bool = True) -> dict[str, Any]:
+    """Train (or find in the cache) the teacher of ``cfg``; returns its info (key, accuracy, directory)."""
+    accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
+    _, info = Experiment(cfg).teacher(accelerator, cache_dir, progress_bar)
+    return {k: v for k, v in info.items() if k != "test_logits"}
+
+
+def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: "Path | None" = None,
+                accelerator=None, experiment: "Experiment | None" = None, teacher: "tuple | None" = None,
+                progress_bar: bool = True) -> dict[str, Any]:
+    """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content."""
+    out_dir = Path(out_dir)
+    result_path = out_dir / "result.json"
+    if result_path.is_file() and resume:
+        return json.loads(result_path.read_text())  # finished already
+    if not resume and ((out_dir / "checkpoints").exists() or result_path.exists()):
+        raise ThermoKDError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
+    exp = experiment or Experiment(cfg)
+    loss_fn = build_loss(cfg.method.name, temperature=cfg.method.temperature, weighting=cfg.method.weighting,
+                         **cfg.method.loss)
+    distils = loss_fn.kd_weight > 0
+    teacher_model, tinfo = (teacher or exp.teacher(accelerator, cache_dir, progress_bar)) if distils else (None, None)
+    if distils and cfg.train.teacher_cache:
+        data = exp.cached_data(teacher_model, teacher_dir(cfg, cache_dir), accelerator.device,
+                               accelerator.is_main_process)
+        online = None
+    else:
+        data, online = exp.fresh_data(cfg.train.seed), teacher_model
+    torch.manual_seed(cfg.train.seed)  # the student's initialisation
+    student = exp.build_model(cfg.student.model, cfg.student.model_args)
+    t = cfg.train
+    loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
+                      schedule=t.schedule, grad_accum=t.grad_accum, checkpoint_every=t.checkpoint_every,
+                      log_every=t.log_every, eval_batch_size=t.eval_batch_size, progress_bar=progress_bar and t.progress_bar,
+                      description=f"{cfg.method.name} seed {t.seed}")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_json(out_dir / "config.json", cfg.to_dict())
+    started = time.time()
+    trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online)
+    summary = trainer.fit(resume=resume)
+    student = trainer.inner.student
+    result: dict[str, Any] = {"method": cfg.method.name, "seed": t.seed, "data": cfg.data.name,
+                              "student": {"model": cfg.student.model}, **summary,
+                              "final": {k: summary["history"][-1][k] for k in FINAL_KEYS
+                                        if summary["history"] and k in summary["history"][-1]},
+                              "teacher": None, "teacher_entropy": None, "wall_time": time.time() - started}
+    if distils:
+        result["teacher"] = {k: v for k, v in tinfo.items() if k != "test_logits"}
+        student_logits = predict(student, exp.bundle.test.x, accelerator.device, t.eval_batch_size)
+        final = Progress(step=max(summary["steps"] - 1, 0), total_steps=max(summary["steps"], 1),
+                         epoch=t.epochs - 1, total_epochs=t.epochs)
+        report = soft_label_report(trainer.inner.loss_fn.temperature, tinfo["test_logits"], student_logits,
+                                   exp.bundle.test.y, progress=final)
+        result["teacher_entropy"] = {"mean": report.normalised_entropy["mean"],
+                                     "std": report.normalised_entropy["std"], "nats_std": report.entropy["std"],
+                                     "histogram_edges": report.histogram_edges,
+                                     "histogram_counts": report.histogram_counts}
+    if accelerator.is_main_process:
+        save_weights(student, out_dir / "student.safetensors")
+        save_json(result_path, result)
+    accelerator.free_memory()
+    return result

@@ -1,0 +1,104 @@
+"""Teachers trained once and cached by a key of their config; their logits on the training views cached too."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from ..errors import ThermoKDError
+from ..methods import build_loss
+from .checkpoint import write_json_atomic
+from .trainer import EpochData, LoopConfig, Trainer, predict
+
+
+def default_cache_dir() -> Path:
+    """``$THERMOKD_CACHE``, else ``~/.cache/thermokd``."""
+    return Path(os.environ.get("THERMOKD_CACHE", Path.home() / ".cache" / "thermokd"))
+
+
+def teacher_key(cfg: RunConfig) -> str:
+    """A short hash of everything that determines the trained teacher."""
+    t = cfg.teacher
+    spec = {"data": cfg.data.name, "augment": cfg.data.augment, "model": t.model, "model_args": t.model_args,
+            "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
+            "optimizer": vars(t.optimizer), "schedule": vars(t.schedule), "checkpoint": t.checkpoint}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def teacher_dir(cfg: RunConfig, cache_dir: "Path | None" = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "teachers" / teacher_key(cfg)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ThermoKDError(f"teacher checkpoint not found: {path}")
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # safetensors header errors and state-dict mismatches alike
+        raise ThermoKDError(f"cannot load teacher weights {path}: {str(exc).splitlines()[0]}") from None
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, cache_dir: "Path | None" = None,
+                   progress_bar: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher for ``cfg``: loaded from ``teacher.checkpoint``, from the cache, or trained now (resumably)
+    and cached. Returns the model (eval mode) and its info (key, test accuracy, directory)."""
+    directory = teacher_dir(cfg, cache_dir)
+    model = build_model(cfg.teacher.model, cfg.teacher.model_args)
+    weights, info_path = directory / "teacher.safetensors", directory / "teacher.json"
+    if cfg.teacher.checkpoint:
+        load_weights(model, Path(cfg.teacher.checkpoint))
+    elif weights.is_file() and info_path.is_file():
+        load_weights(model, weights)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        t = cfg.teacher
+        loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
+                          schedule=t.schedule, log_every=cfg.train.log_every, eval_batch_size=cfg.train.eval_batch_size,
+                          progress_bar=progress_bar, description=f"teacher {t.model}")
+        trainer = Trainer(model, build_loss("ce"), data, loop, accelerator, out_dir=directory / "run")
+        summary = trainer.fit(resume=True)  # a killed teacher run continues where it stopped
+        accelerator.free_memory()
+        if accelerator.is_main_process:
+            save_weights(model, weights)
+            write_json_atomic(info_path, {"key": teacher_key(cfg), "model": t.model, "test_acc": summary["last_acc"],
+                                          "best_acc": summary["best_acc"], "config": cfg.to_dict()["teacher"]})
+        accelerator.wait_for_everyone()
+        load_weights(model, weights)
+    model = model.to(accelerator.device).eval()
+    test_logits = predict(model, data.test_x, accelerator.device, cfg.train.eval_batch_size)
+    acc = float((test_logits.argmax(-1) == data.test_y).float().mean())
+    return model, {"key": teacher_key(cfg), "model": cfg.teacher.model, "test_acc": acc, "dir": str(directory),
+                   "test_logits": test_logits}
+
+
+def cached_view_logits(teacher: nn.Module, views: list[Tensor], path: Path, device, batch_size: int,
+                       is_main: bool) -> list[Tensor]:
+    """Teacher logits for each fixed training view, read from ``path`` or computed once and written there."""
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        stored = load_file(str(path))
+        if len(stored) == len(views) and all(stored[f"view{i}"].shape[0] == v.shape[0] for i, v in enumerate(views)):
+            return [stored[f"view{i}"] for i in range(len(views))]
+    logits = [predict(teacher, v, device, batch_size) for v in views]
+    if is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({f"view{i}": l.contiguous() for i, l in enumerate(logits)}, str(tmp))
+        os.replace(tmp, path)
+    return logits
