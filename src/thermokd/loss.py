@@ -133,7 +133,7 @@ class DistillationLoss(nn.Module):
             teacher_logits = student_logits.detach()  # a cross-entropy-only loss never reads it
         s, t, labels = self._valid_rows(student_logits, teacher_logits, labels, mask)
         if s.shape[0] == 0:  # nothing to learn from; keep the graph so backward() still works
-            zero = student_logits.sum() * 0.0
+            zero = s.sum()  # 0 over no rows, in float32; masked garbage (inf, NaN, fp16 overflow) never enters
             return LossOutput(zero, {"ce": zero, "kd": zero}, {"rows": 0.0}, progress)
         rows = Rows(s, t, labels, progress)
         terms: dict[str, Tensor] = {}
