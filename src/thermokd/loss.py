@@ -158,21 +158,27 @@ class DistillationLoss(nn.Module):
     def _distillation(self, rows: Rows, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         temps = self.temperature(rows)
         tau_t, tau_s = _row_column(temps.teacher), _row_column(temps.student)
-        if not self.temperature.learnable:
+        student = rows.student
+        if self.temperature.learnable:
+            # the value is unchanged (softmax ignores a per-row shift), but the gradient loses the uniform
+            # component that float noise in q − p picks up when divided by a τ carrying its own gradient
+            # (a constant student row gives logit standardisation a τ of ~1e-7)
+            student = student - student.mean(-1, keepdim=True)
+        else:
             tau_t, tau_s = tau_t.detach(), tau_s.detach()
         log_p_t = torch.log_softmax(rows.teacher / tau_t, dim=-1)
         p_t = log_p_t.exp()
         if self.family == "dkd":
             if rows.labels is None:
                 raise ThermoKDError("family 'dkd' needs labels: it splits the target class from the others")
-            tckd, nckd = dkd_terms(rows.student, rows.teacher, rows.labels, tau_t, tau_s)
+            tckd, nckd = dkd_terms(student, rows.teacher, rows.labels, tau_t, tau_s)
             per_row = self.dkd_alpha * tckd + self.dkd_beta * nckd
         elif self.divergence == "kl" and self.check_inputs:
             # inputs are finite, so log p_t is finite and p_t·(…) needs no underflow guard; p_t is shared
             # with the entropy statistic below
-            per_row = (p_t * (log_p_t - torch.log_softmax(rows.student / tau_s, dim=-1))).sum(-1)
+            per_row = (p_t * (log_p_t - torch.log_softmax(student / tau_s, dim=-1))).sum(-1)
         else:
-            per_row = divergence(log_p_t, torch.log_softmax(rows.student / tau_s, dim=-1), self.divergence)
+            per_row = divergence(log_p_t, torch.log_softmax(student / tau_s, dim=-1), self.divergence)
         factor = None
         if self.scale == "product":
             factor = temps.scale if temps.scale is not None else tau_t * tau_s

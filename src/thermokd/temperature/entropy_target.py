@@ -19,14 +19,16 @@ STUDENT_RULES = ("ratio", "entropy", "teacher")
 
 
 def _entropy_and_slope(z: Tensor, log_tau: Tensor) -> tuple[Tensor, Tensor]:
-    """``H(σ(z/τ))`` and ``dH/d log τ = Var_p(z/τ)`` per row, for ``log_tau`` of shape ``[N, 1]``."""
-    a = z * torch.exp(-log_tau)
-    lse = torch.logsumexp(a, dim=-1, keepdim=True)
-    p = torch.exp(a - lse)
-    mean_a = (p * a).sum(-1, keepdim=True)
-    entropy = lse - mean_a
-    slope = (p * (a - mean_a).square()).sum(-1, keepdim=True)
-    return entropy, slope
+    """``H(σ(z/τ))`` and ``dH/d log τ = Var_p(z/τ)`` per row, for ``log_tau`` of shape ``[N, 1]``.
+
+    Both come from the moments of ``log p`` (``Var_p(z/τ) = Var_p(log p)``: they differ by a per-row constant);
+    ``log_softmax`` is several times faster than ``logsumexp`` on the CPU.
+    """
+    log_p = torch.log_softmax(z * torch.exp(-log_tau), dim=-1)
+    p_log_p = log_p.exp() * log_p
+    first = p_log_p.sum(-1, keepdim=True)
+    second = (p_log_p * log_p).sum(-1, keepdim=True)
+    return -first, (second - first.square()).clamp_min(0.0)
 
 
 @torch.no_grad()

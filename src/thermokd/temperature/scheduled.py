@@ -33,6 +33,8 @@ class Scheduled(TemperatureStrategy):
             raise choice_error("schedule unit 'by'", by, ("step", "epoch"))
         if not 0.0 <= warmup < 1.0:
             raise ThermoKDError(f"warmup is a fraction of training in [0, 1), got {warmup!r}")
+        if kind == "step" and not milestones:
+            raise ThermoKDError("a 'step' schedule needs at least one milestone (a fraction of training in (0, 1))")
         if any(not 0.0 < m < 1.0 for m in milestones):
             raise ThermoKDError(f"milestones are fractions of training in (0, 1), got {list(milestones)!r}")
         self.start = check_positive("start", start)
