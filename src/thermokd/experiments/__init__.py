@@ -1,0 +1,1 @@
+"""Experiments on top of the engine: ``compare`` (methods × seeds with one teacher) and ``report`` (tables, plots)."""
