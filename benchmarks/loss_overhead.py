@@ -1,10 +1,10 @@
 """Forward+backward time of DistillationLoss per strategy, as a ratio to fixed-τ KD, measured in one process.
 
-    python benchmarks/loss_overhead.py [--large] [--repeats N]
+    python benchmarks/loss_overhead.py [--large] [--rounds N] [--block N]
 
 Shapes: [256, 100] (CIFAR-100-like batch) and, with --large, [8·512, 32000] (a language-model batch).
-Each configuration is timed in interleaved rounds (KD, then each method, repeated), and the ratio of medians
-is reported, so machine noise hits all methods alike.
+Each method is timed over blocks of consecutive calls, in interleaved rounds (KD, then each method, repeated),
+and the ratio of medians is reported, so machine noise hits all methods alike.
 """
 from __future__ import annotations
 
@@ -19,17 +19,19 @@ import thermokd as tk
 METHODS = ["kd", "cist", "dts", "ctkd", "lskd", "dtkd", "dkd", "entropy-target", "erkd"]
 
 
-def step_time(loss_fn: tk.DistillationLoss, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-              progress: tk.Progress) -> float:
-    s = student.detach().requires_grad_(True)
+def block_time(loss_fn: tk.DistillationLoss, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+               progress: tk.Progress, steps: int) -> float:
+    """Seconds per forward+backward(+observe), averaged over a block of ``steps`` consecutive calls."""
+    inputs = [student.detach().clone().requires_grad_(True) for _ in range(steps)]
     start = time.perf_counter()
-    out = loss_fn(s, teacher, labels, progress=progress)
-    out.loss.backward()
-    loss_fn.observe(out)
-    return time.perf_counter() - start
+    for s in inputs:
+        out = loss_fn(s, teacher, labels, progress=progress)
+        out.loss.backward()
+        loss_fn.observe(out)
+    return (time.perf_counter() - start) / steps
 
 
-def measure(shape: tuple[int, int], repeats: int, methods: list[str]) -> dict[str, float]:
+def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str]) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     n, c = shape
     teacher = torch.randn(n, c, generator=gen) * (1 + 4 * torch.rand(n, 1, generator=gen))
@@ -39,27 +41,29 @@ def measure(shape: tuple[int, int], repeats: int, methods: list[str]) -> dict[st
     losses = {m: tk.build_loss(m) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for m in methods:  # warm-up (allocator, CIST calibration)
-        step_time(losses[m], student, teacher, labels, progress)
-    for _ in range(repeats):
+        block_time(losses[m], student, teacher, labels, progress, 2)
+    for _ in range(rounds):  # interleaved, so drifts in machine speed hit every method alike
         for m in methods:
-            times[m].append(step_time(losses[m], student, teacher, labels, progress))
+            times[m].append(block_time(losses[m], student, teacher, labels, progress, block))
     base = statistics.median(times["kd"])
     return {m: statistics.median(times[m]) / base for m in methods} | {"kd_seconds": base}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
+    parser.add_argument("--block", type=int, default=20, help="calls per timed block (default 20)")
     parser.add_argument("--large", action="store_true", help="also time [8*512, 32000] (needs ~10 GB RAM)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(256, 100)] + ([(8 * 512, 32000)] if args.large else [])
     for shape in shapes:
-        repeats = args.repeats if shape[1] <= 1000 else max(3, args.repeats // 40)
-        ratios = measure(shape, repeats, METHODS)
-        print(f"\nlogits {list(shape)}: fixed KD forward+backward median {ratios.pop('kd_seconds') * 1e3:.2f} ms "
-              f"({repeats} rounds, {args.threads} threads); time relative to fixed KD:")
+        large = shape[1] > 1000
+        rounds, block = (max(3, args.rounds // 10), 1) if large else (args.rounds, args.block)
+        ratios = measure(shape, rounds, block, METHODS)
+        print(f"\nlogits {list(shape)}: fixed KD forward+backward {ratios.pop('kd_seconds') * 1e3:.2f} ms "
+              f"(median of {rounds} rounds x {block} calls, {args.threads} threads); time relative to fixed KD:")
         for m in METHODS:
             print(f"  {m:15s} {ratios[m]:5.2f}x")
 

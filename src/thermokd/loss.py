@@ -140,22 +140,23 @@ class DistillationLoss(nn.Module):
         stats: dict[str, Tensor] = {}
         total = s.new_zeros(())
         if labels is not None:
-            terms["ce"] = -rows.student_log_probs.gather(-1, labels.unsqueeze(-1)).mean()
+            terms["ce"] = -rows.student_log_probs.gather(-1, rows.label_column).mean()
             total = total + self.ce_weight * terms["ce"]
         elif self.ce_weight and self.kd_weight == 0:
             raise ThermoKDError("a cross-entropy-only loss needs labels")
+        packed: tuple[list[str], Tensor] = ([], s.new_zeros(0))
         if self.kd_weight:
-            kd, kd_stats = self._distillation(rows, terms)
+            kd, packed, strategy_stats = self._distillation(rows, terms)
             terms["kd"] = kd
-            stats.update(kd_stats)
+            stats.update(strategy_stats)
             total = total + self.kd_weight * self._warmup(progress) * kd
-        output = LossOutput(total, terms, {}, progress)
         stats["loss"] = total
         stats.update(terms)
-        output.stats = self._to_floats(stats, rows.num_rows)
-        return output
+        return LossOutput(total, terms, self._to_floats(stats, packed, rows.num_rows), progress)
 
-    def _distillation(self, rows: Rows, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _distillation(self, rows: Rows, terms: dict[str, Tensor]
+                      ) -> tuple[Tensor, tuple[list[str], Tensor], dict[str, Tensor]]:
+        """The distillation term, its per-row statistics packed as (names, values), and the strategy's stats."""
         temps = self.temperature(rows)
         tau_t, tau_s = _row_column(temps.teacher), _row_column(temps.student)
         student = rows.student
@@ -192,16 +193,19 @@ class DistillationLoss(nn.Module):
             scale = (tau_t * tau_s).reshape(-1) if self.scale == "product" else 1.0
             terms["tckd"] = (tckd * scale).mean()
             terms["nckd"] = (nckd * scale).mean()
-        with torch.no_grad():
-            entropy = -(p_t * log_p_t).sum(-1)
-            tau_min, tau_max = torch.aminmax(tau_t.detach())
-            entropy_std, entropy_mean = torch.std_mean(entropy, correction=0)
-            stats = {"tau_teacher_mean": tau_t.mean(), "tau_teacher_min": tau_min, "tau_teacher_max": tau_max,
-                     "tau_student_mean": tau_s.mean(), "teacher_entropy_mean": entropy_mean,
-                     "teacher_entropy_std": entropy_std,
-                     "weight_std": weights.std(correction=0) if weights is not None else entropy.new_zeros(())}
-            stats.update(temps.stats)
-        return per_row.mean(), stats
+        with torch.no_grad():  # every per-row statistic in one table: two reductions instead of a dozen
+            n = rows.num_rows
+            columns = [tau_t.detach().expand(n, 1), tau_s.detach().expand(n, 1), -(p_t * log_p_t).sum(-1, keepdim=True)]
+            if weights is not None:
+                columns.append(weights.detach().view(n, 1))
+            table = torch.cat(columns, dim=1)
+            std, mean = torch.std_mean(table, dim=0, correction=0)
+            low, high = torch.aminmax(table[:, 0])
+            packed = torch.cat([mean[:3], std[2:], low.view(1), high.view(1)])
+            names = ["tau_teacher_mean", "tau_student_mean", "teacher_entropy_mean", "teacher_entropy_std"]
+            names += ["weight_std"] if weights is not None else []
+            names += ["tau_teacher_min", "tau_teacher_max"]
+        return per_row.mean(), (names, packed), temps.stats
 
     def _warmup(self, progress: "Progress | None") -> float:
         """DKD's ramp ``min(e/warmup, 1)`` with the 1-based epoch e; 1 for the KD family."""
@@ -211,11 +215,13 @@ class DistillationLoss(nn.Module):
         return min((p.epoch + 1) / self.dkd_warmup, 1.0)
 
     @staticmethod
-    def _to_floats(stats: dict[str, Tensor], num_rows: int) -> dict[str, float]:
-        keys = list(stats)
+    def _to_floats(stats: dict[str, Tensor], packed: tuple[list[str], Tensor], num_rows: int) -> dict[str, float]:
+        keys = list(stats) + packed[0]
         with torch.no_grad():  # one device sync for all statistics
-            values = torch.stack([stats[k].detach().float().reshape(()) for k in keys]).tolist()
+            values = torch.cat([torch.stack([stats[k].detach().float() for k in stats]), packed[1]]).tolist()
         out = dict(zip(keys, values))
+        if "tau_teacher_mean" in out and "weight_std" not in out:
+            out["weight_std"] = 0.0
         out["rows"] = float(num_rows)
         return out
 

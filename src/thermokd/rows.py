@@ -45,17 +45,22 @@ class Rows:
         """``log σ(z^t)`` at τ=1."""
         return torch.log_softmax(self.teacher, dim=-1)
 
+    @cached_property
+    def label_column(self) -> Tensor:
+        """``labels`` as ``[N, 1]`` (for ``gather``)."""
+        return self.labels.unsqueeze(-1)
+
     def _at_label_or_max(self, log_probs: Tensor) -> Tensor:
         if self.labels is None:
-            return log_probs.amax(-1)
-        return log_probs.gather(-1, self.labels.unsqueeze(-1)).squeeze(-1)
+            return log_probs.amax(-1, keepdim=True)
+        return log_probs.gather(-1, self.label_column)
 
     @cached_property
     def teacher_label_log_prob(self) -> Tensor:
-        """``log σ(z^t)[y]`` per row (``max`` over classes when there are no labels)."""
+        """``log σ(z^t)[y]`` per row, ``[N, 1]`` (``max`` over classes when there are no labels)."""
         return self._at_label_or_max(self.teacher_log_probs)
 
     @cached_property
     def student_label_log_prob(self) -> Tensor:
-        """``log σ(z^s)[y]`` per row, detached (``max`` over classes when there are no labels)."""
+        """``log σ(z^s)[y]`` per row, ``[N, 1]``, detached (``max`` over classes when there are no labels)."""
         return self._at_label_or_max(self.student_log_probs.detach())

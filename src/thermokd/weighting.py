@@ -35,14 +35,14 @@ class ConfidenceDifficulty(Weighting):
                                 f"alpha={alpha}, beta={beta}, eps={eps}")
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
 
-    @torch.no_grad()
     def forward(self, rows: Rows) -> Tensor:
-        # log w̃ = α log a + β log(d+ε); then N·softmax(log w̃) over rows is w̃·N/Σw̃ in one stable op
+        # inputs are detached, so no autograd bookkeeping is needed (this runs every step).
+        # log w̃ = α log a + β log(d+ε); N·softmax(log w̃) over rows is w̃·N/Σw̃ in one stable op
         log_w = rows.teacher_label_log_prob if self.alpha == 1.0 else self.alpha * rows.teacher_label_log_prob
         if self.beta:
             log_d = torch.log((1.0 + self.eps) - rows.student_label_log_prob.exp())
             log_w = log_w + (log_d if self.beta == 1.0 else self.beta * log_d)
-        return torch.softmax(log_w, dim=0) * log_w.numel()
+        return (torch.softmax(log_w, dim=0) * log_w.shape[0]).view(-1)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, beta={self.beta:g}, eps={self.eps:g}"
