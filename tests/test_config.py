@@ -42,11 +42,11 @@ def test_cifar100_configs_follow_the_standard_protocol(path):
 
 
 def test_overrides_apply_with_the_right_types():
-    cfg = load_config(DIGITS, ["train.epochs=3", "train.optimizer.lr=1e-3", "method.temperature={tau0: 2}",
+    cfg = load_config(DIGITS, ["train.epochs=3", "train.optimizer.lr=1e-3", "method.temperature={tau: 2}",
                                "teacher.optimizer.lr=1", "data.name=npz:/tmp/x.npz", "train.schedule.milestones=[2, 4]"])
     assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
     assert cfg.train.optimizer.lr == 1e-3 and type(cfg.train.optimizer.lr) is float
-    assert cfg.method.temperature == {"tau0": 2}
+    assert cfg.method.temperature == {"tau": 2}
     assert cfg.teacher.optimizer.lr == 1.0 and type(cfg.teacher.optimizer.lr) is float  # int widened to float
     assert cfg.data.name == "npz:/tmp/x.npz"
     assert cfg.train.schedule.milestones == [2, 4]
@@ -101,3 +101,18 @@ def test_missing_and_malformed_files(tmp_path):
     section = tmp_path / "section.yaml"
     section.write_text("train: 5\n")
     assert "train" in _error(None, section) and "mapping" in _error(None, section)
+
+
+def test_method_options_are_checked_when_the_config_loads():
+    msg = _error(["method.name=kd", "method.temperature={tau0: 2}"])
+    assert "method" in msg and "tau0" in msg
+
+
+def test_step_schedule_needs_milestones():
+    assert "milestones" in _error(["train.schedule.name=step", "train.schedule.milestones=[]"])
+
+
+def test_set_fills_an_empty_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student:\ntrain:\n  epochs: 2\n")
+    assert load_config(path, ["student.model=resnet8"]).student.model == "resnet8"

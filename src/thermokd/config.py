@@ -42,6 +42,9 @@ class ScheduleConfig:
     warmup_epochs: int = 0
 
     def validate(self, where: str) -> None:
+        if self.name == "step" and not self.milestones:
+            raise ConfigError(f"{where}: a 'step' schedule needs milestones (epochs at which the LR is multiplied "
+                              "by gamma), e.g. [150, 180, 210]")
         if self.warmup_epochs < 0 or any(m < 1 for m in self.milestones):
             raise ConfigError(f"{where}: warmup_epochs must be >= 0 and milestones >= 1, got "
                               f"warmup_epochs={self.warmup_epochs}, milestones={self.milestones}")
@@ -134,6 +137,12 @@ class RunConfig:
         if name not in method_names():
             raise ConfigError(f"method.name: unknown method {self.method.name!r}; allowed: {', '.join(method_names())}")
         self.method.name = name
+        from .errors import ThermoKDError
+        from .methods import build_loss
+        try:  # catch a typo in the method's options now rather than when a run starts
+            build_loss(name, temperature=self.method.temperature, weighting=self.method.weighting, **self.method.loss)
+        except ThermoKDError as exc:
+            raise ConfigError(f"method (temperature/weighting/loss options): {exc}") from None
         for where, model in (("teacher.model", self.teacher.model), ("student.model", self.student.model)):
             if model not in MODEL_NAMES and not model.startswith("wrn_"):
                 raise ConfigError(f"{where}: unknown model {model!r}; allowed: {', '.join(MODEL_NAMES)}")
@@ -191,6 +200,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "5e-4" as a string
+        return float(value)
     if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
         return value
     raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
@@ -229,12 +240,12 @@ def apply_overrides(raw: dict[str, Any], overrides: "list[str] | None") -> dict[
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({exc.problem})") from None
-        if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "1e-3" as a string
-            value = float(value)
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
         node[parts[-1]] = value
@@ -264,21 +275,6 @@ def load_config(path: "str | Path | None" = None, overrides: "list[str] | None" 
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    _normalise_numbers(raw)
     return config_from_dict(apply_overrides(raw, overrides))
 
 
-def _normalise_numbers(node: Any) -> None:
-    """PyYAML (YAML 1.1) reads ``5e-4`` as a string; turn such strings into floats."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if isinstance(v, str) and _looks_numeric(v) and not v.strip().isalpha():
-                node[k] = float(v)
-            else:
-                _normalise_numbers(v)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            if isinstance(v, str) and _looks_numeric(v):
-                node[i] = float(v)
-            else:
-                _normalise_numbers(v)

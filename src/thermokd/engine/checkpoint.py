@@ -63,7 +63,8 @@ def save_checkpoint(root: Path, name: str, tensors: dict[str, Tensor], optimizer
 
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / name, root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a write that crashed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
     torch.save(optimizer, tmp / "optimizer.pt")

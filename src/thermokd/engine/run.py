@@ -28,7 +28,8 @@ def make_accelerator(mixed_precision: str = "no"):
 
     if mixed_precision != "no" and not torch.cuda.is_available() and mixed_precision == "fp16":
         raise ThermoKDError("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on the CPU")
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True when there is no GPU: Accelerate then runs multi-process CPU training (gloo) under torchrun
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 class Experiment:

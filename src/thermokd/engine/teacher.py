@@ -36,14 +36,27 @@ def teacher_dir(cfg: RunConfig, cache_dir: "Path | None" = None) -> Path:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model``; a mismatch names the classifier's class counts or the first
+    tensor that does not fit."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise ThermoKDError(f"teacher checkpoint not found: {path}")
     try:
-        model.load_state_dict(load_file(str(path)))
-    except Exception as exc:  # safetensors header errors and state-dict mismatches alike
-        raise ThermoKDError(f"cannot load teacher weights {path}: {str(exc).splitlines()[0]}") from None
+        stored = load_file(str(path))
+    except Exception as exc:  # safetensors' header errors
+        raise ThermoKDError(f"cannot read teacher weights {path}: {str(exc).splitlines()[0]}") from None
+    expected = model.state_dict()
+    head = [k for k, v in expected.items() if k.endswith("weight") and v.dim() == 2][-1:]
+    if head and head[0] in stored and stored[head[0]].shape[0] != expected[head[0]].shape[0]:
+        raise ThermoKDError(f"the teacher checkpoint {path} predicts {stored[head[0]].shape[0]} classes but the "
+                            f"data has {expected[head[0]].shape[0]}")
+    for k, v in expected.items():
+        if k not in stored or stored[k].shape != v.shape:
+            found = tuple(stored[k].shape) if k in stored else "nothing"
+            raise ThermoKDError(f"the teacher checkpoint {path} does not fit model {type(model).__name__}: "
+                                f"{k} should be {tuple(v.shape)}, found {found}")
+    model.load_state_dict(stored)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

@@ -144,6 +144,8 @@ class Trainer:
             self.teacher = teacher.to(accelerator.device).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
+        if out_dir is not None and accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
         self.logger = MetricLogger(out_dir / "metrics.jsonl", enabled=out_dir is not None and accelerator.is_main_process)
 
     # -- state ------------------------------------------------------------------------------------------

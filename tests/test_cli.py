@@ -1,0 +1,132 @@
+"""End-to-end tests of the thermokd command on tiny data."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from thermokd import method_names
+from thermokd.cli import main
+
+from engine_helpers import env, thermokd, write_config
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_compare_writes_results_report_and_plots(tmp_path, cache):
+    cfg = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "cmp"
+    proc = thermokd("compare", "--config", cfg, "--methods", "ce,kd,cist", "--seeds", "2", "--epochs", "1",
+                    "--out", out, cache=cache)
+    assert "cist" in proc.stdout and "best acc" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["ce", "kd", "cist"] and results["seeds"] == [0, 1]
+    assert 0.5 < results["teacher"]["test_acc"] <= 1.0
+    runs = results["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in ["ce", "kd", "cist"] for s in [0, 1])
+    for r in runs:
+        assert 0.0 <= r["best_acc"] <= 1.0 and 0.0 <= r["last_acc"] <= 1.0 and r["best_acc"] >= r["last_acc"]
+        assert r["wall_time_per_epoch"] > 0 and len(r["history"]) == 1
+        if r["method"] != "ce":
+            assert r["final"]["tau_teacher_mean"] > 0 and r["teacher_entropy"]["histogram_counts"]
+    # different seeds are different runs; the same seed gives every method the same data order
+    kd = {r["seed"]: r for r in runs if r["method"] == "kd"}
+    assert kd[0]["history"] != kd[1]["history"]
+    for name in ("report.md", "accuracy_curves.png", "tau_traces.png", "entropy_histograms.png"):
+        assert (out / name).is_file()
+    # a second compare reuses every finished run (and the teacher)
+    again = thermokd("compare", "--config", cfg, "--methods", "ce,kd,cist", "--seeds", "2", "--epochs", "1",
+                     "--out", out, cache=cache)
+    assert json.loads((out / "results.json").read_text())["runs"] == runs and "teacher" in again.stdout
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_distill_with_each_strategy(tmp_path, cache, method, monkeypatch, capsys):
+    monkeypatch.setenv("THERMOKD_CACHE", str(cache))
+    cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    out = tmp_path / method
+    assert main(["distill", "--config", str(cfg), "--method", method, "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == method and 0.0 <= result["best_acc"] <= 1.0
+    assert (out / "student.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {line["type"] for line in lines} == {"step", "epoch"}
+    if method != "ce":
+        assert all(line["tau_teacher_mean"] > 0 for line in lines if line["type"] == "step")
+
+
+def _error(args, cache, tmp_path) -> str:
+    proc = thermokd(*args, cache=cache, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("thermokd: error:"), proc.stderr
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, cache):
+    cfg = write_config(tmp_path / "c.yaml")
+    out = str(tmp_path / "o")
+    assert "nowhere.npz" in _error(["distill", "--data", f"npz:{tmp_path}/nowhere.npz", "--out", out], cache, tmp_path)
+    msg = _error(["compare", "--data", "mnist-ish", "--out", out], cache, tmp_path)
+    assert "mnist-ish" in msg and "digits" in msg
+    msg = _error(["distill", "--config", str(cfg), "--set", "train.epohcs=3", "--out", out], cache, tmp_path)
+    assert "train.epohcs" in msg and "epochs" in msg
+    msg = _error(["distill", "--config", str(cfg), "--set", "train.optimizer.name=rmsprop", "--out", out], cache, tmp_path)
+    assert "rmsprop" in msg and "sgd" in msg and "adamw" in msg
+    assert "--methods" in _error(["compare", "--config", str(cfg), "--methods", "kd,magic", "--out", out], cache, tmp_path)
+    assert "no-such.yaml" in _error(["distill", "--config", str(tmp_path / "no-such.yaml"), "--out", out], cache, tmp_path)
+    assert "--out" in _error(["distill", "--config", str(cfg)], cache, tmp_path)
+
+
+def test_teacher_student_class_mismatch(tmp_path, cache):
+    cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    thermokd("distill", "--config", cfg, "--out", tmp_path / "ten", cache=cache)
+    teacher = next((cache / "teachers").glob("*/teacher.safetensors"))
+    rng = np.random.default_rng(0)  # a 5-class data set of the same 8x8 shape
+    np.savez(tmp_path / "five.npz", x_train=rng.random((100, 8, 8)), y_train=np.arange(100) % 5,
+             x_test=rng.random((20, 8, 8)), y_test=np.arange(20) % 5)
+    msg = _error(["distill", "--config", str(cfg), "--data", f"npz:{tmp_path}/five.npz", "--set",
+                  f"teacher.checkpoint={teacher}", "--out", str(tmp_path / "five")], cache, tmp_path)
+    assert "teacher" in msg and ("5" in msg and "10" in msg)
+
+
+def test_existing_output_needs_resume(tmp_path, cache):
+    cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    out = tmp_path / "run"
+    thermokd("distill", "--config", cfg, "--out", out, cache=cache)
+    assert "--resume" in _error(["distill", "--config", str(cfg), "--out", str(out)], cache, tmp_path)
+    done = thermokd("distill", "--config", cfg, "--out", out, "--resume", cache=cache)
+    assert "best test accuracy" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (
+        __import__("pathlib").Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_two_process_ddp_matches_one_process(tmp_path, cache):
+    """2 CPU processes (gloo) with the same global batch as one process. Each rank computes the mean loss of its
+    half of the batch; DDP averages the gradients, which equals the full-batch gradient up to float summation
+    order. The MLP student has no batch norm, so the runs differ only by rounding: the first step's loss agrees to
+    1e-5 and, after the rounding compounds over two epochs, accuracy within 3 test samples of 360."""
+    cfg = write_config(tmp_path / "c.yaml", method={"name": "dts"}, train={"epochs": 2, "batch_size": 64})
+    thermokd("train-teacher", "--config", cfg, cache=cache)
+    single = tmp_path / "single"
+    thermokd("distill", "--config", cfg, "--out", single, cache=cache)
+    torchrun = str(__import__("pathlib").Path(sys.executable).parent / "torchrun")
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "thermokd.cli", "distill",
+                           "--config", str(cfg), "--out", str(ddp), "--no-progress"],
+                          env=env(cache), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads((single / "result.json").read_text()), json.loads((ddp / "result.json").read_text())
+    assert abs(a["last_acc"] - b["last_acc"]) <= 3 / 360 + 1e-9
+    la = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb)  # rank 0 alone logs
+    assert abs(la[0]["loss"] - lb[0]["loss"]) < 1e-5 * max(1.0, abs(la[0]["loss"]))
+    assert abs(la[-1]["tau_teacher_mean"] - lb[-1]["tau_teacher_mean"]) < 1e-3  # DTS's T stays in step
