@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.thermokd-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo data test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The main job: a method comparison on the embedded digits data (a couple of minutes on 2 cores).
 demo: $(STAMP)
-	$(PY) -m thermokd.demo
+	$(VENV)/bin/thermokd compare --data digits --methods ce,kd,cist,dts,ctkd,lskd,entropy-target --seeds 3 \
+		--out runs/demo --no-progress
+
+# Fashion-MNIST from Debian's package (needs apt and root, as on the machines this project runs on).
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
