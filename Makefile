@@ -34,8 +34,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
-bench: $(STAMP)
-	$(PY) benchmarks/loss_overhead.py
+bench: $(STAMP) data
+	$(PY) benchmarks/loss_overhead.py --large
+	$(PY) benchmarks/trainer_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

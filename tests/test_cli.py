@@ -130,3 +130,24 @@ def test_two_process_ddp_matches_one_process(tmp_path, cache):
     assert len(la) == len(lb)  # rank 0 alone logs
     assert abs(la[0]["loss"] - lb[0]["loss"]) < 1e-5 * max(1.0, abs(la[0]["loss"]))
     assert abs(la[-1]["tau_teacher_mean"] - lb[-1]["tau_teacher_mean"]) < 1e-3  # DTS's T stays in step
+
+
+def test_sweep_reports_best_tau_and_skips_finished_cells(tmp_path, cache):
+    cfg = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", cfg, "--taus", "1,4", "--optimizers", "sgd,adamw", "--budgets", "1",
+            "--seeds", "1", "--methods", "cist", "--out", out]
+    first = thermokd(*args, cache=cache)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["cells"]) == 2 * 3  # 2 optimisers x (2 taus + 1 method)
+    for group in sweep["groups"].values():
+        assert group["best_tau"] in (1.0, 4.0) and "cist" in group["verdicts"]
+        kd_best = group["summary"][f"kd@{group['best_tau']:g}"]["best_mean"]
+        assert kd_best == max(group["summary"][f"kd@{t:g}"]["best_mean"] for t in (1.0, 4.0))
+    assert "best KD tau" in first.stdout and "finished earlier" not in first.stdout
+    for name in ("sweep.md", "accuracy_vs_tau.png", "heatmap.png"):
+        assert (out / name).is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    again = thermokd(*args, cache=cache)
+    assert again.stdout.count("finished earlier") == 6
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}

@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out_required=False)
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
 
+    p = sub.add_parser("sweep", help="KD over a τ × optimiser × budget × seeds grid, plus adaptive methods")
+    _common(p)
+    p.add_argument("--taus", default="1,2,4,8,16", help="fixed-τ grid for KD (default %(default)s)")
+    p.add_argument("--optimizers", default="sgd,adamw", help="sgd and/or adamw (default %(default)s)")
+    p.add_argument("--budgets", default="5,20", help="training lengths in epochs (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--methods", default="cist,dts", help="adaptive methods to compare with the best KD (default %(default)s)")
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+
     p = sub.add_parser("report", help="rewrite report.md and the plots of a compare folder from its results.json")
     p.add_argument("folder", type=Path)
     return parser
@@ -129,6 +138,27 @@ def _train_teacher(args) -> None:
     print(f"teacher {info['model']} on {cfg.data.name}: test accuracy {info['test_acc']:.4f}; cached in {info['dir']}")
 
 
+def _sweep(args) -> None:
+    from .experiments.compare import parse_methods
+    from .experiments.sweep import parse_floats, run_sweep
+
+    taus = parse_floats(args.taus, "--taus")
+    budgets = [int(b) for b in parse_floats(args.budgets, "--budgets")]
+    optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+    methods = parse_methods(args.methods) if args.methods.strip() else []
+    if args.seeds < 1:
+        raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
+    cfg = load_run_config(args)
+    results = run_sweep(cfg, args.out, taus, optimizers, budgets, list(range(args.seeds)), methods, args.cache,
+                        not args.no_progress)
+    for group in results["groups"].values():
+        print(f"{group['optimizer']}, {group['epochs']} epochs: best KD tau = {group['best_tau']:g}")
+        for method, verdict in group["verdicts"].items():
+            if not method.startswith("kd@"):
+                print(f"  {method}: {verdict}")
+    print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.md'}")
+
+
 def _report(args) -> None:
     from .experiments.report import write_report
 
@@ -138,7 +168,8 @@ def _report(args) -> None:
     print(f"wrote {write_report(json.loads(path.read_text()), args.folder)}")
 
 
-COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_teacher, "report": _report}
+COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_teacher, "sweep": _sweep,
+            "report": _report}
 
 
 def main(argv: "list[str] | None" = None) -> int:
