@@ -23,7 +23,8 @@ class Split:
 
 @dataclass
 class DataBundle:
-    """A train/test pair, normalised with the training split's per-channel mean and std."""
+    """A train/test pair, normalised with the training split's statistics: ``mean``/``std`` hold one value per
+    channel for images and one per feature for feature vectors, so ``(raw - mean) / std`` reproduces ``x``."""
 
     name: str
     train: Split
@@ -36,40 +37,60 @@ class DataBundle:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` for images, ``(D,)`` for feature vectors."""
         return tuple(self.train.x.shape[1:])
 
 
-def make_bundle(name: str, x_train, y_train, x_test, y_test, *, default_augment: str = "none",
-                class_names: "list[str] | None" = None, scale: "float | None" = None) -> DataBundle:
-    """Validate arrays (``[N, D]`` features or ``[N, C, H, W]`` images), convert to tensors, normalise."""
+def _labels(name: str, split: str, y) -> Tensor:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ThermoKDError(f"{name}: {split} labels must be a vector of class ids, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+        raise ThermoKDError(f"{name}: {split} labels must be integer class ids, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y).all() and np.equal(y, np.round(y)).all()):
+        raise ThermoKDError(f"{name}: {split} labels must be integer class ids, found a non-integer value")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "int | None" = None,
+                default_augment: str = "none", class_names: "list[str] | None" = None,
+                scale: "float | None" = None) -> DataBundle:
+    """Validate arrays (``[N, D]`` features or ``[N, C, H, W]`` images), convert to float32 tensors divided by
+    ``scale``, and normalise. ``num_classes`` defaults to the largest training label + 1."""
     xs, ys = [], []
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         x = torch.tensor(np.asarray(x), dtype=torch.float32)
         if scale is not None:
             x = x / scale
-        y = torch.tensor(np.asarray(y)).reshape(-1)
+        y = _labels(name, split, y)
         if x.shape[0] != y.shape[0]:
             raise ThermoKDError(f"{name}: {split} has {x.shape[0]} inputs but {y.shape[0]} labels")
         if y.numel() == 0:
             raise ThermoKDError(f"{name}: the {split} split is empty")
-        if y.is_floating_point():
-            if not torch.equal(y, y.round()):
-                raise ThermoKDError(f"{name}: {split} labels must be integer class ids")
+        if not torch.isfinite(x).all():
+            raise ThermoKDError(f"{name}: {split} inputs hold NaN or infinite values")
         xs.append(x)
-        ys.append(y.long())
+        ys.append(y)
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise ThermoKDError(f"{name}: train inputs {tuple(xs[0].shape[1:])} and test inputs "
                             f"{tuple(xs[1].shape[1:])} differ in shape")
     low = min(int(y.min()) for y in ys)
-    num_classes = max(int(y.max()) for y in ys) + 1
     if low < 0:
         raise ThermoKDError(f"{name}: labels must be >= 0, found {low}")
-    if int(ys[1].max()) >= int(ys[0].max()) + 1:
-        raise ThermoKDError(f"{name}: the test split has label {int(ys[1].max())}, never seen in training")
+    if num_classes is None:
+        num_classes = int(ys[0].max()) + 1
+        if int(ys[1].max()) >= num_classes:
+            raise ThermoKDError(f"{name}: the test split has label {int(ys[1].max())}, never seen in training")
+    for split, y in zip(("train", "test"), ys):
+        if int(y.max()) >= num_classes:
+            raise ThermoKDError(f"{name}: {split} label {int(y.max())} is out of range for {num_classes} classes")
     dims = (0,) if xs[0].dim() == 2 else (0, 2, 3)
     mean = xs[0].mean(dim=dims, keepdim=True)
-    std = xs[0].std(dim=dims, keepdim=True).clamp_min(1e-6)
+    std = xs[0].std(dim=dims, keepdim=True)
+    # a constant (or single-example) channel is only centred, so test values off that constant stay finite
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     train, test = (Split(((x - mean) / std).contiguous(), y) for x, y in zip(xs, ys))
     return DataBundle(name=name, train=train, test=test, num_classes=num_classes, default_augment=default_augment,
-                      class_names=list(class_names or []), mean=mean.flatten().tolist() if xs[0].dim() > 2 else [],
-                      std=std.flatten().tolist() if xs[0].dim() > 2 else [])
+                      class_names=list(class_names or []), mean=mean.flatten().tolist(), std=std.flatten().tolist())

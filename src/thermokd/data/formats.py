@@ -134,4 +134,4 @@ def cifar(folder: "str | Path", classes: int) -> DataBundle:
     x_te, y_te = np.asarray(test[b"data"]).reshape(-1, 3, 32, 32), np.asarray(test[label_key])
     names = [n.decode() for n in _unpickle(meta_file)[names_key]] if meta_file.is_file() else []
     return make_bundle(f"cifar{classes}:{folder}", x_tr, y_tr, x_te, y_te, scale=255.0, default_augment="crop-flip",
-                       class_names=names)
+                       class_names=names, num_classes=classes)
