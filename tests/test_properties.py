@@ -249,7 +249,11 @@ def _frozen_reference(loss_fn: tk.DistillationLoss, s32: torch.Tensor, t: torch.
     total.backward()
     # float32 noise where the divergence is (nearly) zero: ~1e-7 of each log-probability, times the factors
     noise = 1e-6 * loss_fn.kd_weight
-    floors = (noise * (1 + (tau_t * tau_s).max().item()) + 1e-6, noise * (1 + tau_t.max().item()) + 1e-7)
+    # CE's gradient p − 1 at a label whose probability is within ~1e-6 of 1 is resolved only to float32's
+    # spacing near 1 (6e-8) per ulp of p: a few 1e-7 absolute, over a batch mean
+    ce_noise = 4e-7 * loss_fn.ce_weight / max(1, s32.reshape(-1, s32.shape[-1]).shape[0])
+    floors = (noise * (1 + (tau_t * tau_s).max().item()) + 1e-6,
+              noise * (1 + tau_t.max().item()) + 1e-7 + ce_noise)
     return total.detach(), s.grad, floors
 
 
