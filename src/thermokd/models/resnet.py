@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import ThermoKDError
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -27,8 +29,8 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3,
                  widths: tuple[int, int, int, int] = (16, 16, 32, 64)) -> None:
         super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"ResNet depth must be 6n+2, got {depth}")
+        if depth < 8 or (depth - 2) % 6:
+            raise ThermoKDError(f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth}")
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())

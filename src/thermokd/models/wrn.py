@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import ThermoKDError
+
 
 class WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
@@ -23,8 +25,9 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> None:
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        if depth < 10 or (depth - 4) % 6 or widen < 1:
+            raise ThermoKDError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...) and the width factor "
+                                f">= 1; got depth {depth}, width {widen}")
         n, widths = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks, cin = [], widths[0]

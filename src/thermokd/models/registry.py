@@ -1,0 +1,48 @@
+"""Every model by name: ``build_model(name, num_classes, in_channels, input_size, **model_args)``."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from ..errors import ThermoKDError, choice_error
+from .resnet import resnet
+from .small import MLP, SmallCNN
+from .wrn import WideResNet
+
+_RESNETS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56,
+            "resnet110": 110, "resnet8x4": 8, "resnet32x4": 32}
+MODEL_NAMES = sorted([*_RESNETS, "wrn_16_2", "wrn_40_1", "wrn_40_2", "mlp", "cnn"])
+_WRN = re.compile(r"wrn_(\d+)_(\d+)")
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``build_model`` knows ``name`` (the listed names and any ``wrn_<depth>_<width>``)."""
+    return name in MODEL_NAMES or _WRN.fullmatch(name) is not None
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, input_size: int = 32,
+                **model_args: Any) -> nn.Module:
+    """A model that maps ``[B, in_channels, input_size, input_size]`` images to logits ``[B, num_classes]``.
+
+    ``input_size == 1`` means flat feature vectors ``[B, in_channels]`` (MLP only). Convolutional models pool
+    globally, so they accept any image size; on 8×8 inputs their two stride-2 stages leave 2×2 maps."""
+    if not is_model_name(name):
+        raise choice_error("model", name, MODEL_NAMES + ["wrn_<depth>_<width>"])
+    for field, value in (("num_classes", num_classes), ("in_channels", in_channels), ("input_size", input_size)):
+        if int(value) < 1:
+            raise ThermoKDError(f"model {name!r}: {field} must be >= 1, got {value}")
+    if name == "mlp":
+        return MLP(in_channels * input_size * input_size, num_classes, **model_args)
+    if input_size == 1:
+        raise ThermoKDError(f"model {name!r} needs image inputs; for feature vectors use 'mlp'")
+    if name == "cnn":
+        return SmallCNN(in_channels, num_classes, input_size, **model_args)
+    if name in _RESNETS:
+        return resnet(_RESNETS[name], num_classes, in_channels, x4=name.endswith("x4"), **model_args)
+    depth, widen = (int(g) for g in _WRN.fullmatch(name).groups())
+    try:
+        return WideResNet(depth, widen, num_classes, in_channels, **model_args)
+    except ThermoKDError as exc:
+        raise ThermoKDError(f"model {name!r}: {exc}") from None
