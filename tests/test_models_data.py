@@ -187,11 +187,8 @@ def _save_npz(path, **arrays):
 def _restore(bundle, split="train"):
     """Undo the normalisation (per channel for images, per feature for vectors)."""
     x = getattr(bundle, split).x
-    if x.dim() == 2:
-        return None
-    mean = torch.tensor(bundle.mean).view(1, -1, 1, 1)
-    std = torch.tensor(bundle.std).view(1, -1, 1, 1)
-    return x * std + mean
+    view = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+    return x * torch.tensor(bundle.std).view(view) + torch.tensor(bundle.mean).view(view)
 
 
 LAYOUTS = {
@@ -228,12 +225,15 @@ def test_npz_layouts_and_dtypes(tmp_path, layout, dtype):
     want_tr = torch.as_tensor(to_nchw(x_tr).astype(np.float64) / scale)
     want_te = torch.as_tensor(to_nchw(x_te).astype(np.float64) / scale)
     if layout == "features":
-        assert b.mean == [] and b.std == []
+        assert len(b.mean) == 6 and len(b.std) == 6
         # per-feature normalisation of the training split
         torch.testing.assert_close(b.train.x.mean(0), torch.zeros(6), atol=1e-4, rtol=0)
         torch.testing.assert_close(b.train.x.std(0), torch.ones(6), atol=1e-4, rtol=0)
         mu, sd = want_tr.mean(0), want_tr.std(0)
         torch.testing.assert_close(b.test.x.double(), (want_te - mu) / sd, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(b.mean, dtype=torch.float64), mu, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(_restore(b, "test").double(), want_te,
+                                   atol=1e-3 * max(1.0, float(want_te.abs().max())), rtol=1e-4)
     else:
         channels = expected_shape[0]
         assert len(b.mean) == channels and len(b.std) == channels
@@ -567,3 +567,12 @@ def test_unknown_augmentation_raises(name):
         make_augment(name, (1, 8, 8))
     for accepted in AUGMENTATIONS:
         assert accepted in str(err.value)
+
+
+def test_npz_constant_feature_stays_finite(tmp_path):
+    arrays = _good_arrays()
+    arrays["x_train"][:, 1] = 2.0  # a feature that never varies in training
+    arrays["x_test"][:, 1] = 5.0
+    b = load_data(f"npz:{_save_npz(tmp_path / 'c.npz', **arrays)}")
+    assert torch.isfinite(b.train.x).all() and torch.isfinite(b.test.x).all()
+    assert torch.equal(b.train.x[:, 1], torch.zeros(6))
