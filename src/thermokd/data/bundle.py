@@ -61,7 +61,7 @@ def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "in
     ``scale``, and normalise. ``num_classes`` defaults to the largest training label + 1."""
     xs, ys = [], []
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        x = torch.tensor(np.asarray(x), dtype=torch.float32)
+        x = torch.from_numpy(np.array(x, dtype=np.float32))  # one copy; numpy also fixes a foreign byte order
         if scale is not None:
             x = x / scale
         y = _labels(name, split, y)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,11 @@ import numpy as np
 from ..errors import ThermoKDError
 from .bundle import DataBundle, make_bundle
 
+# where Debian's dataset-fashion-mnist package installs the four IDX .gz files
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def digits(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
@@ -21,70 +27,97 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x.reshape(-1, 1, 8, 8), y, test_size=test_fraction, stratify=y,
                                               random_state=seed)
-    return make_bundle("digits", x_tr, y_tr, x_te, y_te, scale=16.0, class_names=[str(i) for i in range(10)])
+    return make_bundle("digits", x_tr, y_tr, x_te, y_te, num_classes=10, scale=16.0,
+                       class_names=[str(i) for i in range(10)])
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (gzipped if its name ends in ``.gz``) as a numpy array of its declared type and shape, in the
+    machine's byte order."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ThermoKDError(f"cannot read {path}: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ThermoKDError(f"{path} is not an IDX file")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if data[2] not in dtypes:
         raise ThermoKDError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ThermoKDError(f"{path}: the IDX header is truncated")
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ThermoKDError(f"{path}: header says {shape} but holds {body.size} values")
-    return body.reshape(shape)
+    itemsize = np.dtype(dtypes[data[2]]).itemsize
+    if len(data) - 4 - 4 * ndim != itemsize * int(np.prod(shape)):
+        raise ThermoKDError(f"{path}: header says {shape} but holds {(len(data) - 4 - 4 * ndim) // itemsize} values")
+    values = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim).reshape(shape)
+    return values.astype(values.dtype.newbyteorder("="))
 
 
 def _find(folder: Path, stem: str) -> Path:
-    for candidate in (folder / stem, folder / f"{stem}.gz", folder / stem.replace("-idx", ".idx"),
-                      folder / f"{stem.replace('-idx', '.idx')}.gz"):
+    dotted = stem.replace("-idx", ".idx")  # some mirrors name them train-images.idx3-ubyte
+    for candidate in (folder / stem, folder / f"{stem}.gz", folder / dotted, folder / f"{dotted}.gz"):
         if candidate.is_file():
             return candidate
-    raise ThermoKDError(f"{folder}: missing {stem}[.gz] (an IDX folder holds train-images-idx3-ubyte, "
-                        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte)")
+    raise ThermoKDError(f"{folder}: missing {stem}[.gz] (an IDX folder holds {', '.join(IDX_FILES)})")
 
 
-def idx_folder(folder: "str | Path", name: "str | None" = None, default_augment: str = "none") -> DataBundle:
-    """An MNIST-format folder of IDX files (gzipped or not)."""
+def idx_folder(folder: "str | Path", name: "str | None" = None, default_augment: str = "none",
+               num_classes: "int | None" = None) -> DataBundle:
+    """An MNIST-format folder of IDX files (gzipped or not): ``[N, H, W]`` images and ``[N]`` labels; uint8
+    images are scaled to [0, 1]."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ThermoKDError(f"IDX folder not found: {folder}")
-    arrays = [_read_idx(_find(folder, stem)) for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    arrays = []
+    for stem in IDX_FILES:
+        path = _find(folder, stem)
+        array = read_idx(path)
+        want = 3 if "images" in stem else 1
+        if array.ndim != want:
+            raise ThermoKDError(f"{path}: expected {'[N, H, W] images' if want == 3 else '[N] labels'}, "
+                                f"found shape {array.shape}")
+        arrays.append(array)
     x_tr, y_tr, x_te, y_te = arrays
-    return make_bundle(name or f"idx:{folder}", x_tr[:, None], y_tr, x_te[:, None], y_te,
+    return make_bundle(name or f"idx:{folder}", x_tr[:, None], y_tr, x_te[:, None], y_te, num_classes=num_classes,
                        scale=255.0 if x_tr.dtype == np.uint8 else None, default_augment=default_augment)
 
 
 def fashion_mnist() -> DataBundle:
-    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``."""
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (60,000 / 10,000 28×28 grey images)."""
     if not FASHION_MNIST_DIR.is_dir():
         raise ThermoKDError(f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR} is missing): run `make data` or "
                             "`apt-get install -y dataset-fashion-mnist`, or point --data idx:DIR at an IDX folder")
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    bundle = idx_folder(FASHION_MNIST_DIR, name="fashion-mnist", default_augment="crop-flip")
-    bundle.class_names = classes
+    bundle = idx_folder(FASHION_MNIST_DIR, name="fashion-mnist", default_augment="crop-flip", num_classes=10)
+    bundle.class_names = list(FASHION_MNIST_CLASSES)
     return bundle
 
 
-def _as_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+def _channels_last(shape: tuple[int, ...], path: Path) -> bool:
+    """Whether 4-D images ``[N, A, B, C]`` are ``[N, H, W, C]``: the channel axis is whichever of axes 1 and 3
+    has size 1, 3 or 4; if both or neither do, the smaller one."""
+    first, last = shape[1], shape[3]
+    first_ok, last_ok = first in (1, 3, 4), last in (1, 3, 4)
+    if first_ok != last_ok:
+        return last_ok
+    if first == last:
+        if first_ok:
+            return True  # e.g. [N, 3, 3, 3]: take the more common numpy layout
+        raise ThermoKDError(f"{path}: cannot tell the channel axis of images shaped {shape}; store them as "
+                            "[N,H,W,C] or [N,C,H,W] with 1, 3 or 4 channels")
+    return last < first
+
+
+def _as_model_layout(x: np.ndarray, path: Path, key: str, channels_last: bool) -> np.ndarray:
     """``[N, D]`` stays; ``[N, H, W]`` gains a channel; ``[N, H, W, C]`` becomes ``[N, C, H, W]``."""
     if x.ndim == 2:
         return x
     if x.ndim == 3:
         return x[:, None]
     if x.ndim == 4:
-        if x.shape[1] in (1, 3, 4) and x.shape[1] < x.shape[3]:
-            return x
-        if x.shape[3] in (1, 3, 4):
-            return np.transpose(x, (0, 3, 1, 2))
-        return x
+        return np.transpose(x, (0, 3, 1, 2)) if channels_last else x
     raise ThermoKDError(f"{path}: {key} must be [N,D], [N,H,W], [N,H,W,C] or [N,C,H,W]; got shape {x.shape}")
 
 
@@ -93,28 +126,45 @@ def npz_file(path: "str | Path") -> DataBundle:
     path = Path(path)
     if not path.is_file():
         raise ThermoKDError(f"npz file not found: {path}")
+    keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
-            if missing:
-                raise ThermoKDError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (ValueError, OSError) as exc:
+            arrays = {k: f[k] for k in keys if k in f}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ThermoKDError(f"cannot read {path} as .npz: {exc}") from None
-    for key in ("x_train", "x_test", "y_train", "y_test"):
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ThermoKDError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
+    for key in keys:
         if not np.issubdtype(arrays[key].dtype, np.number):
             raise ThermoKDError(f"{path}: {key} must be numeric, got dtype {arrays[key].dtype}")
-    x_tr, x_te = (_as_images(arrays[k], path, k) for k in ("x_train", "x_test"))
+    # the layout is decided once, on x_train, so the two splits are never read differently
+    channels_last = arrays["x_train"].ndim == 4 and _channels_last(arrays["x_train"].shape, path)
+    x_tr, x_te = (_as_model_layout(arrays[k], path, k, channels_last) for k in ("x_train", "x_test"))
     scale = 255.0 if arrays["x_train"].dtype == np.uint8 else None
     return make_bundle(f"npz:{path}", x_tr, arrays["y_train"], x_te, arrays["y_test"], scale=scale)
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
     if not path.is_file():
         raise ThermoKDError(f"CIFAR folder is missing {path.name} ({path})")
     with open(path, "rb") as f:
         # the official CIFAR "python version" format is pickled: only point thermokd at files you trust
-        return pickle.load(f, encoding="bytes")
+        try:
+            content = pickle.load(f, encoding="bytes")
+        except Exception as exc:  # a damaged pickle can raise nearly any exception type
+            raise ThermoKDError(f"cannot read {path} as a CIFAR pickle: {exc}") from None
+    missing = [k.decode() for k in keys if not isinstance(content, dict) or k not in content]
+    if missing:
+        raise ThermoKDError(f"{path} is not a CIFAR file: it lacks {', '.join(missing)}")
+    return content
+
+
+def _cifar_images(batch: dict, path: Path) -> np.ndarray:
+    data = np.asarray(batch[b"data"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ThermoKDError(f"{path}: data must be [N, 3072] (3×32×32 images), got shape {data.shape}")
+    return data.reshape(-1, 3, 32, 32)
 
 
 def cifar(folder: "str | Path", classes: int) -> DataBundle:
@@ -123,15 +173,14 @@ def cifar(folder: "str | Path", classes: int) -> DataBundle:
     if not folder.is_dir():
         raise ThermoKDError(f"CIFAR-{classes} folder not found: {folder}")
     if classes == 10:
-        parts = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
-        test, label_key = _unpickle(folder / "test_batch"), b"labels"
-        meta_file, names_key = folder / "batches.meta", b"label_names"
+        train_files, test_file = [f"data_batch_{i}" for i in range(1, 6)], "test_batch"
+        label_key, meta_file, names_key = b"labels", folder / "batches.meta", b"label_names"
     else:
-        parts, label_key = [_unpickle(folder / "train")], b"fine_labels"
-        test, meta_file, names_key = _unpickle(folder / "test"), folder / "meta", b"fine_label_names"
-    x_tr = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
-    y_tr = np.concatenate([np.asarray(p[label_key]) for p in parts])
-    x_te, y_te = np.asarray(test[b"data"]).reshape(-1, 3, 32, 32), np.asarray(test[label_key])
-    names = [n.decode() for n in _unpickle(meta_file)[names_key]] if meta_file.is_file() else []
-    return make_bundle(f"cifar{classes}:{folder}", x_tr, y_tr, x_te, y_te, scale=255.0, default_augment="crop-flip",
-                       class_names=names, num_classes=classes)
+        train_files, test_file = ["train"], "test"
+        label_key, meta_file, names_key = b"fine_labels", folder / "meta", b"fine_label_names"
+    batches = [(folder / f, _unpickle(folder / f, (b"data", label_key))) for f in [*train_files, test_file]]
+    x = [_cifar_images(batch, path) for path, batch in batches]
+    y = [np.asarray(batch[label_key]) for _, batch in batches]
+    names = [n.decode() for n in _unpickle(meta_file, (names_key,))[names_key]] if meta_file.is_file() else []
+    return make_bundle(f"cifar{classes}:{folder}", np.concatenate(x[:-1]), np.concatenate(y[:-1]), x[-1], y[-1],
+                       num_classes=classes, scale=255.0, default_augment="crop-flip", class_names=names)
