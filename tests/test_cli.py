@@ -151,3 +151,16 @@ def test_sweep_reports_best_tau_and_skips_finished_cells(tmp_path, cache):
     again = thermokd(*args, cache=cache)
     assert again.stdout.count("finished earlier") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+
+
+def test_diagnose_and_recommend_commands(tmp_path, cache):
+    cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
+    proc = thermokd("diagnose", "--config", cfg, "--taus", "1,4", "--methods", "cist", "--out", tmp_path / "d",
+                    cache=cache)
+    assert "ECE" in proc.stdout and (tmp_path / "d" / "diagnose.md").is_file()
+    proc = thermokd("recommend", "--config", cfg, "--verify", "--grid", "1,4", "--epochs", "1", "--out",
+                    tmp_path / "r", cache=cache)
+    assert "proposed tau" in proc.stdout and "grid's best tau" in proc.stdout
+    assert json.loads((tmp_path / "r" / "recommend.json").read_text())["verification"]["best_tau"] in (1.0, 4.0)
+    assert "unknown method" in _error(["diagnose", "--config", str(cfg), "--methods", "nope", "--out",
+                                       str(tmp_path / "x")], cache, tmp_path)

@@ -95,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="cist,dts", help="adaptive methods to compare with the best KD (default %(default)s)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
 
+    p = sub.add_parser("diagnose", help="soft-label entropy under each τ and strategy, and teacher calibration")
+    _common(p)
+    p.add_argument("--taus", default="1,2,4,8,16", help="fixed temperatures to show (default %(default)s)")
+    p.add_argument("--methods", default="cist,entropy-target,lskd,dtkd",
+                   help="adaptive strategies to show (default %(default)s)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="whose logits (default train)")
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+
+    p = sub.add_parser("recommend", help="propose a τ (and CIST tau0) from the teacher's entropy; --verify checks it")
+    _common(p)
+    p.add_argument("--target", type=float, default=0.5, help="base mean normalised entropy (default 0.5)")
+    p.add_argument("--verify", action="store_true", help="train short KD students over --grid to check the proposal")
+    p.add_argument("--grid", default="1,2,4,8,16", help="τ grid to verify on (default %(default)s)")
+    p.add_argument("--epochs", type=int, help="student epochs for --verify (default: the config's)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds for --verify (default 1)")
+    p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+
     p = sub.add_parser("report", help="rewrite report.md and the plots of a compare folder from its results.json")
     p.add_argument("folder", type=Path)
     return parser
@@ -159,6 +176,41 @@ def _sweep(args) -> None:
     print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.md'}")
 
 
+def _diagnose(args) -> None:
+    from .experiments.diagnose import run_diagnose
+    from .experiments.sweep import parse_floats
+
+    cfg = load_run_config(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = run_diagnose(cfg, args.out, parse_floats(args.taus, "--taus"), methods, args.cache, args.split,
+                           not args.no_progress)
+    cal = results["teacher"]["calibration"]
+    print(f"teacher: ECE {cal['ece']:.4f} at tau=1; the NLL-optimal tau is {cal['nll_optimal_tau']:.3g}")
+    print(f"wrote {args.out / 'diagnose.json'} and {args.out / 'diagnose.md'}")
+
+
+def _recommend(args) -> None:
+    from .experiments.recommend import recommend, verify, write_recommendation
+    from .experiments.sweep import parse_floats
+
+    cfg = load_run_config(args)
+    grid = parse_floats(args.grid, "--grid")
+    proposal = recommend(cfg, args.cache, args.target, grid=grid, progress_bar=not args.no_progress)
+    print(f"proposed tau = {proposal['tau']:g} (exact {proposal['tau_exact']:.3g}), CIST tau0 = {proposal['cist_tau0']:g}; "
+          f"target mean normalised entropy {proposal['target']:.2f}")
+    if args.verify:
+        if args.seeds < 1:
+            raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
+        result = verify(cfg, proposal, grid, args.epochs, list(range(args.seeds)), args.out, args.cache,
+                        not args.no_progress)
+        v = result["verification"]
+        print(f"grid's best tau = {v['best_tau']:g} ({100 * v['best_acc']:.2f} %), proposal "
+              f"{100 * v['proposal_acc']:.2f} %: {v['verdict']}")
+    else:
+        write_recommendation(proposal, args.out)
+    print(f"wrote {args.out / 'recommend.json'} and {args.out / 'recommend.md'}")
+
+
 def _report(args) -> None:
     from .experiments.report import write_report
 
@@ -169,7 +221,7 @@ def _report(args) -> None:
 
 
 COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_teacher, "sweep": _sweep,
-            "report": _report}
+            "diagnose": _diagnose, "recommend": _recommend, "report": _report}
 
 
 def main(argv: "list[str] | None" = None) -> int:

@@ -120,7 +120,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         from .methods import method_names
-        from .models import MODEL_NAMES
+        from .models import MODEL_NAMES, is_model_name
 
         for where, value in (("teacher.epochs", self.teacher.epochs), ("train.epochs", self.train.epochs),
                              ("teacher.batch_size", self.teacher.batch_size),
@@ -144,8 +144,9 @@ class RunConfig:
         except ThermoKDError as exc:
             raise ConfigError(f"method (temperature/weighting/loss options): {exc}") from None
         for where, model in (("teacher.model", self.teacher.model), ("student.model", self.student.model)):
-            if model not in MODEL_NAMES and not model.startswith("wrn_"):
-                raise ConfigError(f"{where}: unknown model {model!r}; allowed: {', '.join(MODEL_NAMES)}")
+            if not is_model_name(model):
+                raise ConfigError(f"{where}: unknown model {model!r}; allowed: {', '.join(MODEL_NAMES)}, "
+                                  "wrn_<depth>_<width>")
         for where, opt in (("teacher.optimizer", self.teacher.optimizer), ("train.optimizer", self.train.optimizer)):
             opt.validate(where)
         self.teacher.schedule.validate("teacher.schedule")

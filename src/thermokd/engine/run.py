@@ -92,6 +92,18 @@ class Experiment:
         return teacher, info
 
 
+def setup(cfg: RunConfig, cache_dir: "Path | None" = None, progress_bar: bool = True,
+          echo: "Callable[[str], None] | None" = None) -> tuple[Any, Experiment, tuple[nn.Module, dict]]:
+    """What every multi-run command starts with: the accelerator, the experiment (data and models) and the teacher
+    (trained now or taken from the cache)."""
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    experiment = Experiment(cfg)
+    teacher = experiment.teacher(accelerator, cache_dir, progress_bar)
+    if echo is not None:
+        echo(f"teacher {cfg.teacher.model}: test accuracy {teacher[1]['test_acc']:.4f} (cache key {teacher[1]['key']})")
+    return accelerator, experiment, teacher
+
+
 def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=None,
                   progress_bar: bool = True) -> dict[str, Any]:
     """Train (or find in the cache) the teacher of ``cfg``; returns its info (key, accuracy, directory)."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..engine.run import Experiment, make_accelerator, run_distill
+from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
 from ..methods import method_names
@@ -40,10 +40,7 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    experiment = Experiment(cfg)
-    teacher = experiment.teacher(accelerator, cache_dir, progress_bar)
-    echo(f"teacher {cfg.teacher.model}: test accuracy {teacher[1]['test_acc']:.4f} (cache key {teacher[1]['key']})")
+    accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     runs = []
     for seed in seeds:
         for method in methods:

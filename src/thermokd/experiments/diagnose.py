@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..diagnostics import matched_fixed_tau, soft_label_report
-from ..engine.run import Experiment, make_accelerator
+from ..engine.run import setup
 from ..engine.trainer import predict, save_json
 from ..errors import ThermoKDError
 from ..functional import normalised_entropy
@@ -80,9 +80,7 @@ def teacher_outputs(cfg: RunConfig, split: str = "train", cache_dir: "Path | Non
     key, model, test accuracy and folder)."""
     if split not in SPLITS:
         raise ThermoKDError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    exp = Experiment(cfg)
-    model, info = exp.teacher(accelerator, cache_dir, progress_bar)
+    accelerator, exp, (model, info) = setup(cfg, cache_dir, progress_bar)
     b = exp.bundle
     if split == "train":
         logits = predict(model, b.train.x, accelerator.device, cfg.train.eval_batch_size)

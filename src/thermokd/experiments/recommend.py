@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from ..config import RunConfig
 from ..diagnostics import matched_fixed_tau, soft_label_report
-from ..engine.run import Experiment, make_accelerator, run_distill
+from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
 from ..functional import normalised_entropy
@@ -155,9 +155,7 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
     taus = grid + ([] if proposed in grid else [proposed])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    experiment = Experiment(cfg)
-    teacher = experiment.teacher(accelerator, cache_dir, progress_bar)
+    accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar)
     cells = []
     for tau in taus:
         for seed in seeds:

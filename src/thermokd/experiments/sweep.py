@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import OptimizerConfig, RunConfig
-from ..engine.run import Experiment, make_accelerator, run_distill
+from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
 from .compare import machine_description
@@ -55,10 +55,7 @@ def run_sweep(cfg: RunConfig, out_dir: Path, taus: list[float], optimizers: list
         raise ThermoKDError(f"--budgets must be positive epoch counts, got {budgets}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    experiment = Experiment(cfg)
-    teacher = experiment.teacher(accelerator, cache_dir, progress_bar)
-    echo(f"teacher {cfg.teacher.model}: test accuracy {teacher[1]['test_acc']:.4f}")
+    accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     cells = []
     for opt, epochs, seed, label, method, temperature in _cells(cfg, taus, optimizers, budgets, seeds, methods):
         run_cfg = copy.deepcopy(cfg)
