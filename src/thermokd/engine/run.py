@@ -26,7 +26,7 @@ def make_accelerator(mixed_precision: str = "no"):
     """An ``accelerate.Accelerator`` (devices, DDP under ``accelerate launch``/``torchrun``, mixed precision)."""
     from accelerate import Accelerator
 
-    if mixed_precision != "no" and not torch.cuda.is_available() and mixed_precision == "fp16":
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ThermoKDError("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on the CPU")
     # cpu=True when there is no GPU: Accelerate then runs multi-process CPU training (gloo) under torchrun
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
