@@ -164,3 +164,10 @@ def test_diagnose_and_recommend_commands(tmp_path, cache):
     assert json.loads((tmp_path / "r" / "recommend.json").read_text())["verification"]["best_tau"] in (1.0, 4.0)
     assert "unknown method" in _error(["diagnose", "--config", str(cfg), "--methods", "nope", "--out",
                                        str(tmp_path / "x")], cache, tmp_path)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 autocast is available with CUDA")
+def test_fp16_without_cuda_is_a_clear_error(tmp_path, cache):
+    cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1, "mixed_precision": "fp16"})
+    msg = _error(["distill", "--config", str(cfg), "--out", str(tmp_path / "o")], cache, tmp_path)
+    assert "fp16" in msg and "bf16" in msg
