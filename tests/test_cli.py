@@ -47,6 +47,33 @@ def test_compare_writes_results_report_and_plots(tmp_path, cache):
     assert json.loads((out / "results.json").read_text())["runs"] == runs and "teacher" in again.stdout
 
 
+def test_compare_runs_the_configs_compare_section(tmp_path, cache):
+    """kd@TAU grid points and named variants (the CIST ablations) from the config; the report picks KD's best τ."""
+    import yaml
+
+    cfg = write_config(tmp_path / "c.yaml")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["compare"] = {"seeds": 1, "methods": ["kd@1", "kd", "cist-plain"],
+                      "variants": {"cist-plain": {"name": "cist", "weighting": {"alpha": 0, "beta": 0}}}}
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "cmp"
+    thermokd("compare", "--config", cfg, "--epochs", "1", "--out", out, cache=cache)
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["kd@1", "kd", "cist-plain"] and results["seeds"] == [0]
+    assert results["kd_grid"] == {"kd@1": 1.0, "kd": 4.0}
+    by_label = {r["method"]: r for r in results["runs"]}
+    assert by_label["cist-plain"]["base_method"] == "cist"
+    assert by_label["cist-plain"]["method_config"]["weighting"] == {"alpha": 0, "beta": 0}
+    assert by_label["kd@1"]["final"]["tau_teacher_mean"] == pytest.approx(1.0)
+    assert by_label["kd"]["final"]["tau_teacher_mean"] == pytest.approx(4.0)
+    assert (out / "runs" / "cist-plain-seed0" / "result.json").is_file()
+    best = max(("kd@1", "kd"), key=lambda label: by_label[label]["best_acc"])
+    assert f"KD at its best grid τ is `{best}`" in (out / "report.md").read_text()
+    # --methods on the command line still wins over the config's list
+    thermokd("compare", "--config", cfg, "--epochs", "1", "--methods", "kd@1", "--out", tmp_path / "one", cache=cache)
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["methods"] == ["kd@1"]
+
+
 @pytest.mark.parametrize("method", method_names())
 def test_distill_with_each_strategy(tmp_path, cache, method, monkeypatch, capsys):
     monkeypatch.setenv("THERMOKD_CACHE", str(cache))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from thermokd.config import RunConfig, TrainConfig, load_config
+from thermokd.config import RunConfig, TrainConfig, load_config, resolve_method
 from thermokd.errors import ConfigError, ThermoKDError
 from thermokd.methods import method_names
 
@@ -116,3 +116,32 @@ def test_set_fills_an_empty_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("student:\ntrain:\n  epochs: 2\n")
     assert load_config(path, ["student.model=resnet8"]).student.model == "resnet8"
+
+
+def test_compare_section_variants_and_kd_at_tau():
+    cfg = load_config(DIGITS, ["compare.methods=[ce, kd@2, no-weights, Kd]",
+                               "compare.variants={no-weights: {name: CIST, weighting: {alpha: 0, beta: 0}}}",
+                               "compare.seeds=2", "method.temperature={tau: 3}"])
+    assert cfg.compare.seeds == 2
+    resolved = {label: resolve_method(cfg, label) for label in cfg.compare.methods}
+    assert resolved["kd@2"].name == "kd" and resolved["kd@2"].temperature == {"tau": 2.0}
+    assert resolved["no-weights"].name == "cist" and resolved["no-weights"].weighting == {"alpha": 0, "beta": 0}
+    assert resolved["Kd"].temperature == {"tau": 3}  # the config's own method keeps its overrides
+    assert resolve_method(cfg, "dts").temperature == {}  # any other method runs at its defaults
+    resolved["no-weights"].weighting["alpha"] = 1  # a resolved section is a copy
+    assert cfg.compare.variants["no-weights"].weighting["alpha"] == 0
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["compare.methods=[kd, magic]"], ["magic", "kd@TAU", "cist"]),
+    (["compare.methods=[cist@2]"], ["cist@2", "kd@TAU"]),
+    (["compare.methods=[kd@-1]"], ["kd@-1", "TAU > 0"]),
+    (["compare.variants={cist: {name: kd}}"], ["compare.variants", "'cist'", "method name"]),
+    (["compare.variants={x: {name: cist, weighting: {gamma: 1}}}"], ["compare.variants.x", "gamma"]),
+    (["compare.variants={x: {nme: cist}}"], ["compare.variants.x.nme", "name"]),
+    (["compare.seeds=0"], ["compare.seeds", "> 0"]),
+])
+def test_bad_compare_sections_name_themselves(overrides, fragments):
+    message = _error(overrides)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)

@@ -8,7 +8,7 @@ import pytest
 
 from thermokd.errors import ThermoKDError
 from thermokd.experiments.report import (ACCURACY_PLOT, ENTROPY_PLOT, TAU_PLOT, markdown_table, summarize,
-                                         verdicts, write_report)
+                                         total_training_seconds, tuned_kd, verdicts, write_report)
 
 EPOCHS = 4
 # method -> seed -> (best_acc, last_acc, final tau_teacher_mean, normalised entropy std, s/epoch)
@@ -116,3 +116,30 @@ def test_only_ce_runs(tmp_path):
     assert "| ce |" in text and "Δ best vs ce (pp)" in text and "**ce**: reference" in text
     for name in (ACCURACY_PLOT, TAU_PLOT, ENTROPY_PLOT):
         assert (tmp_path / name).is_file()
+
+
+def test_reference_is_kd_at_its_best_grid_tau(tmp_path):
+    results = _results()
+    kd8 = [dict(_run("kd", s), method="kd@8") for s in (0, 1)]
+    for run, best in zip(kd8, (0.93, 0.95)):  # τ=8 beats τ=4 and cist
+        run["best_acc"] = best
+    results["runs"] += kd8
+    results["kd_grid"] = {"kd": 4.0, "kd@8": 8.0, "kd@16": 16.0}  # kd@16 never ran
+    s = summarize(results["runs"])
+    assert tuned_kd(s, results["kd_grid"]) == "kd@8"
+    assert tuned_kd(s, {"kd": 4.0}) is None and tuned_kd(s, None) is None
+    text = write_report(results, tmp_path).read_text()
+    assert "KD at its best grid τ is `kd@8` (τ = 8)" in text
+    assert "| 8 | kd@8 **(best)** | 94.00 ± 1.41 |" in text and "| 4 | kd | 85.50 ± 0.71 |" in text
+    assert "kd@16" not in text
+    assert "**cist**: loses to kd@8 by 3.50 pp (> 1 std of both)" in text
+    assert "**cist**: beats kd by 5.00 pp (> 1 std of both)" in text  # the default-τ comparison is kept too
+    assert "Δ best vs kd@8 (pp)" in text
+
+
+def test_compute_spent_sums_student_epochs_and_teacher():
+    results = _results()
+    results["teacher"]["train_seconds"] = 120.0
+    spent = total_training_seconds(results)
+    expected = sum(NUMBERS[m][s][4] * EPOCHS for m in NUMBERS for s in (0, 1))
+    assert spent == {"students": pytest.approx(expected), "teacher": 120.0}

@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train one student per method and seed with one teacher; report")
     _common(p)
-    p.add_argument("--methods", default="ce,kd,cist,dts,ctkd,lskd,entropy-target",
-                   help="comma-separated methods (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--methods", help="comma-separated method names, kd@TAU or variants of the config's compare "
+                   "section (default: the config's compare.methods, else ce,kd,cist,dts,ctkd,lskd,entropy-target)")
+    p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default: the config's compare.seeds, 3)")
     p.add_argument("--epochs", type=int, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
 
@@ -118,18 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args) -> None:
-    from .experiments.compare import parse_methods, run_compare
+    from .experiments.compare import DEFAULT_METHODS, parse_methods, run_compare
     from .experiments.report import summarize
 
-    methods = parse_methods(args.methods)
-    if args.seeds < 1:
-        raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
     cfg = load_run_config(args)
-    results = run_compare(cfg, methods, list(range(args.seeds)), args.out, args.cache, not args.no_progress)
+    methods = parse_methods(args.methods or ",".join(cfg.compare.methods) or DEFAULT_METHODS, cfg)
+    seeds = cfg.compare.seeds if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise ThermoKDError(f"--seeds must be >= 1, got {seeds}")
+    results = run_compare(cfg, methods, list(range(seeds)), args.out, args.cache, not args.no_progress)
     summary = summarize(results["runs"])
-    print(f"\n{'method':15s} {'best acc':>16s} {'last acc':>16s}")
+    print(f"\n{'method':18s} {'best acc':>16s} {'last acc':>16s}")
     for method, s in summary.items():
-        print(f"{method:15s} {100 * s['best_mean']:7.2f} ± {100 * s['best_std']:5.2f} "
+        print(f"{method:18s} {100 * s['best_mean']:7.2f} ± {100 * s['best_std']:5.2f} "
               f"{100 * s['last_mean']:7.2f} ± {100 * s['last_std']:5.2f}")
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'report.md'}")
 
@@ -162,10 +163,10 @@ def _sweep(args) -> None:
     taus = parse_floats(args.taus, "--taus")
     budgets = [int(b) for b in parse_floats(args.budgets, "--budgets")]
     optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
-    methods = parse_methods(args.methods) if args.methods.strip() else []
     if args.seeds < 1:
         raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
     cfg = load_run_config(args)
+    methods = parse_methods(args.methods, cfg) if args.methods.strip() else []
     results = run_sweep(cfg, args.out, taus, optimizers, budgets, list(range(args.seeds)), methods, args.cache,
                         not args.no_progress)
     for group in results["groups"].values():

@@ -1,10 +1,12 @@
 """Run configurations: YAML files validated into typed dataclasses; every error names the field.
 
-A config has five sections (``data``, ``teacher``, ``student``, ``method``, ``train``); see ``configs/`` for
+A config has five sections (``data``, ``teacher``, ``student``, ``method``, ``train``) and an optional sixth,
+``compare``, which names the methods, seeds and method variants of ``thermokd compare``; see ``configs/`` for
 complete examples. ``--set section.field=value`` overrides one field (the value is parsed as YAML).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -111,12 +113,26 @@ class TrainConfig:
 
 
 @dataclass
+class CompareConfig:
+    """What ``thermokd compare --config`` runs when ``--methods``/``--seeds`` are not given.
+
+    ``methods``: labels to run, each a method name, ``kd@TAU`` (KD at a fixed τ) or a key of ``variants``;
+    ``variants``: label → a ``method`` section (``name`` plus temperature/weighting/loss overrides), e.g. the
+    CIST ablations. An empty ``methods`` leaves the choice to the command line's default."""
+
+    methods: list[str] = field(default_factory=list)
+    seeds: int = 3
+    variants: dict[str, MethodConfig] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self) -> "RunConfig":
         from .methods import method_names
@@ -133,16 +149,16 @@ class RunConfig:
         if self.train.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.batch_size={self.train.batch_size} must be divisible by "
                               f"train.grad_accum={self.train.grad_accum}")
-        name = self.method.name.strip().lower().replace("_", "-")
-        if name not in method_names():
-            raise ConfigError(f"method.name: unknown method {self.method.name!r}; allowed: {', '.join(method_names())}")
-        self.method.name = name
-        from .errors import ThermoKDError
-        from .methods import build_loss
-        try:  # catch a typo in the method's options now rather than when a run starts
-            build_loss(name, temperature=self.method.temperature, weighting=self.method.weighting, **self.method.loss)
-        except ThermoKDError as exc:
-            raise ConfigError(f"method (temperature/weighting/loss options): {exc}") from None
+        validate_method(self.method, "method")
+        _positive("compare.seeds", self.compare.seeds)
+        for label, variant in self.compare.variants.items():
+            key = label.strip().lower()
+            if key in method_names() or "@" in key or "," in key or not key:
+                raise ConfigError(f"compare.variants: label {label!r} must be new (not a method name such as "
+                                  f"{key!r}), non-empty and free of '@' and ','")
+            validate_method(variant, f"compare.variants.{label}")
+        for label in self.compare.methods:
+            resolve_method(self, label)  # raises a ConfigError naming the label
         for where, model in (("teacher.model", self.teacher.model), ("student.model", self.student.model)):
             if not is_model_name(model):
                 raise ConfigError(f"{where}: unknown model {model!r}; allowed: {', '.join(MODEL_NAMES)}, "
@@ -155,6 +171,43 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def validate_method(method: MethodConfig, where: str) -> None:
+    """Normalise ``method.name`` and build its loss once, so that a typo fails at load time, not mid-run."""
+    from .errors import ThermoKDError
+    from .methods import build_loss, method_names
+
+    name = method.name.strip().lower().replace("_", "-")
+    if name not in method_names():
+        raise ConfigError(f"{where}.name: unknown method {method.name!r}; allowed: {', '.join(method_names())}")
+    method.name = name
+    try:
+        build_loss(name, temperature=method.temperature, weighting=method.weighting, **method.loss)
+    except ThermoKDError as exc:
+        raise ConfigError(f"{where} (temperature/weighting/loss options): {exc}") from None
+
+
+def resolve_method(cfg: RunConfig, label: str) -> MethodConfig:
+    """The ``method`` section a compare label stands for: a variant of ``cfg.compare.variants``, ``kd@TAU``
+    (fixed-τ KD), the config's own method (with its overrides) or any other method name at its defaults."""
+    from .methods import method_names
+
+    key = label.strip().lower().replace("_", "-")
+    variants = {k.strip().lower(): v for k, v in cfg.compare.variants.items()}
+    if key in variants:
+        return copy.deepcopy(variants[key])
+    base, at, tau_text = key.partition("@")
+    if at:
+        if base != "kd" or not _looks_numeric(tau_text) or not float(tau_text) > 0:
+            raise ConfigError(f"method label {label!r}: the '@' form is kd@TAU with TAU > 0, e.g. kd@8")
+        return MethodConfig(name="kd", temperature={"tau": float(tau_text)})
+    if key == cfg.method.name:
+        return copy.deepcopy(cfg.method)
+    if key in method_names():
+        return MethodConfig(name=key)
+    allowed = method_names() + sorted(variants) + ["kd@TAU"]
+    raise ConfigError(f"unknown method {label!r}; allowed: {', '.join(allowed)}")
 
 
 def _positive(where: str, value: float) -> None:
@@ -198,6 +251,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if args and args[1] is not Any:
+            return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

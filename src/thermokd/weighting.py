@@ -38,7 +38,10 @@ class ConfidenceDifficulty(Weighting):
     def forward(self, rows: Rows) -> Tensor:
         # inputs are detached, so no autograd bookkeeping is needed (this runs every step).
         # log w̃ = α log a + β log(d+ε); N·softmax(log w̃) over rows is w̃·N/Σw̃ in one stable op
-        log_w = rows.teacher_label_log_prob if self.alpha == 1.0 else self.alpha * rows.teacher_label_log_prob
+        if self.alpha == 0.0:  # not 0·log a, which is NaN where a underflows to 0
+            log_w = torch.zeros_like(rows.teacher_label_log_prob)
+        else:
+            log_w = rows.teacher_label_log_prob if self.alpha == 1.0 else self.alpha * rows.teacher_label_log_prob
         if self.beta:
             log_d = torch.log((1.0 + self.eps) - rows.student_label_log_prob.exp())
             log_w = log_w + (log_d if self.beta == 1.0 else self.beta * log_d)

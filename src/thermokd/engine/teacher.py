@@ -97,7 +97,23 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, ca
     test_logits = predict(model, data.test_x, accelerator.device, cfg.train.eval_batch_size)
     acc = float((test_logits.argmax(-1) == data.test_y).float().mean())
     return model, {"key": teacher_key(cfg), "model": cfg.teacher.model, "test_acc": acc, "dir": str(directory),
-                   "test_logits": test_logits}
+                   "train_seconds": training_seconds(directory / "run" / "metrics.jsonl"), "test_logits": test_logits}
+
+
+def training_seconds(metrics: Path) -> "float | None":
+    """Summed per-epoch training time of a run's ``metrics.jsonl`` (None when it is absent, e.g. a teacher loaded
+    from ``teacher.checkpoint``)."""
+    if not metrics.is_file():
+        return None
+    total = 0.0
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if record.get("type") == "epoch" and isinstance(record.get("train_time"), (int, float)):
+            total += record["train_time"]
+    return total
 
 
 def cached_view_logits(teacher: nn.Module, views: list[Tensor], path: Path, device, batch_size: int,

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, resolve_method
 from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
-from ..methods import method_names
+
+DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
 
 
 def machine_description() -> str:
@@ -22,14 +23,34 @@ def machine_description() -> str:
             + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"))
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, cfg: RunConfig) -> list[str]:
+    """Comma-separated labels (method names, ``kd@TAU``, or variants of the config's ``compare`` section),
+    normalised and checked against ``cfg``."""
     methods = [m.strip().lower().replace("_", "-") for m in text.split(",") if m.strip()]
     if not methods:
         raise ThermoKDError("--methods is empty; give a comma-separated list such as ce,kd,cist")
+    if len(set(methods)) != len(methods):
+        raise ThermoKDError(f"--methods lists a method twice: {text!r}")
     for m in methods:
-        if m not in method_names():
-            raise ThermoKDError(f"unknown method {m!r} in --methods; allowed: {', '.join(method_names())}")
+        try:
+            resolve_method(cfg, m)
+        except ThermoKDError as exc:
+            raise ThermoKDError(f"--methods: {exc}") from None
     return methods
+
+
+def kd_grid(cfg: RunConfig, labels: list[str]) -> dict[str, float]:
+    """Labels that are plain fixed-τ KD (no weighting or loss overrides) and their τ: the grid from which the
+    report picks "KD at its best grid τ"."""
+    from ..temperature import Fixed
+
+    grid = {}
+    for label in labels:
+        method = resolve_method(cfg, label)
+        extra = set(method.temperature) - {"tau"}
+        if method.name == "kd" and not extra and not method.weighting and not method.loss:
+            grid[label] = float(method.temperature.get("tau", Fixed().tau.item()))
+    return grid
 
 
 def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path,
@@ -43,21 +64,22 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     runs = []
     for seed in seeds:
-        for method in methods:
+        for label in methods:
             run_cfg = copy.deepcopy(cfg)
-            run_cfg.method.name, run_cfg.train.seed = method, seed
-            if method != cfg.method.name:  # overrides in the config belong to its own method only
-                run_cfg.method.temperature, run_cfg.method.weighting, run_cfg.method.loss = {}, {}, {}
-            result = run_distill(run_cfg, out_dir / "runs" / f"{method}-seed{seed}", resume=True,
+            run_cfg.method, run_cfg.train.seed = resolve_method(cfg, label), seed
+            result = run_distill(run_cfg, out_dir / "runs" / f"{label}-seed{seed}", resume=True,
                                  cache_dir=cache_dir, accelerator=accelerator, experiment=experiment,
                                  teacher=teacher, progress_bar=progress_bar)
-            echo(f"  {method:15s} seed {seed}: best {result['best_acc']:.4f}  last {result['last_acc']:.4f}")
+            # the report groups by label; the run's own method name stays in "base_method"
+            result = {**result, "method": label, "base_method": run_cfg.method.name,
+                      "method_config": run_cfg.method.__dict__}
+            echo(f"  {label:18s} seed {seed}: best {result['best_acc']:.4f}  last {result['last_acc']:.4f}")
             runs.append(result)
     info = {k: v for k, v in teacher[1].items() if k not in ("test_logits", "dir")}
     results = {"data": cfg.data.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": machine_description(), "teacher": info, "student": {"model": cfg.student.model},
-               "epochs": cfg.train.epochs, "seeds": seeds, "methods": methods, "config": cfg.to_dict(),
-               "runs": runs}
+               "epochs": cfg.train.epochs, "seeds": seeds, "methods": methods, "kd_grid": kd_grid(cfg, methods),
+               "config": cfg.to_dict(), "runs": runs}
     save_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results

@@ -8,7 +8,7 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-from ..config import OptimizerConfig, RunConfig
+from ..config import MethodConfig, OptimizerConfig, RunConfig, resolve_method
 from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
@@ -38,9 +38,9 @@ def _cells(cfg: RunConfig, taus, optimizers, budgets, seeds, methods):
     for opt in optimizers:
         for epochs in budgets:
             for seed in seeds:
-                for label, method, temperature in ([(kd_label(t), "kd", {"tau": t}) for t in taus]
-                                                   + [(m, m, {}) for m in methods]):
-                    yield opt, epochs, seed, label, method, temperature
+                for label, method in ([(kd_label(t), MethodConfig(name="kd", temperature={"tau": t})) for t in taus]
+                                      + [(m, resolve_method(cfg, m)) for m in methods]):
+                    yield opt, epochs, seed, label, method
 
 
 def run_sweep(cfg: RunConfig, out_dir: Path, taus: list[float], optimizers: list[str], budgets: list[int],
@@ -57,10 +57,9 @@ def run_sweep(cfg: RunConfig, out_dir: Path, taus: list[float], optimizers: list
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     cells = []
-    for opt, epochs, seed, label, method, temperature in _cells(cfg, taus, optimizers, budgets, seeds, methods):
+    for opt, epochs, seed, label, method in _cells(cfg, taus, optimizers, budgets, seeds, methods):
         run_cfg = copy.deepcopy(cfg)
-        run_cfg.method.name, run_cfg.method.temperature = method, temperature
-        run_cfg.method.weighting, run_cfg.method.loss = {}, {}
+        run_cfg.method = method
         run_cfg.train.epochs, run_cfg.train.seed = epochs, seed
         if run_cfg.train.optimizer.name != opt:
             run_cfg.train.optimizer = copy.deepcopy(OPTIMIZERS[opt])
@@ -70,8 +69,8 @@ def run_sweep(cfg: RunConfig, out_dir: Path, taus: list[float], optimizers: list
                              experiment=experiment, teacher=teacher, progress_bar=progress_bar)
         echo(f"  {opt:5s} {epochs:3d} epochs  {label:15s} seed {seed}: best {result['best_acc']:.4f}"
              + ("  (finished earlier)" if done else ""))
-        cells.append({"optimizer": opt, "epochs": epochs, "seed": seed, "label": label, "method": method,
-                      "tau": temperature.get("tau"), "best_acc": result["best_acc"], "last_acc": result["last_acc"],
+        cells.append({"optimizer": opt, "epochs": epochs, "seed": seed, "label": label, "method": method.name,
+                      "tau": method.temperature.get("tau") if label.startswith("kd@") else None, "best_acc": result["best_acc"], "last_acc": result["last_acc"],
                       "final": result["final"], "teacher_entropy": result["teacher_entropy"],
                       "wall_time_per_epoch": result["wall_time_per_epoch"]})
     results = {"data": cfg.data.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
