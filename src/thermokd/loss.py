@@ -62,12 +62,16 @@ class DistillationLoss(nn.Module):
       e.g. logit standardisation uses τ_b²); ``"none"`` turns it off.
     - Logits ``[..., C]`` of any float dtype; rows with ``labels == ignore_index`` or ``mask == False`` count
       nowhere. The maths runs in float32.
+    - ``chunk_size``: evaluate at most this many rows at a time (``thermokd.chunked``): the same value and
+      gradients without float32 intermediates for the whole ``[B·L, V]`` block. For language models with large
+      vocabularies; ``terms`` are then detached values (only ``loss`` is differentiable).
     """
 
     def __init__(self, temperature: "TemperatureStrategy | float | str" = 4.0, family: str = "kd",
                  divergence: str = "kl", weighting: "Weighting | str | None" = None, ce_weight: float = 0.1,
                  kd_weight: float = 0.9, scale: str = "product", dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-                 dkd_warmup: int = 20, ignore_index: int = -100, check_inputs: bool = True) -> None:
+                 dkd_warmup: int = 20, ignore_index: int = -100, check_inputs: bool = True,
+                 chunk_size: "int | None" = None) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise choice_error("loss family", family, FAMILIES)
@@ -87,10 +91,15 @@ class DistillationLoss(nn.Module):
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         self.dkd_alpha, self.dkd_beta, self.dkd_warmup = float(dkd_alpha), float(dkd_beta), int(dkd_warmup)
         self.ignore_index, self.check_inputs = int(ignore_index), bool(check_inputs)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
 
     # -- input handling -------------------------------------------------------------------------------
-    def _valid_rows(self, student: Tensor, teacher: Tensor, labels: "Tensor | None",
-                    mask: "Tensor | None") -> tuple[Tensor, Tensor, "Tensor | None"]:
+    def _flatten(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", mask: "Tensor | None"
+                 ) -> tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]:
+        """``[M, C]`` views of both logits, flat labels, and the boolean row filter (None: keep every row)."""
         if student.shape != teacher.shape:
             raise ThermoKDError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
                                 "must have the same shape")
@@ -109,14 +118,25 @@ class DistillationLoss(nn.Module):
             labels = labels.reshape(-1).long()
             labelled = labels != self.ignore_index
             keep = labelled if keep is None else keep & labelled
-        if keep is not None and not bool(keep.all()):
+        if keep is not None and bool(keep.all()):
+            keep = None
+        return s, t, labels, keep
+
+    def _check_labels(self, labels: "Tensor | None", num_classes: int) -> None:
+        if self.check_inputs and labels is not None and labels.numel() and (
+                int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+            raise ThermoKDError(f"label {bad} is out of range for {num_classes} classes "
+                                f"(allowed: 0..{num_classes - 1}, or {self.ignore_index} to ignore a row)")
+
+    def _valid_rows(self, student: Tensor, teacher: Tensor, labels: "Tensor | None",
+                    mask: "Tensor | None") -> tuple[Tensor, Tensor, "Tensor | None"]:
+        s, t, labels, keep = self._flatten(student, teacher, labels, mask)
+        if keep is not None:
             s, t = s[keep], t[keep]
             labels = labels[keep] if labels is not None else None
+        self._check_labels(labels, s.shape[-1])
         if self.check_inputs and s.numel():
-            if labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-                bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
-                raise ThermoKDError(f"label {bad} is out of range for {num_classes} classes "
-                                    f"(allowed: 0..{num_classes - 1}, or {self.ignore_index} to ignore a row)")
             # a finite sum proves every entry finite; the full check runs only when it is not (or overflowed)
             if not bool(torch.isfinite(s.sum() + t.sum())):
                 for who, x in (("student", s), ("teacher", t)):
@@ -131,6 +151,11 @@ class DistillationLoss(nn.Module):
             if self.kd_weight:
                 raise ThermoKDError("teacher_logits is None, but this loss distils (kd_weight > 0)")
             teacher_logits = student_logits.detach()  # a cross-entropy-only loss never reads it
+        if self.chunk_size is not None:
+            s, t, flat_labels, keep = self._flatten(student_logits, teacher_logits, labels, mask)
+            valid = s.shape[0] if keep is None else int(keep.sum())
+            if valid > self.chunk_size:
+                return self._chunked(s, t, flat_labels, keep, valid, progress)
         s, t, labels = self._valid_rows(student_logits, teacher_logits, labels, mask)
         if s.shape[0] == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = s.sum()  # 0 over no rows, in float32; masked garbage (inf, NaN, fp16 overflow) never enters
@@ -158,54 +183,118 @@ class DistillationLoss(nn.Module):
                       ) -> tuple[Tensor, tuple[list[str], Tensor], dict[str, Tensor]]:
         """The distillation term, its per-row statistics packed as (names, values), and the strategy's stats."""
         temps = self.temperature(rows)
+        tau_t, tau_s = self.temperature_columns(temps)
+        weights = self.weighting(rows) if self.weighting is not None else None
+        factor = self.row_factor(temps, tau_t, tau_s, weights)
+        per_row, entropy, dkd = self.per_row_divergence(rows.student, rows.teacher, rows.labels, tau_t, tau_s)
+        if factor is not None:
+            per_row = per_row * factor
+        if dkd is not None:
+            scale = (tau_t * tau_s).reshape(-1) if self.scale == "product" else 1.0
+            terms["tckd"] = (dkd[0] * scale).mean()
+            terms["nckd"] = (dkd[1] * scale).mean()
+        return per_row.mean(), self.pack_row_stats(tau_t, tau_s, entropy, weights), temps.stats
+
+    def temperature_columns(self, temps) -> tuple[Tensor, Tensor]:
+        """A strategy's τ^t, τ^s as float32 scalars or ``[N, 1]``, detached unless the strategy is learnable."""
         tau_t, tau_s = _row_column(temps.teacher), _row_column(temps.student)
-        student = rows.student
+        if not self.temperature.learnable:
+            tau_t, tau_s = tau_t.detach(), tau_s.detach()
+        return tau_t, tau_s
+
+    def row_factor(self, temps, tau_t: Tensor, tau_s: Tensor, weights: "Tensor | None") -> "Tensor | None":
+        """What multiplies each row's divergence: the τ^t·τ^s scale (or the strategy's own) times the weights."""
+        factor = None
+        if self.scale == "product":
+            factor = temps.scale if temps.scale is not None else tau_t * tau_s
+            factor = factor.reshape(-1) if factor.dim() else factor
+        if weights is not None:
+            factor = weights if factor is None else factor * weights
+        return factor
+
+    def per_row_divergence(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", tau_t: Tensor,
+                           tau_s: Tensor) -> tuple[Tensor, Tensor, "tuple[Tensor, Tensor] | None"]:
+        """Per-row divergence ``[N]`` before scale and weights, the teacher's soft-label entropy ``[N, 1]`` (no
+        gradient) and, for DKD, its unscaled (TCKD, NCKD) rows."""
         if self.temperature.learnable:
             # the value is unchanged (softmax ignores a per-row shift), but the gradient loses the uniform
             # component that float noise in q − p picks up when divided by a τ carrying its own gradient
             # (a constant student row gives logit standardisation a τ of ~1e-7)
             student = student - student.mean(-1, keepdim=True)
-        else:
-            tau_t, tau_s = tau_t.detach(), tau_s.detach()
-        log_p_t = torch.log_softmax(rows.teacher / tau_t, dim=-1)
+        log_p_t = torch.log_softmax(teacher / tau_t, dim=-1)
         p_t = log_p_t.exp()
+        dkd = None
         if self.family == "dkd":
-            if rows.labels is None:
+            if labels is None:
                 raise ThermoKDError("family 'dkd' needs labels: it splits the target class from the others")
-            tckd, nckd = dkd_terms(student, rows.teacher, rows.labels, tau_t, tau_s)
-            per_row = self.dkd_alpha * tckd + self.dkd_beta * nckd
+            dkd = dkd_terms(student, teacher, labels, tau_t, tau_s)
+            per_row = self.dkd_alpha * dkd[0] + self.dkd_beta * dkd[1]
         elif self.divergence == "kl" and self.check_inputs:
             # inputs are finite, so log p_t is finite and p_t·(…) needs no underflow guard; p_t is shared
             # with the entropy statistic below
             per_row = (p_t * (log_p_t - torch.log_softmax(student / tau_s, dim=-1))).sum(-1)
         else:
             per_row = divergence(log_p_t, torch.log_softmax(student / tau_s, dim=-1), self.divergence)
-        factor = None
-        if self.scale == "product":
-            factor = temps.scale if temps.scale is not None else tau_t * tau_s
-            factor = factor.reshape(-1) if factor.dim() else factor
-        weights = self.weighting(rows) if self.weighting is not None else None
+        with torch.no_grad():
+            entropy = -(p_t * log_p_t).sum(-1, keepdim=True)
+        return per_row, entropy, dkd
+
+    @staticmethod
+    @torch.no_grad()
+    def pack_row_stats(tau_t: Tensor, tau_s: Tensor, entropy: Tensor,
+                       weights: "Tensor | None") -> tuple[list[str], Tensor]:
+        """Every per-row statistic in one table: two reductions instead of a dozen."""
+        n = entropy.shape[0]
+        columns = [tau_t.detach().expand(n, 1), tau_s.detach().expand(n, 1), entropy]
         if weights is not None:
-            factor = weights if factor is None else factor * weights
-        if factor is not None:
-            per_row = per_row * factor
-        if self.family == "dkd":
-            scale = (tau_t * tau_s).reshape(-1) if self.scale == "product" else 1.0
-            terms["tckd"] = (tckd * scale).mean()
-            terms["nckd"] = (nckd * scale).mean()
-        with torch.no_grad():  # every per-row statistic in one table: two reductions instead of a dozen
-            n = rows.num_rows
-            columns = [tau_t.detach().expand(n, 1), tau_s.detach().expand(n, 1), -(p_t * log_p_t).sum(-1, keepdim=True)]
-            if weights is not None:
-                columns.append(weights.detach().view(n, 1))
-            table = torch.cat(columns, dim=1)
-            std, mean = torch.std_mean(table, dim=0, correction=0)
-            low, high = torch.aminmax(table[:, 0])
-            packed = torch.cat([mean[:3], std[2:], low.view(1), high.view(1)])
-            names = ["tau_teacher_mean", "tau_student_mean", "teacher_entropy_mean", "teacher_entropy_std"]
-            names += ["weight_std"] if weights is not None else []
-            names += ["tau_teacher_min", "tau_teacher_max"]
-        return per_row.mean(), (names, packed), temps.stats
+            columns.append(weights.detach().view(n, 1))
+        table = torch.cat(columns, dim=1)
+        std, mean = torch.std_mean(table, dim=0, correction=0)
+        low, high = torch.aminmax(table[:, 0])
+        packed = torch.cat([mean[:3], std[2:], low.view(1), high.view(1)])
+        names = ["tau_teacher_mean", "tau_student_mean", "teacher_entropy_mean", "teacher_entropy_std"]
+        names += ["weight_std"] if weights is not None else []
+        names += ["tau_teacher_min", "tau_teacher_max"]
+        return names, packed
+
+    def _chunked(self, s: Tensor, t: Tensor, labels: "Tensor | None", keep: "Tensor | None", n: int,
+                 progress: "Progress | None") -> LossOutput:
+        """The loss of ``forward`` evaluated ``chunk_size`` rows at a time (see ``thermokd.chunked``)."""
+        from .chunked import Batch, ChunkedObjective, temperatures_by_chunk
+
+        index = None if keep is None else keep.nonzero().squeeze(1)
+        if labels is not None and index is not None:
+            labels = labels[index]
+        self._check_labels(labels, s.shape[-1])
+        if labels is None and self.ce_weight and self.kd_weight == 0:
+            raise ThermoKDError("a cross-entropy-only loss needs labels")
+        batch = Batch(s, t.detach(), index, labels, n, self.chunk_size, progress)
+        stats: dict[str, Tensor] = {}
+        kd_coef = 0.0
+        tau_t = tau_s = factor = weights = None
+        if self.kd_weight:
+            if self.family == "dkd" and labels is None:
+                raise ThermoKDError("family 'dkd' needs labels: it splits the target class from the others")
+            temps, tau_t, tau_s, weights = temperatures_by_chunk(self, batch)
+            factor = self.row_factor(temps, tau_t, tau_s, weights)
+            stats.update(temps.stats)
+            kd_coef = self.kd_weight * self._warmup(progress)
+        else:
+            tau_t = tau_s = s.new_ones((), dtype=torch.float32)
+        out: dict = {}
+        total = ChunkedObjective.apply(s, tau_t, tau_s, factor, self, batch, kd_coef, out)
+        terms: dict[str, Tensor] = {}
+        if labels is not None:
+            terms["ce"] = out["ce"]
+        packed: tuple[list[str], Tensor] = ([], s.new_zeros(0, dtype=torch.float32))
+        if self.kd_weight:
+            terms["kd"] = out["kd"]
+            if self.family == "dkd":
+                terms["tckd"], terms["nckd"] = out["tckd"], out["nckd"]
+            packed = self.pack_row_stats(tau_t, tau_s, out["entropy"], weights)
+        stats["loss"] = total
+        stats.update(terms)
+        return LossOutput(total, terms, self._to_floats(stats, packed, n), progress)
 
     def _warmup(self, progress: "Progress | None") -> float:
         """DKD's ramp ``min(e/warmup, 1)`` with the 1-based epoch e; 1 for the KD family."""
@@ -237,4 +326,5 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"family={self.family}, divergence={self.divergence}, ce_weight={self.ce_weight:g}, "
-                f"kd_weight={self.kd_weight:g}, scale={self.scale}")
+                f"kd_weight={self.kd_weight:g}, scale={self.scale}"
+                + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else ""))

@@ -22,7 +22,7 @@ _METHODS: dict[str, tuple[dict[str, Any], Callable[..., Any], "Callable[..., Any
     "erkd": ({}, Fixed, TeacherEntropy),
 }
 LOSS_KEYS = ("family", "divergence", "ce_weight", "kd_weight", "scale", "dkd_alpha", "dkd_beta", "dkd_warmup",
-             "ignore_index", "check_inputs")
+             "ignore_index", "check_inputs", "chunk_size")
 
 
 def method_names() -> list[str]:

@@ -11,9 +11,22 @@ from .rows import Rows
 
 
 class Weighting(nn.Module):
-    """Base class: ``forward(rows) -> [N]`` weights with mean 1 (rows are the valid rows only)."""
+    """Base class: ``forward(rows) -> [N]`` weights with mean 1 (rows are the valid rows only).
+
+    A weighting is two steps so that a chunked loss can see the rows a chunk at a time: ``log_unnormalised(rows)``
+    gives ``log w̃`` per row (row-local), and ``finish(log_w)`` normalises over every row of the batch."""
 
     name = ""
+
+    def log_unnormalised(self, rows: Rows) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self, log_w: Tensor) -> Tensor:
+        """``w_i = N·w̃_i/Σw̃``, computed as ``N·softmax(log w̃)`` (stable; mean 1 over the rows given)."""
+        return torch.softmax(log_w, dim=0) * log_w.shape[0]
+
+    def forward(self, rows: Rows) -> Tensor:
+        return self.finish(self.log_unnormalised(rows))
 
     @staticmethod
     def normalise(raw: Tensor) -> Tensor:
@@ -35,9 +48,9 @@ class ConfidenceDifficulty(Weighting):
                                 f"alpha={alpha}, beta={beta}, eps={eps}")
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
 
-    def forward(self, rows: Rows) -> Tensor:
+    def log_unnormalised(self, rows: Rows) -> Tensor:
         # inputs are detached, so no autograd bookkeeping is needed (this runs every step).
-        # log w̃ = α log a + β log(d+ε); N·softmax(log w̃) over rows is w̃·N/Σw̃ in one stable op
+        # log w̃ = α log a + β log(d+ε), normalised by ``finish`` in one stable softmax
         if self.alpha == 0.0:  # not 0·log a, which is NaN where a underflows to 0
             log_w = torch.zeros_like(rows.teacher_label_log_prob)
         else:
@@ -45,7 +58,7 @@ class ConfidenceDifficulty(Weighting):
         if self.beta:
             log_d = torch.log((1.0 + self.eps) - rows.student_label_log_prob.exp())
             log_w = log_w + (log_d if self.beta == 1.0 else self.beta * log_d)
-        return (torch.softmax(log_w, dim=0) * log_w.shape[0]).view(-1)
+        return log_w.view(-1)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, beta={self.beta:g}, eps={self.eps:g}"
@@ -65,9 +78,11 @@ class TeacherEntropy(Weighting):
         self.tau, self.normalize = float(tau), bool(normalize)
 
     @torch.no_grad()
-    def forward(self, rows: Rows) -> Tensor:
-        entropy = soft_label_entropy(rows.teacher, self.tau)
-        return self.normalise(entropy) if self.normalize else entropy
+    def log_unnormalised(self, rows: Rows) -> Tensor:
+        return soft_label_entropy(rows.teacher, self.tau).clamp_min(1e-30).log()  # a one-hot row has H = 0
+
+    def finish(self, log_w: Tensor) -> Tensor:
+        return super().finish(log_w) if self.normalize else log_w.exp()
 
 
 _WEIGHTINGS = {"none": None, "confidence-difficulty": ConfidenceDifficulty, "teacher-entropy": TeacherEntropy}

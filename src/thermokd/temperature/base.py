@@ -45,6 +45,15 @@ class TemperatureStrategy(nn.Module):
     def prepare(self, teacher_logits: Tensor) -> None:
         """Called once before training with the teacher's logits on the training set (``[..., C]``)."""
 
+    @property
+    def needs_batch_preparation(self) -> bool:
+        """Whether a chunked loss must call :meth:`prepare_batch` before this batch (False for most)."""
+        return False
+
+    def prepare_batch(self, teacher: Tensor) -> None:
+        """Called by a chunked loss with every valid teacher row ``[N, C]`` of the batch before it calls
+        ``forward`` chunk by chunk, so that batch-level set-up (CIST's first-batch calibration) sees all rows."""
+
     def observe(self, output: "LossOutput") -> None:
         """Called after the optimiser step with the batch's output; stateful strategies update here."""
 

@@ -72,6 +72,14 @@ class CIST(TemperatureStrategy):
         if not self.calibrated:
             self.calibrate(teacher_logits)
 
+    @property
+    def needs_batch_preparation(self) -> bool:
+        return not self.calibrated
+
+    def prepare_batch(self, teacher: torch.Tensor) -> None:
+        if not self.calibrated:  # what forward would do with the whole batch
+            self.calibrate(teacher)
+
     def forward(self, rows: Rows) -> Temperatures:
         # both inputs are detached: no autograd bookkeeping is needed (this runs every step)
         if not self.calibrated:

@@ -1,0 +1,128 @@
+"""The chunked DistillationLoss gives the plain loss's value, gradients, statistics and strategy state."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from thermokd import DistillationLoss, Progress, build_loss, method_names
+from thermokd.errors import ThermoKDError
+
+PROGRESS = Progress(step=5, total_steps=20, epoch=1, total_epochs=4)
+
+
+def _inputs(b=3, length=11, vocab=37, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(b, length, vocab, generator=g) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(b, length, vocab, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (b, length), generator=g)
+    labels[0, :4] = -100  # a prompt
+    labels[-1, -3:] = -100  # padding
+    return student, teacher, labels
+
+
+def _pair(method: str, chunk: int, **kwargs):
+    plain = build_loss(method, **kwargs)
+    chunked = build_loss(method, chunk_size=chunk, **kwargs)
+    chunked.load_state_dict(plain.state_dict())
+    return plain, chunked
+
+
+def _run(loss, student, teacher, labels, **kwargs):
+    out = loss(student, teacher, labels, progress=PROGRESS, **kwargs)
+    params = [p for p in loss.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, [student, *params])
+    return out, grads
+
+
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_equals_plain_for_every_method(method, chunk):
+    student, teacher, labels = _inputs()
+    plain, chunked = _pair(method, chunk)
+    out_p, grads_p = _run(plain, student, teacher, labels)
+    out_c, grads_c = _run(chunked, student, teacher, labels)
+    torch.testing.assert_close(out_c.loss, out_p.loss, rtol=1e-5, atol=1e-6)
+    for g_c, g_p in zip(grads_c, grads_p):  # the logits', and CTKD's θ where it learns
+        torch.testing.assert_close(g_c, g_p, rtol=1e-4, atol=1e-6)
+    assert out_c.stats.keys() == out_p.stats.keys()
+    for key in out_p.stats:
+        assert out_c.stats[key] == pytest.approx(out_p.stats[key], rel=1e-4, abs=1e-6), key
+    for name, term in out_p.terms.items():
+        torch.testing.assert_close(out_c.terms[name], term.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js", "tvd"])
+def test_other_divergences_and_an_explicit_mask(divergence):
+    student, teacher, labels = _inputs(seed=3)
+    mask = torch.ones(labels.shape, dtype=torch.bool)
+    mask[1, 2:5] = False
+    kwargs = dict(temperature="cist", divergence=divergence, weighting="confidence-difficulty")
+    plain, chunked = DistillationLoss(**kwargs), DistillationLoss(chunk_size=4, **kwargs)
+    chunked.load_state_dict(plain.state_dict())
+    out_p, (g_p,) = _run(plain, student, teacher, labels, mask=mask)
+    out_c, (g_c,) = _run(chunked, student, teacher, labels, mask=mask)
+    torch.testing.assert_close(out_c.loss, out_p.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_c, g_p, rtol=1e-4, atol=1e-6)
+    assert g_c[1, 2:5].abs().max() == 0 and g_c[0, :4].abs().max() == 0 and g_c[2, -3:].abs().max() == 0  # masked rows get no gradient
+
+
+def test_without_labels_and_in_bfloat16():
+    student, teacher, _ = _inputs(dtype=torch.bfloat16)
+    plain, chunked = _pair("cist", 7)
+    out_p, (g_p,) = _run(plain, student, teacher, None)
+    out_c, (g_c,) = _run(chunked, student, teacher, None)
+    assert g_c.dtype == torch.bfloat16  # the gradient buffer stays in the logits' dtype
+    torch.testing.assert_close(out_c.loss, out_p.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_c.float(), g_p.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_cist_calibrates_on_the_whole_batch_and_dts_continues_identically():
+    student, teacher, labels = _inputs(seed=5)
+    plain, chunked = _pair("cist", 3)
+    _run(plain, student, teacher, labels)
+    _run(chunked, student, teacher, labels)
+    assert float(chunked.temperature.ratio) == pytest.approx(float(plain.temperature.ratio), rel=1e-6)
+    plain, chunked = _pair("dts", 3)
+    for step in range(3):
+        for loss in (plain, chunked):
+            out, _ = _run(loss, student, teacher, labels)
+            loss.observe(out)
+    torch.testing.assert_close(chunked.state_dict(), plain.state_dict())
+
+
+def test_small_batches_take_the_plain_path_and_errors_are_clear():
+    student, teacher, labels = _inputs()
+    loss = build_loss("kd", chunk_size=10_000)
+    out = loss(student, teacher, labels)
+    assert out.terms["kd"].requires_grad  # the plain path keeps differentiable terms
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ThermoKDError, match="chunk_size"):
+            DistillationLoss(chunk_size=bad)
+    chunked = build_loss("kd", chunk_size=4)
+    bad_teacher = teacher.clone()
+    bad_teacher[1, 3, 0] = float("nan")
+    with pytest.raises(ThermoKDError, match="teacher logits contain NaN"):
+        chunked(student, bad_teacher, labels)
+    bad_labels = labels.clone()
+    bad_labels[1, 1] = 99
+    with pytest.raises(ThermoKDError, match="label 99 is out of range"):
+        chunked(student, teacher, bad_labels)
+    out = chunked(student, teacher, labels)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(ThermoKDError, match="one backward pass"):
+        out.loss.backward()
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), length=st.integers(1, 9), vocab=st.integers(2, 40), chunk=st.integers(1, 12),
+       seed=st.integers(0, 10_000), method=st.sampled_from(["kd", "cist", "entropy-target", "lskd", "dkd"]))
+def test_chunking_never_changes_the_result(b, length, vocab, chunk, seed, method):
+    student, teacher, labels = _inputs(b, length, vocab, seed)
+    labels[0, 0] = 0  # at least one valid row
+    plain, chunked = _pair(method, chunk)
+    out_p, (g_p, *_) = _run(plain, student, teacher, labels)
+    out_c, (g_c, *_) = _run(chunked, student, teacher, labels)
+    torch.testing.assert_close(out_c.loss, out_p.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_c, g_p, rtol=1e-4, atol=1e-6)
