@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from thermokd import method_names
 from thermokd.cli import main
@@ -178,6 +179,29 @@ def test_sweep_reports_best_tau_and_skips_finished_cells(tmp_path, cache):
     again = thermokd(*args, cache=cache)
     assert again.stdout.count("finished earlier") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+
+
+def test_sweep_on_an_npz_file_written_by_the_export_script(tmp_path, cache):
+    """The digits set exported with benchmarks/export_npz.py loads back identically and sweeps through npz:FILE."""
+    from pathlib import Path
+
+    from thermokd.data import load_data
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "export_npz.py"
+    npz = tmp_path / "digits.npz"
+    subprocess.run([sys.executable, str(script), "--data", "digits", "--out", str(npz)], check=True,
+                   capture_output=True, env=env(cache))
+    original, exported = load_data("digits"), load_data(f"npz:{npz}")
+    assert exported.num_classes == original.num_classes
+    assert torch.allclose(exported.train.x.flatten(1), original.train.x.flatten(1), atol=1e-5)
+    assert torch.equal(exported.test.y, original.test.y)
+    cfg = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "sweep"
+    thermokd("sweep", "--config", cfg, "--data", f"npz:{npz}", "--taus", "2,8", "--optimizers", "sgd",
+             "--budgets", "1", "--seeds", "1", "--methods", "dts", "--out", out, cache=cache)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["data"] == f"npz:{npz}" and len(sweep["cells"]) == 3
+    assert all(0.0 < c["best_acc"] <= 1.0 for c in sweep["cells"])
 
 
 def test_diagnose_and_recommend_commands(tmp_path, cache):
