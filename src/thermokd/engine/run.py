@@ -35,11 +35,15 @@ def make_accelerator(mixed_precision: str = "no"):
 class Experiment:
     """Data, model factory and augmentation for a config, shared by the teacher and every student run."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, cache_dir: "Path | None" = None) -> None:
         from ..data import load_data, make_augment
 
         self.cfg = cfg
-        self.bundle = load_data(cfg.data.name, seed=cfg.teacher.seed)
+        self.bundle = load_data(cfg.data.name, seed=cfg.teacher.seed, max_len=cfg.data.max_len,
+                                tokenizer=cfg.data.tokenizer, cache_dir=cache_dir)
+        if self.bundle.is_text and cfg.data.augment not in ("default", "none"):
+            raise ThermoKDError(f"data.augment={cfg.data.augment!r} does not apply to token ids; "
+                                "use 'none' or 'default' for text")
         name = self.bundle.default_augment if cfg.data.augment == "default" else cfg.data.augment
         self.augment_name = name
         self._augment = make_augment(name, self.bundle.input_shape)
@@ -47,10 +51,14 @@ class Experiment:
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         from ..models import build_model
 
-        shape = self.bundle.input_shape
+        b, shape = self.bundle, self.bundle.input_shape
         try:
-            model = build_model(name, num_classes=self.bundle.num_classes, in_channels=shape[0],
-                                input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
+            if b.is_text:
+                model = build_model(name, num_classes=b.num_classes, vocab_size=b.vocab_size, pad_id=b.pad_id,
+                                    max_len=shape[0], **model_args)
+            else:
+                model = build_model(name, num_classes=b.num_classes, in_channels=shape[0],
+                                    input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
         except TypeError as exc:
             raise ThermoKDError(f"bad model_args for {name!r}: {exc}") from None
         if len(shape) == 3 and name != "mlp":  # measured faster for convolutions on the CPU (DATA.md)
@@ -97,7 +105,7 @@ def setup(cfg: RunConfig, cache_dir: "Path | None" = None, progress_bar: bool = 
     """What every multi-run command starts with: the accelerator, the experiment (data and models) and the teacher
     (trained now or taken from the cache)."""
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    experiment = Experiment(cfg)
+    experiment = Experiment(cfg, cache_dir)
     teacher = experiment.teacher(accelerator, cache_dir, progress_bar)
     if echo is not None:
         echo(f"teacher {cfg.teacher.model}: test accuracy {teacher[1]['test_acc']:.4f} (cache key {teacher[1]['key']})")
@@ -108,7 +116,7 @@ def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=N
                   progress_bar: bool = True) -> dict[str, Any]:
     """Train (or find in the cache) the teacher of ``cfg``; returns its info (key, accuracy, directory)."""
     accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
-    _, info = Experiment(cfg).teacher(accelerator, cache_dir, progress_bar)
+    _, info = Experiment(cfg, cache_dir).teacher(accelerator, cache_dir, progress_bar)
     return {k: v for k, v in info.items() if k != "test_logits"}
 
 
@@ -123,7 +131,7 @@ def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: 
     if not resume and ((out_dir / "checkpoints").exists() or result_path.exists()):
         raise ThermoKDError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
-    exp = experiment or Experiment(cfg)
+    exp = experiment or Experiment(cfg, cache_dir)
     loss_fn = build_loss(cfg.method.name, temperature=cfg.method.temperature, weighting=cfg.method.weighting,
                          **cfg.method.loss)
     distils = loss_fn.kd_weight > 0

@@ -11,23 +11,24 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RunConfig
+from ..data.cache import default_cache_dir
 from ..errors import ThermoKDError
 from ..methods import build_loss
 from .checkpoint import write_json_atomic
+from .features import cache_frozen_features, caches_features
 from .trainer import EpochData, LoopConfig, Trainer, predict
-
-
-def default_cache_dir() -> Path:
-    """``$THERMOKD_CACHE``, else ``~/.cache/thermokd``."""
-    return Path(os.environ.get("THERMOKD_CACHE", Path.home() / ".cache" / "thermokd"))
 
 
 def teacher_key(cfg: RunConfig) -> str:
     """A short hash of everything that determines the trained teacher."""
+    from ..data import is_text_spec
+
     t = cfg.teacher
     spec = {"data": cfg.data.name, "augment": cfg.data.augment, "model": t.model, "model_args": t.model_args,
             "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
             "optimizer": vars(t.optimizer), "schedule": vars(t.schedule), "checkpoint": t.checkpoint}
+    if is_text_spec(cfg.data.name):  # only text has these; other keys stay as they were, and so do their caches
+        spec["text"] = {"max_len": cfg.data.max_len, "tokenizer": cfg.data.tokenizer}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -70,15 +71,20 @@ def save_weights(model: nn.Module, path: Path) -> None:
 def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, cache_dir: "Path | None" = None,
                    progress_bar: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher for ``cfg``: loaded from ``teacher.checkpoint``, from the cache, or trained now (resumably)
-    and cached. Returns the model (eval mode) and its info (key, test accuracy, directory)."""
+    and cached. Returns the model (eval mode) and its info (key, test accuracy, directory).
+
+    A teacher with a frozen pretrained encoder first gets that encoder's outputs on the training and test
+    inputs (cached on disk), so that training its head and every later pass cost only the head."""
     directory = teacher_dir(cfg, cache_dir)
     model = build_model(cfg.teacher.model, cfg.teacher.model_args)
     weights, info_path = directory / "teacher.safetensors", directory / "teacher.json"
-    if cfg.teacher.checkpoint:
-        load_weights(model, Path(cfg.teacher.checkpoint))
-    elif weights.is_file() and info_path.is_file():
-        load_weights(model, weights)
-    else:
+    trained = bool(cfg.teacher.checkpoint) or (weights.is_file() and info_path.is_file())
+    if trained:
+        load_weights(model, Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else weights)
+    if caches_features(model):
+        cache_frozen_features(model, {"train": data.inputs_for_epoch(0), "test": data.test_x}, accelerator,
+                              cache_dir, progress_bar)
+    if not trained:
         directory.mkdir(parents=True, exist_ok=True)
         t = cfg.teacher
         loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
