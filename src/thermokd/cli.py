@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import ThermoKDError
 
 BUNDLED = Path(__file__).parent / "configs"
-PRESETS = {"digits": "digits.yaml", "fashion-mnist": "fashion_mnist.yaml"}
+PRESETS = {"digits": "digits.yaml", "fashion-mnist": "fashion_mnist.yaml", "20newsgroups": "20newsgroups.yaml",
+           "r8": "r8.yaml", "r52": "r8.yaml"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +55,8 @@ def load_run_config(args, extra_overrides: "list[str] | None" = None):
 
 def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--config", help="YAML config file, or a bundled config name (digits, fashion_mnist, ...)")
-    p.add_argument("--data", help="digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR")
+    p.add_argument("--data", help="digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR, "
+                   "20newsgroups, r8, r52, tab:PREFIX")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--cache", type=Path, help="teacher cache folder (default $THERMOKD_CACHE or ~/.cache/thermokd)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -114,6 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rewrite report.md and the plots of a compare folder from its results.json")
     p.add_argument("folder", type=Path)
+
+    p = sub.add_parser("lm", help="causal-LM distillation on a shipped corpus: a teacher, one student per method "
+                       "and seed; perplexity and token accuracy")
+    p.add_argument("--corpus", default="grimm-tales",
+                   help="grimm-tales, andersen, friends-transcripts, or a .tab/.txt file (default %(default)s)")
+    p.add_argument("--methods", default="ce,kd,kd@1,cist,dts", help="comma-separated method names or kd@TAU "
+                   "(default %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--steps", type=int, help="student optimiser steps (default 400)")
+    p.add_argument("--teacher-steps", type=int, help="teacher optimiser steps (default 500)")
+    p.add_argument("--teacher", help="teacher size LAYERSxWIDTH[xHEADS] (default 3x192)")
+    p.add_argument("--student", help="student size LAYERSxWIDTH[xHEADS] (default 2x64)")
+    p.add_argument("--vocab-size", type=int, help="byte-level BPE vocabulary (default 1024)")
+    p.add_argument("--context", type=int, help="window length in tokens (default 128)")
+    p.add_argument("--batch-size", type=int, help="windows per step (default 16)")
+    p.add_argument("--lr", type=float, help="student learning rate (default 3e-3)")
+    p.add_argument("--eval-every", type=int, help="validate every N steps (default 100)")
+    p.add_argument("--prompt-tokens", type=int, help="mask the first N tokens of every window as prompt (default 0)")
+    p.add_argument("--max-train-tokens", type=int, help="keep only the first training windows (quick runs)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--cache", type=Path, help="teacher and tokenizer cache (default $THERMOKD_CACHE or ~/.cache/thermokd)")
+    p.add_argument("--no-progress", action="store_true", help="no per-evaluation progress lines")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
     return parser
 
 
@@ -221,8 +246,33 @@ def _report(args) -> None:
     print(f"wrote {write_report(json.loads(path.read_text()), args.folder)}")
 
 
+def _lm(args) -> None:
+    import torch
+
+    from .lm.experiment import LMConfig, parse_methods, run_lm_experiment
+    from .lm.report import summarize
+
+    options = {"corpus": args.corpus, "steps": args.steps, "teacher_steps": args.teacher_steps,
+               "teacher": args.teacher, "student": args.student, "vocab_size": args.vocab_size,
+               "context": args.context, "batch_size": args.batch_size, "lr": args.lr, "eval_every": args.eval_every,
+               "prompt_tokens": args.prompt_tokens, "max_train_tokens": args.max_train_tokens,
+               "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    cfg = LMConfig(**{k: v for k, v in options.items() if v is not None})
+    methods = parse_methods(args.methods)
+    if args.seeds < 1:
+        raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
+    results = run_lm_experiment(cfg, methods, list(range(args.seeds)), args.out, args.cache, not args.no_progress)
+    teacher = results["teacher"]
+    print(f"\n{'model':20s} {'val perplexity':>16s} {'token accuracy %':>18s}")
+    print(f"{'teacher ' + teacher['size']:20s} {teacher['val_ppl']:16.2f} {100 * teacher['val_acc']:18.2f}")
+    for method, s in summarize(results["runs"]).items():
+        print(f"{method:20s} {s['ppl_mean']:8.2f} ± {s['ppl_std']:5.2f} {100 * s['acc_mean']:9.2f} ± "
+              f"{100 * s['acc_std']:5.2f}")
+    print(f"\n{results['wall_seconds'] / 60:.1f} min; wrote {args.out / 'results.json'} and {args.out / 'report.md'}")
+
+
 COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_teacher, "sweep": _sweep,
-            "diagnose": _diagnose, "recommend": _recommend, "report": _report}
+            "diagnose": _diagnose, "recommend": _recommend, "report": _report, "lm": _lm}
 
 
 def main(argv: "list[str] | None" = None) -> int:

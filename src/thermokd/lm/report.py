@@ -1,0 +1,143 @@
+"""``report.md`` for a ``thermokd lm`` run: perplexity and token accuracy per method (mean ± std over seeds),
+the teacher's, and one verdict per method against ``kd``.
+
+Spread is the sample std over seeds (ddof=1; 0.0 for one seed). A difference counts as a win or a loss only when
+it exceeds one std of both methods; with one seed the gap is reported without a claim.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..experiments.report import _mean_std
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method label, in order of first appearance: ``ppl``/``acc``/``best_ppl`` means and stds, the final
+    mean teacher τ (None for ``ce``), mean training seconds and the number of runs."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["method"], []).append(run)
+    summary = {}
+    for method, group in groups.items():
+        ppl, ppl_std = _mean_std(r["ppl"] for r in group)
+        acc, acc_std = _mean_std(r["acc"] for r in group)
+        summary[method] = {
+            "ppl_mean": ppl, "ppl_std": ppl_std, "acc_mean": acc, "acc_std": acc_std,
+            "best_ppl_mean": _mean_std(r["best_ppl"] for r in group)[0],
+            "tau_teacher_mean": _mean_std((r.get("final") or {}).get("tau_teacher_mean") for r in group)[0],
+            "seconds": _mean_std(r.get("seconds") for r in group)[0], "n": len(group)}
+    return summary
+
+
+def _spread(mean: float, std: "float | None", digits: int, scale: float = 1.0) -> str:
+    return f"{scale * mean:.{digits}f} ± {scale * (std or 0.0):.{digits}f}"
+
+
+def _compare(name: str, gap: float, noise: float, single: bool, unit: str, lower_is_better: bool) -> str:
+    if single:
+        return f"{name} {gap:+.2f}{unit} (single seed: no noise estimate)"
+    better = gap < 0 if lower_is_better else gap > 0
+    if abs(gap) <= noise:
+        return f"{name} within noise ({gap:+.2f}{unit}, std {noise:.2f}{unit})"
+    return f"{name} {'better' if better else 'worse'} by {abs(gap):.2f}{unit} (> 1 std of both)"
+
+
+def verdicts(summary: dict[str, dict[str, Any]], reference: str = "kd") -> dict[str, str]:
+    """One line per method: its perplexity and token accuracy against ``reference``'s."""
+    ref = summary[reference]
+    out = {}
+    for method, s in summary.items():
+        if method == reference:
+            out[method] = "reference"
+            continue
+        single = min(s["n"], ref["n"]) < 2
+        ppl = _compare("perplexity", s["ppl_mean"] - ref["ppl_mean"], max(s["ppl_std"], ref["ppl_std"]), single,
+                       "", lower_is_better=True)
+        acc = _compare("token accuracy", 100 * (s["acc_mean"] - ref["acc_mean"]),
+                       100 * max(s["acc_std"], ref["acc_std"]), single, " pp", lower_is_better=False)
+        out[method] = f"{ppl}; {acc}"
+    return out
+
+
+def best_fixed_kd(summary: dict[str, dict[str, Any]]) -> "str | None":
+    """The fixed-τ KD label (``kd``, ``kd@TAU``) with the lowest mean perplexity, when at least two ran: "KD at
+    its best grid τ", the baseline every adaptive method must beat (METHODS.md §3)."""
+    grid = [m for m in summary if m == "kd" or m.startswith("kd@")]
+    return min(grid, key=lambda m: summary[m]["ppl_mean"]) if len(grid) >= 2 else None
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any], reference: "str | None") -> str:
+    header = ["model / method", "val perplexity", "token accuracy %"]
+    if reference:
+        header += [f"Δ ppl vs {reference}", f"Δ acc vs {reference} (pp)"]
+    header += ["final τ^t mean", "s/run", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    row = [f"teacher {teacher.get('size', '?')}", f"{teacher['val_ppl']:.2f}", f"{100 * teacher['val_acc']:.2f}"]
+    row += ["", ""] if reference else []
+    row += ["—", f"{teacher['train_seconds']:.0f}" if teacher.get("train_seconds") else "—", "1 (fixed)"]
+    lines.append("| " + " | ".join(row) + " |")
+    for method, s in summary.items():
+        row = [f"student: {method}", _spread(s["ppl_mean"], s["ppl_std"], 2), _spread(s["acc_mean"], s["acc_std"], 2, 100)]
+        if reference:
+            ref = summary[reference]
+            row += (["reference", "reference"] if method == reference else
+                    [f"{s['ppl_mean'] - ref['ppl_mean']:+.2f}", f"{100 * (s['acc_mean'] - ref['acc_mean']):+.2f}"])
+        tau = s["tau_teacher_mean"]
+        row += ["—" if tau is None else f"{tau:.2f}", f"{s['seconds']:.0f}", str(s["n"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/report.md`` from a ``thermokd lm`` results dict and return its path."""
+    summary = summarize(results["runs"])
+    reference = "kd" if "kd" in summary else (next(iter(summary)) if len(summary) > 1 else None)
+    cfg, teacher, data = results["config"], results["teacher"], results["data"]
+    lines = [f"# thermokd lm on {results['corpus']}", "",
+             f"- data: {data['train_documents']} training / {data['val_documents']} validation documents (split by "
+             f"document), {data['train_tokens']:,} / {data['val_tokens']:,} scored tokens, byte-level BPE vocabulary "
+             f"{results['vocab_size']}, windows of {cfg['context']} tokens"
+             + (f", first {cfg['prompt_tokens']} tokens of each window masked as prompt" if cfg["prompt_tokens"] else ""),
+             f"- teacher: GPT-2 {teacher['size']} (layers x width x heads), {teacher['parameters']:,} parameters, "
+             f"{cfg['teacher_steps']} steps of cross-entropy, lr {cfg['teacher_lr']:g}, dropout {cfg['teacher_dropout']:g}"
+             f" (cache key `{teacher['key']}`)",
+             f"- students: GPT-2 {results['student']['size']}, {results['student']['parameters']:,} parameters, "
+             f"{cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']:g}, the same window order per seed",
+             f"- methods at their library defaults (`kd@TAU`: KD at a fixed τ = TAU): "
+             f"{', '.join(results['methods'])}; seeds "
+             f"{', '.join(str(s) for s in results['seeds'])}",
+             f"- machine: {results['machine']}", f"- created: {results['created']}",
+             f"- wall time: {results['wall_seconds'] / 60:.1f} min for everything (teacher "
+             f"{'from the cache' if teacher['cached'] else 'trained in this run'})", "",
+             "## Results", "", markdown_table(summary, teacher, reference), "",
+             "Validation perplexity is exp of the mean next-token cross-entropy of the model itself (τ = 1, never "
+             "the distillation loss), over every scored token of the validation documents; token accuracy is how "
+             "often its most likely next token is the right one. Mean ± sample std (ddof=1) over seeds, after the "
+             "last step. τ^t is the mean teacher temperature over the last evaluation interval.", ""]
+    if "ce" in summary:
+        gap = summary["ce"]["ppl_mean"] - teacher["val_ppl"]
+        lines += [f"The teacher's perplexity is {gap:.2f} below that of the cross-entropy student: "
+                  + ("there is something to distil." if gap > 0 else "the teacher is no better, so distillation "
+                     "has nothing to give here."), ""]
+    if reference:
+        lines += [f"## Verdicts (against {reference})", ""]
+        lines += [f"- **{m}**: {v}" for m, v in verdicts(summary, reference).items()]
+        lines.append("")
+    tuned = best_fixed_kd(summary)
+    if tuned is not None and tuned != reference:
+        lines += [f"## Verdicts (against KD at its best grid τ, {tuned})", "",
+                  "The τ is picked on the validation tales, which favours KD: a method that beats it has beaten an "
+                  "optimistic baseline.", ""]
+        lines += [f"- **{m}**: {v}" for m, v in verdicts(summary, tuned).items() if m != reference]
+        lines.append("")
+    samples = [("teacher", teacher.get("sample"))] + [(r["method"], r.get("sample")) for r in results["runs"]]
+    samples = [(who, text) for who, text in samples if text]
+    if samples:
+        lines += [f"## Samples (seed {results['seeds'][0]}; sampling temperature 0.8, top-40: a generation setting, "
+                  "unrelated to the loss τ)", ""]
+        lines += [f"- **{who}**: {' '.join(text.split())!r}" for who, text in samples]
+        lines.append("")
+    path = Path(out_dir) / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

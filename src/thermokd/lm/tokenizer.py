@@ -1,0 +1,72 @@
+"""A small byte-level BPE tokenizer trained on the corpus itself (``tokenizers``), cached on disk.
+
+Byte-level: every string round-trips exactly (no unknown token). Training is deterministic for a given text and
+vocabulary size, and the cache key is a hash of both, so a cached tokenizer is the one training would give.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from ..errors import ThermoKDError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+EOS = "<|endoftext|>"  # ends every document; also the padding token (padded positions are never targets)
+FORMAT = "bpe-bytelevel/1"  # part of the cache key: bump it when the training recipe changes
+
+
+def tokenizer_key(texts: Iterable[str], vocab_size: int) -> str:
+    h = hashlib.sha256(f"{FORMAT}\x00{vocab_size}\x00".encode())
+    for text in texts:
+        h.update(text.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _train(texts: list[str], vocab_size: int) -> "Tokenizer":
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024, cache_dir: "Path | None" = None) -> "Tokenizer":
+    """A byte-level BPE tokenizer with at most ``vocab_size`` tokens (257 of them are the 256 bytes and
+    ``<|endoftext|>``), trained on ``texts`` or read from ``cache_dir/tokenizers/<key>.json``."""
+    from tokenizers import Tokenizer
+
+    from ..data.cache import default_cache_dir
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 258:
+        raise ThermoKDError(f"vocab_size must be an integer >= 258 (256 bytes, <|endoftext|> and at least one "
+                            f"merge), got {vocab_size!r}")
+    if not any(texts):
+        raise ThermoKDError("cannot train a tokenizer on no text")
+    path = (cache_dir or default_cache_dir()) / "tokenizers" / f"{tokenizer_key(texts, vocab_size)}.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    tok = _train(texts, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    return tok
+
+
+def eos_id(tok: "Tokenizer") -> int:
+    return int(tok.token_to_id(EOS))
+
+
+def encode_documents(tok: "Tokenizer", texts: list[str]) -> list[list[int]]:
+    """Token ids of each text followed by ``<|endoftext|>``."""
+    end = eos_id(tok)
+    return [enc.ids + [end] for enc in tok.encode_batch(texts, add_special_tokens=False)]
