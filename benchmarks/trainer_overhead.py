@@ -8,7 +8,9 @@ the medians:
 - throughput of thermokd's Trainer (with its metric log, end-of-epoch evaluation and checkpoint) relative to the
   hand-written loop (which evaluates too, but logs and checkpoints nothing);
 - a KD epoch with the teacher's logits cached vs the teacher (ResNet20) run online;
-- a KD epoch with cached logits vs a plain cross-entropy epoch.
+- a KD epoch with cached logits vs a plain cross-entropy epoch;
+- a training step of each adaptive method in ``--methods`` (cached logits) vs one of fixed-τ KD: the cost of
+  computing temperatures and weights inside a real step (model forward/backward included).
 The teacher is randomly initialised: the timings do not depend on its weights.
 """
 from __future__ import annotations
@@ -76,7 +78,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=6400, help="training images per epoch (default 6400)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default="cist,dts,entropy-target",
+                        help="adaptive methods whose step time is compared with KD's (default %(default)s)")
     args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     torch.set_num_threads(args.threads)
     bundle = load_data(args.data)
     x, y = bundle.train.x[:args.samples].contiguous(), bundle.train.y[:args.samples]
@@ -94,6 +99,9 @@ def main() -> None:
         "thermokd KD (online teacher)": lambda out: thermokd_epoch("kd", online_data, teacher, accelerator, out),
         "thermokd CE": lambda out: thermokd_epoch("ce", online_data, None, accelerator, out),
     }
+    for method in methods:
+        variants[f"thermokd {method} (cached)"] = (
+            lambda out, m=method: thermokd_epoch(m, cached_data, None, accelerator, out))
     times: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         names = list(variants)
@@ -113,6 +121,10 @@ def main() -> None:
     print(f"  cached / online teacher epoch time      {med['thermokd KD (cached)'] / med['thermokd KD (online teacher)']:.3f}x")
     print(f"  KD (cached) / CE epoch time             {med['thermokd KD (cached)'] / med['thermokd CE']:.3f}x"
           "  (target <= 1.15x)")
+    for method in methods:
+        ratio = med[f"thermokd {method} (cached)"] / med["thermokd KD (cached)"]
+        target = "  (target <= 1.05x)" if method in ("cist", "dts") else ""
+        print(f"  {method + ' / KD step time':39s} {ratio:.3f}x{target}")
 
 
 if __name__ == "__main__":
