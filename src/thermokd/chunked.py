@@ -77,7 +77,9 @@ def _store(buffer: Tensor, grad: Tensor, index: "Tensor | None", start: int, sto
         buffer.index_copy_(0, index[start:stop], grad.to(buffer.dtype))
 
 
-def _check_finite(student: Tensor, teacher: Tensor) -> None:
+def check_finite(student: Tensor, teacher: Tensor) -> None:
+    """Raise if either logits tensor holds NaN or inf. A finite sum proves every entry finite; the full check runs
+    only when it is not (or overflowed)."""
     if not bool(torch.isfinite(student.sum() + teacher.sum())):
         for who, x in (("student", student), ("teacher", teacher)):
             if not bool(torch.isfinite(x).all()):
@@ -93,7 +95,7 @@ def temperatures_by_chunk(loss: "DistillationLoss", batch: Batch
         with torch.no_grad():
             teacher = batch.rows_of(batch.teacher, 0, batch.num_rows)
             if loss.check_inputs:
-                _check_finite(teacher, teacher)
+                check_finite(teacher, teacher)
             strategy.prepare_batch(teacher)
     learn = strategy.learnable and torch.is_grad_enabled()
     taus_t, taus_s, scales, log_ws = [], [], [], []
@@ -103,7 +105,7 @@ def temperatures_by_chunk(loss: "DistillationLoss", batch: Batch
             student = batch.rows_of(batch.student if learn else batch.student.detach(), start, stop)
             teacher = batch.rows_of(batch.teacher, start, stop)
             if loss.check_inputs:  # before any strategy state (CIST's calibration) can see a NaN
-                _check_finite(student.detach(), teacher)
+                check_finite(student.detach(), teacher)
             rows = Rows(student, teacher, batch.labels_of(start, stop), batch.progress)
             temps = strategy(rows)
             tau_t, tau_s = loss.temperature_columns(temps)
@@ -197,7 +199,7 @@ class ChunkedObjective(torch.autograd.Function):
                 s = batch.rows_of(student.detach(), start, stop).requires_grad_()
                 t = batch.rows_of(batch.teacher, start, stop)
                 if loss.check_inputs and not kd_coef:  # otherwise pass 1 has checked these rows
-                    _check_finite(s.detach(), t)
+                    check_finite(s.detach(), t)
                 labels = batch.labels_of(start, stop)
                 leaves = [s]
                 objective = s.new_zeros(())

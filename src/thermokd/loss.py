@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import temperature as temperature_mod
 from . import weighting as weighting_mod
+from .chunked import check_finite
 from .dkd import dkd_terms
 from .errors import ThermoKDError, choice_error
 from .functional import DIVERGENCES, divergence
@@ -137,11 +138,7 @@ class DistillationLoss(nn.Module):
             labels = labels[keep] if labels is not None else None
         self._check_labels(labels, s.shape[-1])
         if self.check_inputs and s.numel():
-            # a finite sum proves every entry finite; the full check runs only when it is not (or overflowed)
-            if not bool(torch.isfinite(s.sum() + t.sum())):
-                for who, x in (("student", s), ("teacher", t)):
-                    if not bool(torch.isfinite(x).all()):
-                        raise ThermoKDError(f"{who} logits contain NaN or inf")
+            check_finite(s, t)
         return s.float(), t.float(), labels
 
     # -- the loss -------------------------------------------------------------------------------------

@@ -64,31 +64,21 @@ class LMConfig:
 
 
 def parse_methods(text: str) -> list[str]:
-    """Comma-separated method names (``thermokd.method_names()``) or ``kd@TAU``, checked."""
-    labels = [m.strip().lower().replace("_", "-") for m in text.split(",") if m.strip()]
-    if not labels:
-        raise ThermoKDError("--methods is empty; give a comma-separated list such as ce,kd,cist,dts")
-    if len(set(labels)) != len(labels):
-        raise ThermoKDError(f"--methods lists a method twice: {text!r}")
-    for label in labels:
-        method_loss(label)
-    return labels
+    """Comma-separated method names (``thermokd.method_names()``) or ``kd@TAU``, checked (as ``thermokd
+    compare`` checks them, against a config with no variants)."""
+    from ..config import RunConfig
+    from ..experiments.compare import parse_methods as parse_labels
+
+    return parse_labels(text, RunConfig())
 
 
 def method_loss(label: str) -> DistillationLoss:
     """The loss for a method label: a method name at its defaults, or ``kd@TAU`` (fixed-τ KD)."""
+    from ..config import RunConfig, resolve_method
     from ..methods import build_loss
 
-    base, at, tau = label.partition("@")
-    if not at:
-        return build_loss(base)
-    try:
-        value = float(tau)
-    except ValueError:
-        value = float("nan")
-    if base != "kd" or not value > 0:
-        raise ThermoKDError(f"method label {label!r}: the '@' form is kd@TAU with TAU > 0, e.g. kd@2")
-    return build_loss("kd", temperature={"tau": value})
+    method = resolve_method(RunConfig(), label)
+    return build_loss(method.name, temperature=method.temperature, weighting=method.weighting, **method.loss)
 
 
 def _settings(cfg: LMConfig, steps: int, lr: float, seed: int) -> TrainSettings:
