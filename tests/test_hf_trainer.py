@@ -415,6 +415,7 @@ for name in DDP_METHODS:
     torch.save({{"params": {{k: v.detach() for k, v in trainer.model.named_parameters()}},
                 "loss": trainer.distillation_loss.state_dict()}},
                os.path.join({out!r}, f"{{name}}-rank{{trainer.args.process_index}}.pt"))
+torch.distributed.destroy_process_group()  # gloo left to interpreter shutdown can abort after the work is done
 """
 
 

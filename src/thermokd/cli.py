@@ -275,12 +275,23 @@ COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_te
             "diagnose": _diagnose, "recommend": _recommend, "report": _report, "lm": _lm}
 
 
+def _close_process_group() -> None:
+    """Under ``torchrun``/``accelerate launch``, shut the process group down before the interpreter does: a gloo group
+    left to interpreter finalisation can abort the process after all work is done (a known PyTorch issue). Only on
+    success: after a failure on one rank, a collective shutdown could wait for ranks that are gone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: "list[str] | None" = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
+        _close_process_group()
     except ThermoKDError as exc:
         print(f"thermokd: error: {exc}", file=sys.stderr)
         return 2
