@@ -66,6 +66,27 @@ def test_teacher_entropy_weights(hand, assert_close, normalize):
     assert_close(erkd.loss, 0.1 * hand.ce(s, y).mean() + 0.9 * hand.kd(s, t, 4.0, weights=entropy * 20 / entropy.sum()))
 
 
+@pytest.mark.parametrize("weighting", [ConfidenceDifficulty(), TeacherEntropy(), TeacherEntropy(normalize=False)])
+def test_weight_shares_are_the_weights_over_n(hand, assert_close, weighting):
+    s, t, y = hand.batch(n=18, c=10, seed=4)
+    rows = Rows(s, t, y)
+    log_w = weighting.log_unnormalised(rows)
+    assert_close(weighting.shares(log_w) * 18, weighting.finish(log_w))
+    assert_close(weighting.finish(log_w), weighting(rows))
+
+
+def test_a_weighting_that_only_overrides_forward_is_used_as_given(hand, assert_close):
+    class Linear(tk.weighting.Weighting):
+        def forward(self, rows):
+            return torch.linspace(0.5, 1.5, rows.num_rows)
+
+    s, t, y = hand.batch(n=21, c=10, seed=5)
+    w = torch.linspace(0.5, 1.5, 21)
+    out = tk.DistillationLoss(Fixed(3.0), weighting=Linear(), ce_weight=0, kd_weight=1)(s, t, y)
+    assert_close(out.loss, hand.kd(s, t, 3.0, weights=w))
+    assert out.stats["weight_std"] == pytest.approx(w.std(correction=0).item(), rel=1e-5)
+
+
 def test_weighting_by_name():
     assert isinstance(tk.weighting.build("confidence-difficulty", alpha=0.5), ConfidenceDifficulty)
     assert isinstance(tk.weighting.build("teacher_entropy"), TeacherEntropy)

@@ -100,6 +100,40 @@ def test_cist_fixed_ratio_is_never_recalibrated(hand):
     assert float(strategy.ratio) == 1.5
 
 
+def test_cist_reads_a_ratio_written_in_place_or_loaded(hand, assert_close):
+    """ρ is read once as a float for speed; every later write to the buffer must still be seen."""
+    s, t, y = hand.batch(n=12, c=10, seed=8)
+    strategy = CIST(ratio=2.0)
+    strategy.temperatures(s, t, y)  # caches 1/ρ
+    strategy.ratio.fill_(3.0)
+    assert_close(strategy.temperatures(s, t, y).teacher, (hand.centred_max(t) / 3.0).clamp(0.5, 20.0))
+    strategy.load_state_dict({"ratio": torch.tensor(5.0)})
+    assert_close(strategy.temperatures(s, t, y).student, (hand.centred_max(s) / 5.0).clamp(0.5, 20.0))
+    strategy.ratio = torch.tensor(float("nan"))  # replaced by an uncalibrated buffer: calibrates again
+    assert not strategy.calibrated
+    strategy.temperatures(s, t, y)
+    assert float(strategy.ratio) == pytest.approx(hand.centred_max(t).median().item() / 4.0, rel=1e-6)
+
+
+def test_cist_under_autocast_keeps_float32_temperatures(hand, assert_close):
+    """Autocast would run the fused mean (addmm) in bfloat16; CIST falls back to float32 reductions there."""
+    s, t, y = hand.batch(n=64, c=1000, seed=9, spread=(0.5, 30.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        temps = CIST(ratio=2.0).temperatures(s, t, y)
+    assert temps.teacher.dtype == temps.student.dtype == torch.float32
+    assert_close(temps.teacher, (hand.centred_max(t) / 2.0).clamp(0.5, 20.0))
+    assert_close(temps.student, (hand.centred_max(s) / 2.0).clamp(0.5, 20.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (float16 autocast)")
+def test_cist_under_cuda_autocast_keeps_float32_temperatures(hand, assert_close):
+    s, t, y = hand.batch(n=64, c=1000, seed=9, spread=(0.5, 30.0))
+    with torch.autocast("cuda", dtype=torch.float16):
+        temps = CIST(ratio=2.0).temperatures(s.cuda(), t.cuda(), y.cuda())
+    assert temps.teacher.dtype == torch.float32
+    assert_close(temps.teacher.cpu(), (hand.centred_max(t) / 2.0).clamp(0.5, 20.0))
+
+
 # -- DTS -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gap,mult", [(1.5, 1.35), (2.5, 1.667), (3.0, 1.5), (5.0, 1.25), (0.5, 1.0), (-1.0, 1.0),

@@ -49,7 +49,7 @@ def _as_strategy(temperature) -> TemperatureStrategy:
 def _row_column(tau: Tensor) -> Tensor:
     """A strategy's τ as a scalar or ``[N, 1]`` float32."""
     tau = tau.float()
-    return tau if tau.dim() == 0 else tau.reshape(-1, 1)
+    return tau if tau.dim() == 0 or (tau.dim() == 2 and tau.shape[1] == 1) else tau.reshape(-1, 1)
 
 
 class DistillationLoss(nn.Module):
@@ -162,7 +162,7 @@ class DistillationLoss(nn.Module):
         stats: dict[str, Tensor] = {}
         total = s.new_zeros(())
         if labels is not None:
-            terms["ce"] = -rows.student_log_probs.gather(-1, rows.label_column).mean()
+            terms["ce"] = -rows.student_label_log_prob_graph.mean()
             total = total + self.ce_weight * terms["ce"]
         elif self.ce_weight and self.kd_weight == 0:
             raise ThermoKDError("a cross-entropy-only loss needs labels")
@@ -181,22 +181,32 @@ class DistillationLoss(nn.Module):
         """The distillation term, its per-row statistics packed as (names, values), and the strategy's stats."""
         temps = self.temperature(rows)
         tau_t, tau_s = self.temperature_columns(temps)
-        weights = self.weighting(rows) if self.weighting is not None else None
-        factor = self.row_factor(temps, tau_t, tau_s, weights)
+        shares = self._weight_shares(rows) if self.weighting is not None else None
+        factor = self.row_factor(temps, tau_t, tau_s, shares)
         per_row, entropy, dkd = self.per_row_divergence(rows.student, rows.teacher, rows.labels, tau_t, tau_s)
-        if factor is not None:
-            per_row = per_row * factor
+        if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
+            kd = torch.dot(per_row, factor)
+        else:
+            kd = (per_row * factor).mean() if factor is not None else per_row.mean()
         if dkd is not None:
             scale = (tau_t * tau_s).reshape(-1) if self.scale == "product" else 1.0
             terms["tckd"] = (dkd[0] * scale).mean()
             terms["nckd"] = (dkd[1] * scale).mean()
-        return per_row.mean(), self.pack_row_stats(tau_t, tau_s, entropy, weights), temps.stats
+        return kd, self.pack_row_stats(tau_t, tau_s, entropy, shares, weights_are_shares=True), temps.stats
+
+    def _weight_shares(self, rows: Rows) -> Tensor:
+        """The weights divided by the number of rows, ``[N]`` (see :meth:`Weighting.shares`)."""
+        w = self.weighting
+        if type(w).forward is Weighting.forward:  # the usual two-step weighting: no module call, no ×N then ÷N
+            return w.shares(w.log_unnormalised(rows))
+        return w(rows).reshape(-1) / rows.num_rows  # a weighting that overrides forward
 
     def temperature_columns(self, temps) -> tuple[Tensor, Tensor]:
         """A strategy's τ^t, τ^s as float32 scalars or ``[N, 1]``, detached unless the strategy is learnable."""
         tau_t, tau_s = _row_column(temps.teacher), _row_column(temps.student)
         if not self.temperature.learnable:
-            tau_t, tau_s = tau_t.detach(), tau_s.detach()
+            tau_t = tau_t.detach() if tau_t.requires_grad else tau_t
+            tau_s = tau_s.detach() if tau_s.requires_grad else tau_s
         return tau_t, tau_s
 
     def row_factor(self, temps, tau_t: Tensor, tau_s: Tensor, weights: "Tensor | None") -> "Tensor | None":
@@ -238,19 +248,20 @@ class DistillationLoss(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def pack_row_stats(tau_t: Tensor, tau_s: Tensor, entropy: Tensor,
-                       weights: "Tensor | None") -> tuple[list[str], Tensor]:
-        """Every per-row statistic in one table: two reductions instead of a dozen."""
-        n = entropy.shape[0]
-        columns = [tau_t.detach().expand(n, 1), tau_s.detach().expand(n, 1), entropy]
+    def pack_row_stats(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, weights: "Tensor | None",
+                       weights_are_shares: bool = False) -> tuple[list[str], Tensor]:
+        """Every per-row statistic in one table: two reductions instead of a dozen. ``weights_are_shares``: the
+        weights are divided by the number of rows (their std is scaled back in :meth:`_to_floats`)."""
+        n = entropy.shape[0]  # (under no_grad: nothing here needs a detach)
+        columns = [tau if tau.shape == (n, 1) else tau.expand(n, 1) for tau in (tau_t, tau_s)] + [entropy]
         if weights is not None:
-            columns.append(weights.detach().view(n, 1))
+            columns.append(weights.view(n, 1))
         table = torch.cat(columns, dim=1)
         std, mean = torch.std_mean(table, dim=0, correction=0)
         low, high = torch.aminmax(table[:, 0])
         packed = torch.cat([mean[:3], std[2:], low.view(1), high.view(1)])
         names = ["tau_teacher_mean", "tau_student_mean", "teacher_entropy_mean", "teacher_entropy_std"]
-        names += ["weight_std"] if weights is not None else []
+        names += [("weight_share_std" if weights_are_shares else "weight_std")] if weights is not None else []
         names += ["tau_teacher_min", "tau_teacher_max"]
         return names, packed
 
@@ -306,6 +317,8 @@ class DistillationLoss(nn.Module):
         with torch.no_grad():  # one device sync for all statistics
             values = torch.cat([torch.stack([stats[k].detach().float() for k in stats]), packed[1]]).tolist()
         out = dict(zip(keys, values))
+        if "weight_share_std" in out:
+            out["weight_std"] = out.pop("weight_share_std") * num_rows
         if "tau_teacher_mean" in out and "weight_std" not in out:
             out["weight_std"] = 0.0
         out["rows"] = float(num_rows)

@@ -23,7 +23,12 @@ class Weighting(nn.Module):
 
     def finish(self, log_w: Tensor) -> Tensor:
         """``w_i = N·w̃_i/Σw̃``, computed as ``N·softmax(log w̃)`` (stable; mean 1 over the rows given)."""
-        return torch.softmax(log_w, dim=0) * log_w.shape[0]
+        return self.shares(log_w) * log_w.shape[0]
+
+    def shares(self, log_w: Tensor) -> Tensor:
+        """``w_i/N``: the weights of :meth:`finish` divided by the number of rows (they sum to 1 when normalised).
+        The loss takes ``Σ_i share_i·D_i`` in one product, which equals ``mean_i w_i·D_i``."""
+        return torch.softmax(log_w, dim=0)
 
     def forward(self, rows: Rows) -> Tensor:
         return self.finish(self.log_unnormalised(rows))
@@ -56,7 +61,8 @@ class ConfidenceDifficulty(Weighting):
         else:
             log_w = rows.teacher_label_log_prob if self.alpha == 1.0 else self.alpha * rows.teacher_label_log_prob
         if self.beta:
-            log_d = torch.log((1.0 + self.eps) - rows.student_label_log_prob.exp())
+            # d + ε = −expm1(log p_y) + ε: exact where p_y is close to 1, in fewer kernels than log(1 + ε − exp)
+            log_d = torch.expm1(rows.student_label_log_prob).neg_().add_(self.eps).log_()
             log_w = log_w + (log_d if self.beta == 1.0 else self.beta * log_d)
         return log_w.view(-1)
 
@@ -83,6 +89,9 @@ class TeacherEntropy(Weighting):
 
     def finish(self, log_w: Tensor) -> Tensor:
         return super().finish(log_w) if self.normalize else log_w.exp()
+
+    def shares(self, log_w: Tensor) -> Tensor:
+        return super().shares(log_w) if self.normalize else log_w.exp() / log_w.shape[0]
 
 
 _WEIGHTINGS = {"none": None, "confidence-difficulty": ConfidenceDifficulty, "teacher-entropy": TeacherEntropy}

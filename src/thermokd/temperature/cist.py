@@ -5,6 +5,8 @@ ratio of the centred max logit to τ fixed across samples, separately for teache
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ThermoKDError, choice_error
@@ -15,9 +17,13 @@ from .base import Temperatures, TemperatureStrategy, check_bounds, check_positiv
 STUDENT_RULES = ("ratio", "teacher")
 
 
-def _max_minus_mean(z: torch.Tensor) -> torch.Tensor:
-    """The centred max of float32 rows without ``centred_max``'s clamp (τ is clamped afterwards)."""
-    return z.amax(-1, keepdim=True) - z.mean(-1, keepdim=True)
+def _centred_max_over_rho(z: torch.Tensor, mean_weights: torch.Tensor, inv_rho: float) -> torch.Tensor:
+    """``(max_c z_c − mean_c z_c)/ρ`` per row of float32 ``[M, C]`` as ``[M, 1]``, without ``centred_max``'s clamp
+    (τ is clamped afterwards). The mean and the division are one ``addmm`` (``mean_weights`` = 1/C, ``[C, 1]``): this
+    runs every step, and at classification sizes every extra kernel is visible next to a KD step."""
+    if torch.is_autocast_enabled(z.device.type):  # CUDA autocast would run addmm in float16
+        return (z.amax(-1, keepdim=True) - z.mean(-1, keepdim=True)).mul_(inv_rho)
+    return torch.addmm(z.amax(-1, keepdim=True), z, mean_weights, beta=inv_rho, alpha=-inv_rho)
 
 
 @register("cist")
@@ -47,14 +53,27 @@ class CIST(TemperatureStrategy):
         else:
             raise ThermoKDError(f"CIST ratio must be a positive number or 'auto', got {ratio!r}")
         self.register_buffer("ratio", torch.tensor(initial, dtype=torch.float32))
-        self._calibrated: "bool | None" = None  # cache of "ratio is set", dropped when state is loaded
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_calibrated", None))
+        # ρ read once as a float (no device sync per step), re-read whenever the buffer is written in place
+        # (calibration, load_state_dict, a user's fill_) or replaced; and the 1/C column of addmm
+        self._ratio_cache: "tuple[torch.Tensor, int, float] | None" = None
+        self._mean_weights: "torch.Tensor | None" = None
+
+    def _ratio_value(self) -> float:
+        ratio, cache = self._buffers["ratio"], self._ratio_cache
+        # the cache holds the tensor itself (not its id, which a later tensor could reuse)
+        if cache is None or cache[0] is not ratio or cache[1] != ratio._version:
+            cache = self._ratio_cache = (ratio, ratio._version, float(ratio))
+        return cache[2]
 
     @property
     def calibrated(self) -> bool:
-        if self._calibrated is None:
-            self._calibrated = not bool(torch.isnan(self.ratio))
-        return self._calibrated
+        return not math.isnan(self._ratio_value())
+
+    def _mean_vector(self, like: torch.Tensor) -> torch.Tensor:
+        w = self._mean_weights
+        if w is None or w.shape[0] != like.shape[-1] or w.device != like.device:
+            w = self._mean_weights = torch.full((like.shape[-1], 1), 1.0 / like.shape[-1], device=like.device)
+        return w
 
     @torch.no_grad()
     def calibrate(self, teacher_logits: torch.Tensor) -> float:
@@ -64,7 +83,6 @@ class CIST(TemperatureStrategy):
         if not median > 0:
             raise ThermoKDError("cannot calibrate CIST: the teacher's logits are constant per row (centred max 0)")
         self.ratio.fill_(median / self.tau0)
-        self._calibrated = True
         return float(self.ratio)
 
     def prepare(self, teacher_logits: torch.Tensor) -> None:
@@ -82,17 +100,17 @@ class CIST(TemperatureStrategy):
 
     def forward(self, rows: Rows) -> Temperatures:
         # both inputs are detached: no autograd bookkeeping is needed (this runs every step)
-        if not self.calibrated:
-            self.calibrate(rows.teacher)
-        rho = self.ratio if self.ratio.device == rows.teacher.device else self.ratio.to(rows.teacher.device)
+        rho = self._ratio_value()
+        if math.isnan(rho):  # ratio="auto", not calibrated yet: this first batch calibrates it
+            rho = self.calibrate(rows.teacher)
+        inv_rho, mean_weights = 1.0 / rho, self._mean_vector(rows.teacher)
+        tau_t = _centred_max_over_rho(rows.teacher, mean_weights, inv_rho).clamp_(self.tau_min, self.tau_max)
         if self.student_rule == "teacher":
-            tau_t = _max_minus_mean(rows.teacher).div_(rho).clamp_(self.tau_min, self.tau_max)
             return Temperatures(teacher=tau_t, student=tau_t)
-        # teacher and student rows in one pass of reductions: fewer, larger kernels
-        n = rows.num_rows
-        tau = _max_minus_mean(torch.cat([rows.teacher, rows.student_detached])).div_(rho)
-        tau.clamp_(self.tau_min, self.tau_max)
-        return Temperatures(teacher=tau[:n], student=tau[n:])
+        # teacher and student apart, not concatenated: no [2N, C] copy, and at classification sizes each reduction
+        # stays on one thread (a 2N-row one pays for waking a second)
+        tau_s = _centred_max_over_rho(rows.student_detached, mean_weights, inv_rho).clamp_(self.tau_min, self.tau_max)
+        return Temperatures(teacher=tau_t, student=tau_s)
 
     def extra_repr(self) -> str:
         return (f"tau0={self.tau0:g}, ratio={float(self.ratio):g}, tau_min={self.tau_min:g}, "
