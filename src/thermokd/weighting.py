@@ -61,9 +61,11 @@ class ConfidenceDifficulty(Weighting):
         else:
             log_w = rows.teacher_label_log_prob if self.alpha == 1.0 else self.alpha * rows.teacher_label_log_prob
         if self.beta:
-            # d + ε = −expm1(log p_y) + ε: exact where p_y is close to 1, in fewer kernels than log(1 + ε − exp)
-            log_d = torch.expm1(rows.student_label_log_prob).neg_().add_(self.eps).log_()
-            log_w = log_w + (log_d if self.beta == 1.0 else self.beta * log_d)
+            # d + ε = ε − expm1(log p_y): exact where p_y is close to 1, in fewer kernels than log(1 + ε − exp)
+            log_d = torch.rsub(torch.expm1(rows.student_label_log_prob), self.eps).log_()
+            if self.beta != 1.0:
+                log_d.mul_(self.beta)
+            log_w = log_d.add_(log_w)  # log_d is a fresh tensor: add in place
         return log_w.view(-1)
 
     def extra_repr(self) -> str:
