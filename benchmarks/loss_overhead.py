@@ -31,7 +31,9 @@ def block_time(loss_fn: tk.DistillationLoss, student: torch.Tensor, teacher: tor
     return (time.perf_counter() - start) / steps
 
 
-def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str]) -> dict[str, float]:
+def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str]
+            ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """Per method: the ratio of its median block time to KD's (plus ``kd_seconds``), and the per-round quartiles."""
     gen = torch.Generator().manual_seed(0)
     n, c = shape
     teacher = torch.randn(n, c, generator=gen) * (1 + 4 * torch.rand(n, 1, generator=gen))
@@ -46,7 +48,15 @@ def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str])
         for m in methods:
             times[m].append(block_time(losses[m], student, teacher, labels, progress, block))
     base = statistics.median(times["kd"])
-    return {m: statistics.median(times[m]) / base for m in methods} | {"kd_seconds": base}
+    return {m: statistics.median(times[m]) / base for m in methods} | {"kd_seconds": base}, {
+        m: round_ratio_quartiles(times[m], times["kd"]) for m in methods}
+
+
+def round_ratio_quartiles(method: list[float], kd: list[float]) -> tuple[float, float]:
+    """First and third quartile of the per-round ratio method/KD: how much one round's ratio varies."""
+    ratios = [a / b for a, b in zip(method, kd)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return q1, q3
 
 
 def main() -> None:
@@ -61,11 +71,12 @@ def main() -> None:
     for shape in shapes:
         large = shape[1] > 1000
         rounds, block = (max(3, args.rounds // 10), 1) if large else (args.rounds, args.block)
-        ratios = measure(shape, rounds, block, METHODS)
+        ratios, spread = measure(shape, rounds, block, METHODS)
         print(f"\nlogits {list(shape)}: fixed KD forward+backward {ratios.pop('kd_seconds') * 1e3:.2f} ms "
-              f"(median of {rounds} rounds x {block} calls, {args.threads} threads); time relative to fixed KD:")
+              f"(median of {rounds} rounds x {block} calls, {args.threads} threads); time relative to fixed KD "
+              "(ratio of medians; in brackets, the quartiles of the per-round ratios):")
         for m in METHODS:
-            print(f"  {m:15s} {ratios[m]:5.2f}x")
+            print(f"  {m:15s} {ratios[m]:5.2f}x  [{spread[m][0]:.2f}-{spread[m][1]:.2f}]")
 
 
 if __name__ == "__main__":
