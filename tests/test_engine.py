@@ -96,6 +96,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the attacker's pickle, expected
 def test_tampered_checkpoint_is_refused_not_executed(tmp_path):
     root = tmp_path / "checkpoints"
     _save(root, "step-1", 1.0)
