@@ -138,6 +138,27 @@ def test_stats_are_the_promised_floats(hand, method):
     assert all(type(v) is float and math.isfinite(v) for v in out.stats.values()), out.stats
 
 
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("method", ["kd", "cist", "dts", "ctkd", "lskd", "dtkd", "dkd", "entropy-target", "erkd"])
+def test_a_float64_default_dtype_changes_nothing(hand, float64_default, method):
+    """Users of scientific code often set float64 as the default; strategies must not build float64 helpers that
+    meet the float32 rows (CIST's mean column once did)."""
+    s, t, y = hand.batch(n=12, c=10, seed=6)
+    progress = tk.Progress(step=3, total_steps=10, epoch=1, total_epochs=5)
+    with_default = tk.build_loss(method)(s.double(), t.double(), y, progress=progress)
+    torch.set_default_dtype(torch.float32)
+    reference = tk.build_loss(method)(s, t, y, progress=progress)
+    assert with_default.loss.dtype == torch.float32
+    torch.testing.assert_close(with_default.loss, reference.loss, rtol=1e-5, atol=1e-6)
+
+
 # -- DKD -------------------------------------------------------------------------------------------------
 
 def _mdistiller_dkd(zs, zt, y, tau_t, tau_s):

@@ -71,8 +71,9 @@ class CIST(TemperatureStrategy):
 
     def _mean_vector(self, like: torch.Tensor) -> torch.Tensor:
         w = self._mean_weights
-        if w is None or w.shape[0] != like.shape[-1] or w.device != like.device:
-            w = self._mean_weights = torch.full((like.shape[-1], 1), 1.0 / like.shape[-1], device=like.device)
+        if w is None or w.shape[0] != like.shape[-1] or w.device != like.device or w.dtype != like.dtype:
+            w = self._mean_weights = torch.full((like.shape[-1], 1), 1.0 / like.shape[-1], device=like.device,
+                                                dtype=like.dtype)
         return w
 
     @torch.no_grad()
