@@ -116,7 +116,7 @@ def test_cist_reads_a_ratio_written_in_place_or_loaded(hand, assert_close):
 
 
 def test_cist_under_autocast_keeps_float32_temperatures(hand, assert_close):
-    """Autocast would run the fused mean (addmm) in bfloat16; CIST falls back to float32 reductions there."""
+    """The temperatures are float32 under autocast: none of their reductions may run in a lower precision."""
     s, t, y = hand.batch(n=64, c=1000, seed=9, spread=(0.5, 30.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         temps = CIST(ratio=2.0).temperatures(s, t, y)
