@@ -159,6 +159,20 @@ def test_a_float64_default_dtype_changes_nothing(hand, float64_default, method):
     torch.testing.assert_close(with_default.loss, reference.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("method", ["kd", "cist", "dts", "ctkd", "lskd", "dtkd", "dkd", "entropy-target", "erkd"])
+def test_autocast_changes_nothing(hand, method, chunk_size):
+    """Trainers call the loss inside their autocast region; the maths must stay float32 there (no op of the loss
+    may be one that autocast runs in bfloat16, such as a matmul)."""
+    s, t, y = hand.batch(n=12, c=10, seed=7)
+    progress = tk.Progress(step=3, total_steps=10, epoch=1, total_epochs=5)
+    reference = tk.build_loss(method, chunk_size=chunk_size)(s, t, y, progress=progress)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tk.build_loss(method, chunk_size=chunk_size)(s, t, y, progress=progress)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-7)
+    assert out.stats == pytest.approx(reference.stats, rel=1e-6, abs=1e-7)
+
+
 # -- DKD -------------------------------------------------------------------------------------------------
 
 def _mdistiller_dkd(zs, zt, y, tau_t, tau_s):

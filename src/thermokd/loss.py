@@ -21,6 +21,7 @@ from .temperature import Fixed, TemperatureStrategy
 from .weighting import Weighting
 
 FAMILIES = ("kd", "dkd")
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 SCALES = ("product", "none")
 
 
@@ -144,6 +145,16 @@ class DistillationLoss(nn.Module):
     # -- the loss -------------------------------------------------------------------------------------
     def forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None" = None, *,
                 mask: "Tensor | None" = None, progress: "Progress | None" = None) -> LossOutput:
+        device_type = student_logits.device.type
+        if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+            # trainers call the loss inside their mixed-precision region; its maths is float32 by contract, and
+            # autocast would run any matmul-like op in it (the chunked path's row dot products) in 16 bits
+            with torch.autocast(device_type, enabled=False):
+                return self._forward(student_logits, teacher_logits, labels, mask, progress)
+        return self._forward(student_logits, teacher_logits, labels, mask, progress)
+
+    def _forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None",
+                 mask: "Tensor | None", progress: "Progress | None") -> LossOutput:
         if teacher_logits is None:
             if self.kd_weight:
                 raise ThermoKDError("teacher_logits is None, but this loss distils (kd_weight > 0)")
