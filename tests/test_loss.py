@@ -87,6 +87,18 @@ def test_a_weighting_that_only_overrides_forward_is_used_as_given(hand, assert_c
     assert out.stats["weight_std"] == pytest.approx(w.std(correction=0).item(), rel=1e-5)
 
 
+def test_a_weighting_that_only_overrides_finish_is_used_as_given(hand, assert_close):
+    class Unnormalised(ConfidenceDifficulty):
+        def finish(self, log_w):
+            return log_w.exp()  # raw a·(d+ε), no mean-1 normalisation
+
+    s, t, y = hand.batch(n=15, c=10, seed=6)
+    p_t, p_s = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    raw = p_t.gather(-1, y[:, None]).squeeze(-1) * (1 - p_s.gather(-1, y[:, None]).squeeze(-1) + 1e-3)
+    out = tk.DistillationLoss(Fixed(2.0), weighting=Unnormalised(), ce_weight=0, kd_weight=1)(s, t, y)
+    assert_close(out.loss, hand.kd(s, t, 2.0, weights=raw))
+
+
 def test_weighting_by_name():
     assert isinstance(tk.weighting.build("confidence-difficulty", alpha=0.5), ConfidenceDifficulty)
     assert isinstance(tk.weighting.build("teacher_entropy"), TeacherEntropy)

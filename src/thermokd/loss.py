@@ -207,10 +207,12 @@ class DistillationLoss(nn.Module):
 
     def _weight_shares(self, rows: Rows) -> Tensor:
         """The weights divided by the number of rows, ``[N]`` (see :meth:`Weighting.shares`)."""
-        w = self.weighting
-        if type(w).forward is Weighting.forward:  # the usual two-step weighting: no module call, no ×N then ÷N
+        w, kind = self.weighting, type(self.weighting)
+        # the usual two-step weighting: no module call, no ×N then ÷N. A subclass that changes ``forward``, or
+        # ``finish`` without a matching ``shares``, is used through its own ``forward``
+        if kind.forward is Weighting.forward and (kind.finish is Weighting.finish or kind.shares is not Weighting.shares):
             return w.shares(w.log_unnormalised(rows))
-        return w(rows).reshape(-1) / rows.num_rows  # a weighting that overrides forward
+        return w(rows).reshape(-1) / rows.num_rows
 
     def temperature_columns(self, temps) -> tuple[Tensor, Tensor]:
         """A strategy's τ^t, τ^s as float32 scalars or ``[N, 1]``, detached unless the strategy is learnable."""
