@@ -85,6 +85,8 @@ def test_a_weighting_that_only_overrides_forward_is_used_as_given(hand, assert_c
     out = tk.DistillationLoss(Fixed(3.0), weighting=Linear(), ce_weight=0, kd_weight=1)(s, t, y)
     assert_close(out.loss, hand.kd(s, t, 3.0, weights=w))
     assert out.stats["weight_std"] == pytest.approx(w.std(correction=0).item(), rel=1e-5)
+    with pytest.raises(tk.ThermoKDError, match="Linear does not define log_unnormalised"):
+        tk.DistillationLoss(Fixed(3.0), weighting=Linear(), chunk_size=5)(s, t, y)
 
 
 def test_a_weighting_that_only_overrides_finish_is_used_as_given(hand, assert_close):

@@ -18,8 +18,10 @@ class Weighting(nn.Module):
 
     name = ""
 
-    def log_unnormalised(self, rows: Rows) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def log_unnormalised(self, rows: Rows) -> Tensor:
+        raise ThermoKDError(f"{type(self).__name__} does not define log_unnormalised(rows): a weighting that only "
+                            "overrides forward works in a plain loss, but a chunked one (chunk_size) normalises the "
+                            "weights over all chunks and needs log_unnormalised (and, if not a softmax, finish)")
 
     def finish(self, log_w: Tensor) -> Tensor:
         """``w_i = N·w̃_i/Σw̃``, computed as ``N·softmax(log w̃)`` (stable; mean 1 over the rows given)."""
