@@ -1,6 +1,6 @@
 """Forward+backward time of DistillationLoss per strategy, as a ratio to fixed-τ KD, measured in one process.
 
-    python benchmarks/loss_overhead.py [--large] [--rounds N] [--block N]
+    python benchmarks/loss_overhead.py [--rounds N] [--block N] [--large [--large-rounds N]]
 
 Shapes: [256, 100] (CIFAR-100-like batch) and, with --large, [8·512, 32000] (a language-model batch).
 Each method is timed over blocks of consecutive calls, in interleaved rounds (KD, then each method, repeated),
@@ -61,16 +61,20 @@ def round_ratio_quartiles(method: list[float], kd: list[float]) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
-    parser.add_argument("--block", type=int, default=20, help="calls per timed block (default 20)")
+    # a [256, 100] round of all methods takes ~0.1 s, and one round's ratio varies by ~±10 % on a shared machine:
+    # 200 rounds put the medians' sampling error near 1 %, where 40 left it near 2 %
+    parser.add_argument("--rounds", type=int, default=200, help="interleaved rounds at [256, 100] (default 200)")
+    parser.add_argument("--block", type=int, default=20, help="calls per timed block at [256, 100] (default 20)")
     parser.add_argument("--large", action="store_true", help="also time [8*512, 32000] (needs ~10 GB RAM)")
+    parser.add_argument("--large-rounds", type=int, default=4,
+                        help="interleaved rounds of one call at [8*512, 32000] (default 4, ~75 s each)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(256, 100)] + ([(8 * 512, 32000)] if args.large else [])
     for shape in shapes:
         large = shape[1] > 1000
-        rounds, block = (max(3, args.rounds // 10), 1) if large else (args.rounds, args.block)
+        rounds, block = (args.large_rounds, 1) if large else (args.rounds, args.block)
         ratios, spread = measure(shape, rounds, block, METHODS)
         print(f"\nlogits {list(shape)}: fixed KD forward+backward {ratios.pop('kd_seconds') * 1e3:.2f} ms "
               f"(median of {rounds} rounds x {block} calls, {args.threads} threads); time relative to fixed KD "
