@@ -104,7 +104,7 @@ def test_cist_reads_a_ratio_written_in_place_or_loaded(hand, assert_close):
     """ρ is read once as a float for speed; every later write to the buffer must still be seen."""
     s, t, y = hand.batch(n=12, c=10, seed=8)
     strategy = CIST(ratio=2.0)
-    strategy.temperatures(s, t, y)  # caches 1/ρ
+    strategy.temperatures(s, t, y)  # caches ρ
     strategy.ratio.fill_(3.0)
     assert_close(strategy.temperatures(s, t, y).teacher, (hand.centred_max(t) / 3.0).clamp(0.5, 20.0))
     strategy.load_state_dict({"ratio": torch.tensor(5.0)})

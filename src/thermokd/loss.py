@@ -21,8 +21,8 @@ from .temperature import Fixed, TemperatureStrategy
 from .weighting import Weighting
 
 FAMILIES = ("kd", "dkd")
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 SCALES = ("product", "none")
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # torch.is_autocast_enabled raises for other types
 
 
 @dataclass
