@@ -344,8 +344,10 @@ class DistillationLoss(nn.Module):
         self.temperature.prepare(teacher_logits)
 
     def observe(self, output: LossOutput) -> None:
-        """Call after the optimiser step: stateful strategies (DTS) update from this batch's output."""
+        """Call after the optimiser step: stateful strategies (DTS) and weightings update from this batch's output."""
         self.temperature.observe(output)
+        if self.weighting is not None:
+            self.weighting.observe(output)
 
     def extra_repr(self) -> str:
         return (f"family={self.family}, divergence={self.divergence}, ce_weight={self.ce_weight:g}, "

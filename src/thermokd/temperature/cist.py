@@ -1,49 +1,86 @@
 """CIST: Consistently Informative Soft-label Temperature (Luong et al., arXiv 2605.20357).
 
 The rule's forms and constants are reconstructed (METHODS.md §1): the paper states the principle (hold the
-ratio of the centred max logit to τ fixed across samples, separately for teacher and student), not a formula.
+ratio of the max logit to τ fixed across samples, separately for teacher and student), not a formula. The
+student rules other than ``ratio``, the "max" variants and the scale variants are ours (docs/methods.md).
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from ..errors import ThermoKDError, choice_error
-from ..functional import centred_max
 from ..rows import Rows
 from .base import Temperatures, TemperatureStrategy, check_bounds, check_positive, register
 
-STUDENT_RULES = ("ratio", "teacher")
+if TYPE_CHECKING:
+    from ..loss import LossOutput
+
+STUDENT_RULES = ("ratio", "teacher", "own-ratio", "interpolate")
+MAX_KINDS = ("centred", "max-min", "raw")
+SCALES = ("product", "teacher-squared", "none")
+OWN_SCALE_STAT = "cist_student_log_scale"  # mean_i log(m^s_i/m^t_i) of a batch, read back by ``observe``
+_TINY = 1e-6  # floor of m before a log: a student at initialisation has m ≈ 0
 
 
-def _centred_max_over_rho(z: torch.Tensor, rho: float) -> torch.Tensor:
-    """``(max_c z_c − mean_c z_c)/ρ`` per row of float32 ``[M, C]`` as ``[M, 1]``, without ``centred_max``'s clamp
-    (τ is clamped afterwards). Plain reductions on purpose: a matmul for the mean measured slower inside the loss
+def logit_spread(z: Tensor, kind: str = "centred") -> Tensor:
+    """The "max" ``m`` per row of ``[M, C]`` as ``[M, 1]``: ``max − mean`` (``centred``; shift-invariant),
+    ``max − min`` (``max-min``; shift-invariant) or ``max`` (``raw``; changes with a per-row shift). Not clamped:
+    τ is clamped afterwards. Plain reductions on purpose: a matmul for the mean measured slower inside the loss
     and would follow TF32/autocast precision settings."""
-    return (z.amax(-1, keepdim=True) - z.mean(-1, keepdim=True)).div_(rho)
+    top = z.amax(-1, keepdim=True)
+    if kind == "centred":
+        return top.sub_(z.mean(-1, keepdim=True))
+    if kind == "max-min":
+        return top.sub_(z.amin(-1, keepdim=True))
+    return top
+
+
+def _log_m(m: Tensor) -> Tensor:
+    return m.clamp_min(_TINY).log_()
 
 
 @register("cist")
 class CIST(TemperatureStrategy):
-    """Sample-wise ``τ^t_i = clip(m^t_i/ρ)``, ``τ^s_i = clip(m^s_i/ρ)`` with ``m`` the centred max logit.
+    """Sample-wise teacher ``τ^t_i = clip(m^t_i/ρ, tau_min, tau_max)`` and a student τ^s by one of four rules.
 
-    ``ratio``: ρ as a number, or ``"auto"`` to calibrate it once so that the median teacher τ equals ``tau0``
-    (from the first batch, or from a whole set of cached teacher logits via :meth:`calibrate`). The calibrated
-    ρ is a buffer, saved and restored with ``state_dict``. ``student="teacher"`` shares the teacher's τ with the
-    student (the teacher-adaptive-only ablation).
+    - ``ratio``: ρ as a number, or ``"auto"`` to calibrate it once so that the median teacher τ equals ``tau0``
+      (from the first batch, or from a whole set of cached teacher logits via :meth:`calibrate`). The calibrated
+      ρ is a buffer, saved and restored with ``state_dict``.
+    - ``max_kind``: what ``m`` is (:func:`logit_spread`): ``centred`` (default), ``max-min`` or ``raw``.
+    - ``student``: ``ratio`` (``τ^s = m^s/ρ``, the teacher's ρ on the student's logits), ``teacher`` (``τ^s =
+      τ^t``), ``own-ratio`` (``τ^s = m^s/ρ_s`` with the student's own ``ρ_s = ρ·exp(c)``, ``c`` a running mean
+      of ``mean_i log(m^s_i/m^t_i)`` updated in :meth:`observe` with ``momentum``; before the first update
+      ``τ^s = τ^t``) or ``interpolate`` (``τ^s = τ^t·(m^s/m^t)^gamma``, γ ∈ [0, 1]: 0 is ``teacher``, 1 the
+      per-row ``ratio``).
+    - ``student_floor``: f ∈ [0, 1]; ``τ^s ≥ f·τ^t`` (a floor relative to the teacher's τ); then ``τ^s`` is
+      clipped to [tau_min, tau_max].
+    - ``scale``: the factor on each row's divergence: ``product`` (``τ^t·τ^s``), ``teacher-squared``
+      (``(τ^t)²``) or ``none`` (1). (``DistillationLoss(scale="none")`` turns any factor off.)
     """
 
     name = "cist"
 
     def __init__(self, tau0: float = 4.0, ratio: "float | str" = "auto", tau_min: float = 0.5,
-                 tau_max: float = 20.0, student: str = "ratio") -> None:
+                 tau_max: float = 20.0, student: str = "ratio", gamma: float = 0.5, student_floor: float = 0.0,
+                 max_kind: str = "centred", scale: str = "product", momentum: float = 0.9) -> None:
         super().__init__()
         self.tau0 = check_positive("tau0", tau0)
         self.tau_min, self.tau_max = check_bounds(tau_min, tau_max)
-        if student not in STUDENT_RULES:
-            raise choice_error("CIST student rule", student, STUDENT_RULES)
-        self.student_rule = student
+        for kind, value, allowed in (("CIST student rule", student, STUDENT_RULES),
+                                     ("CIST max_kind", max_kind, MAX_KINDS), ("CIST scale", scale, SCALES)):
+            if value not in allowed:
+                raise choice_error(kind, value, allowed)
+        for label, value, high_open in (("gamma", gamma, False), ("student_floor", student_floor, False),
+                                        ("momentum", momentum, True)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0):
+                raise ThermoKDError(f"CIST {label} must be in [0, 1{')' if high_open else ']'}, got {value!r}")
+        self.student_rule, self.max_kind, self.scale = student, max_kind, scale
+        self.gamma, self.student_floor, self.momentum = float(gamma), float(student_floor), float(momentum)
         if ratio == "auto":
             initial = float("nan")
         elif isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
@@ -51,9 +88,17 @@ class CIST(TemperatureStrategy):
         else:
             raise ThermoKDError(f"CIST ratio must be a positive number or 'auto', got {ratio!r}")
         self.register_buffer("ratio", torch.tensor(initial, dtype=torch.float32))
+        if student == "own-ratio":  # c = running mean of log(m^s/m^t); NaN until the first observe (τ^s = τ^t)
+            self.register_buffer("student_log_scale", torch.tensor(float("nan"), dtype=torch.float32))
         # ρ read once as a float (no device sync per step), re-read whenever the buffer is written in place
         # (calibration, load_state_dict, a user's fill_) or replaced
         self._ratio_cache: "tuple[torch.Tensor, int, float] | None" = None
+
+    @staticmethod
+    def search_space() -> dict[str, Any]:
+        """The knobs a tuner may search, by keyword: ``(low, high, log)`` for a number, a list for a choice."""
+        return {"tau0": (1.0, 16.0, True), "student": list(STUDENT_RULES), "gamma": (0.0, 1.0, False),
+                "student_floor": (0.0, 1.0, False), "max_kind": list(MAX_KINDS), "scale": list(SCALES)}
 
     def _ratio_value(self) -> float:
         ratio, cache = self._buffers["ratio"], self._ratio_cache
@@ -69,10 +114,11 @@ class CIST(TemperatureStrategy):
     @torch.no_grad()
     def calibrate(self, teacher_logits: torch.Tensor) -> float:
         """Set ρ = median(m^t)/tau0 over these teacher logits (``[..., C]``) and return it."""
-        m = centred_max(teacher_logits.reshape(-1, teacher_logits.shape[-1]))
+        m = logit_spread(teacher_logits.reshape(-1, teacher_logits.shape[-1]).float(), self.max_kind)
         median = float(m.median())
         if not median > 0:
-            raise ThermoKDError("cannot calibrate CIST: the teacher's logits are constant per row (centred max 0)")
+            raise ThermoKDError(f"cannot calibrate CIST: the median of the teacher's {self.max_kind} max logit is "
+                                f"{median:g}, not > 0 (constant rows, or max_kind='raw' with negative logits)")
         self.ratio.fill_(median / self.tau0)
         return float(self.ratio)
 
@@ -94,14 +140,48 @@ class CIST(TemperatureStrategy):
         rho = self._ratio_value()
         if math.isnan(rho):  # ratio="auto", not calibrated yet: this first batch calibrates it
             rho = self.calibrate(rows.teacher)
-        tau_t = _centred_max_over_rho(rows.teacher, rho).clamp_(self.tau_min, self.tau_max)
+        m_t = logit_spread(rows.teacher, self.max_kind)
+        tau_t = (m_t / rho).clamp_(self.tau_min, self.tau_max)
+        scale = self._scale(tau_t)
         if self.student_rule == "teacher":
-            return Temperatures(teacher=tau_t, student=tau_t)
+            return Temperatures(teacher=tau_t, student=tau_t, scale=scale)
         # teacher and student apart, not concatenated: no [2N, C] copy, and at classification sizes each reduction
         # stays on one thread (a 2N-row one pays for waking a second)
-        tau_s = _centred_max_over_rho(rows.student_detached, rho).clamp_(self.tau_min, self.tau_max)
-        return Temperatures(teacher=tau_t, student=tau_s)
+        m_s = logit_spread(rows.student_detached, self.max_kind)
+        stats: dict[str, Tensor] = {}
+        if self.student_rule == "ratio":
+            tau_s = m_s.div_(rho)
+        elif self.student_rule == "interpolate":
+            tau_s = _log_m(m_s).sub_(_log_m(m_t)).mul_(self.gamma).exp_().mul_(tau_t)
+        else:  # own-ratio
+            log_scale = _log_m(m_s.clone()).sub_(_log_m(m_t))
+            stats[OWN_SCALE_STAT] = log_scale.mean()
+            c = self.student_log_scale.to(m_s.device)
+            # on device, no sync: τ^t until c has a value
+            tau_s = torch.where(torch.isnan(c), tau_t, m_s.div_(c.nan_to_num().exp().mul(rho)))
+        if self.student_floor:
+            tau_s = torch.maximum(tau_s, tau_t * self.student_floor)
+        return Temperatures(teacher=tau_t, student=tau_s.clamp_(self.tau_min, self.tau_max), scale=scale,
+                            stats=stats)
+
+    def _scale(self, tau_t: Tensor) -> "Tensor | None":
+        if self.scale == "teacher-squared":
+            return tau_t * tau_t
+        if self.scale == "none":
+            return tau_t.new_ones(())
+        return None  # the loss's default τ^t·τ^s
+
+    @torch.no_grad()
+    def observe(self, output: "LossOutput") -> None:
+        """``own-ratio``: move ``c`` towards this step's ``mean_i log(m^s_i/m^t_i)`` (tensor ops, no sync)."""
+        value = output.stats.get(OWN_SCALE_STAT) if self.student_rule == "own-ratio" else None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return
+        c = self.student_log_scale
+        value = torch.as_tensor(value, dtype=c.dtype).to(c.device)  # a float or a 0-dim tensor: no device sync
+        c.copy_(torch.where(torch.isnan(c), value, torch.lerp(value, c, self.momentum)))
 
     def extra_repr(self) -> str:
         return (f"tau0={self.tau0:g}, ratio={float(self.ratio):g}, tau_min={self.tau_min:g}, "
-                f"tau_max={self.tau_max:g}, student={self.student_rule}")
+                f"tau_max={self.tau_max:g}, student={self.student_rule}, gamma={self.gamma:g}, "
+                f"student_floor={self.student_floor:g}, max_kind={self.max_kind}, scale={self.scale}")
