@@ -21,7 +21,7 @@ def _kd_only(temperature, **kwargs):
 def test_cist_with_clamped_constant_tau_equals_kd_exactly(hand):
     s, t, y = hand.batch(n=32, c=10, seed=0)
     s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
-    cist = _kd_only(CIST(ratio=1.0, tau_min=4.0, tau_max=4.0), weighting=None)(s1, t, y)
+    cist = _kd_only(CIST(student="ratio", ratio=1.0, tau_min=4.0, tau_max=4.0), weighting=None)(s1, t, y)
     kd = _kd_only(Fixed(4.0))(s2, t, y)
     assert cist.loss.item() == kd.loss.item()
     cist.loss.backward()
@@ -36,7 +36,7 @@ def test_cist_on_rows_with_equal_centred_max_is_kd_at_tau0(hand, assert_close):
     t = torch.stack([base[torch.randperm(12, generator=g)] for _ in range(15)]) + torch.randn(15, 1, generator=g)
     s = torch.stack([base[torch.randperm(12, generator=g)] for _ in range(15)]) + torch.randn(15, 1, generator=g)
     y = torch.randint(0, 12, (15,), generator=g)
-    out = _kd_only(CIST(tau0=3.0), weighting=None)(s, t, y)
+    out = _kd_only(CIST(student="ratio", tau0=3.0), weighting=None)(s, t, y)
     assert out.stats["tau_teacher_min"] == pytest.approx(3.0, rel=1e-5)
     assert out.stats["tau_teacher_max"] == pytest.approx(3.0, rel=1e-5)
     assert out.stats["tau_student_mean"] == pytest.approx(3.0, rel=1e-5)
@@ -45,7 +45,7 @@ def test_cist_on_rows_with_equal_centred_max_is_kd_at_tau0(hand, assert_close):
 
 def test_cist_tau_is_clipped_centred_max_over_ratio(hand, assert_close):
     s, t, y = hand.batch(n=40, c=10, seed=2, spread=(0.05, 60.0))
-    temps = CIST(ratio=2.0, tau_min=0.5, tau_max=20.0).temperatures(s, t, y)
+    temps = CIST(student="ratio", ratio=2.0, tau_min=0.5, tau_max=20.0).temperatures(s, t, y)
     want_t = (hand.centred_max(t) / 2.0).clamp(0.5, 20.0)
     want_s = (hand.centred_max(s) / 2.0).clamp(0.5, 20.0)
     assert temps.teacher.shape == (40, 1) and temps.student.shape == (40, 1)
@@ -54,7 +54,7 @@ def test_cist_tau_is_clipped_centred_max_over_ratio(hand, assert_close):
     assert (want_t == 0.5).any() and (want_t == 20.0).any() and ((want_t > 0.5) & (want_t < 20)).any()
     # shift invariance per row
     shift = torch.randn(40, 1, generator=torch.Generator().manual_seed(0)) * 50
-    shifted = CIST(ratio=2.0).temperatures(s + shift, t - shift, y)
+    shifted = CIST(student="ratio", ratio=2.0).temperatures(s + shift, t - shift, y)
     assert_close(shifted.teacher, want_t, rtol=1e-4, atol=1e-4)
     assert_close(shifted.student, want_s, rtol=1e-4, atol=1e-4)
     # the teacher-only ablation shares the teacher's τ
@@ -64,7 +64,7 @@ def test_cist_tau_is_clipped_centred_max_over_ratio(hand, assert_close):
 
 def test_cist_auto_ratio_calibrates_once_on_the_first_batch(hand, assert_close):
     s, t, y = hand.batch(n=33, c=10, seed=3)  # odd: one median
-    strategy = CIST(tau0=4.0)
+    strategy = CIST(student="ratio", tau0=4.0)
     assert not strategy.calibrated
     loss = _kd_only(strategy, weighting=None)
     out = loss(s, t, y)
@@ -84,7 +84,7 @@ def test_cist_auto_ratio_calibrates_once_on_the_first_batch(hand, assert_close):
 
 def test_cist_calibrate_on_a_set_of_logits(hand):
     _, t, _ = hand.batch(n=99, c=10, seed=5)
-    strategy = CIST(tau0=2.0)
+    strategy = CIST(student="ratio", tau0=2.0)
     rho = strategy.calibrate(t.reshape(3, 33, 10))  # any leading shape
     assert rho == pytest.approx(hand.centred_max(t).median().item() / 2.0, rel=1e-6)
     assert float(strategy.ratio) == pytest.approx(rho)
@@ -95,7 +95,7 @@ def test_cist_calibrate_on_a_set_of_logits(hand):
 
 def test_cist_fixed_ratio_is_never_recalibrated(hand):
     s, t, y = hand.batch(n=9, c=10, seed=7)
-    strategy = CIST(ratio=1.5)
+    strategy = CIST(student="ratio", ratio=1.5)
     strategy.temperatures(s, t, y)
     assert float(strategy.ratio) == 1.5
 
@@ -103,7 +103,7 @@ def test_cist_fixed_ratio_is_never_recalibrated(hand):
 def test_cist_reads_a_ratio_written_in_place_or_loaded(hand, assert_close):
     """ρ is read once as a float for speed; every later write to the buffer must still be seen."""
     s, t, y = hand.batch(n=12, c=10, seed=8)
-    strategy = CIST(ratio=2.0)
+    strategy = CIST(student="ratio", ratio=2.0)
     strategy.temperatures(s, t, y)  # caches ρ
     strategy.ratio.fill_(3.0)
     assert_close(strategy.temperatures(s, t, y).teacher, (hand.centred_max(t) / 3.0).clamp(0.5, 20.0))
@@ -119,7 +119,7 @@ def test_cist_under_autocast_keeps_float32_temperatures(hand, assert_close):
     """The temperatures are float32 under autocast: none of their reductions may run in a lower precision."""
     s, t, y = hand.batch(n=64, c=1000, seed=9, spread=(0.5, 30.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        temps = CIST(ratio=2.0).temperatures(s, t, y)
+        temps = CIST(student="ratio", ratio=2.0).temperatures(s, t, y)
     assert temps.teacher.dtype == temps.student.dtype == torch.float32
     assert_close(temps.teacher, (hand.centred_max(t) / 2.0).clamp(0.5, 20.0))
     assert_close(temps.student, (hand.centred_max(s) / 2.0).clamp(0.5, 20.0))
@@ -129,7 +129,7 @@ def test_cist_under_autocast_keeps_float32_temperatures(hand, assert_close):
 def test_cist_under_cuda_autocast_keeps_float32_temperatures(hand, assert_close):
     s, t, y = hand.batch(n=64, c=1000, seed=9, spread=(0.5, 30.0))
     with torch.autocast("cuda", dtype=torch.float16):
-        temps = CIST(ratio=2.0).temperatures(s.cuda(), t.cuda(), y.cuda())
+        temps = CIST(student="ratio", ratio=2.0).temperatures(s.cuda(), t.cuda(), y.cuda())
     assert temps.teacher.dtype == torch.float32
     assert_close(temps.teacher.cpu(), (hand.centred_max(t) / 2.0).clamp(0.5, 20.0))
 

@@ -83,7 +83,7 @@ class ConfidenceDifficulty(Weighting):
     name = "confidence-difficulty"
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-3, confidence: str = "label",
-                 difficulty: str = "error", mix: float = 1.0, max_ratio: "float | None" = None,
+                 difficulty: str = "error", mix: float = 0.5, max_ratio: "float | None" = 4.0,
                  normalise: str = "batch", momentum: float = 0.9) -> None:
         super().__init__()
         if not (alpha >= 0 and beta >= 0 and eps > 0):
