@@ -6,7 +6,7 @@ over the same grid, picked by mean validation accuracy over the seeds. Two set-u
 training part (``full``), or on a stratified quarter of it while the teacher saw all of it (``quarter``, where
 distillation matters more). Last-epoch accuracy, no epoch selection.
 
-    OMP_NUM_THREADS=1 python benchmarks/cist_variants.py               # round 1: 13 variants, 3 seeds (~5 min)
+    OMP_NUM_THREADS=1 python benchmarks/cist_variants.py               # round 1: 12 variants, 3 seeds (~5 min)
     OMP_NUM_THREADS=1 python benchmarks/cist_variants.py --round 2 --seeds 5   # round 2: finalists (~5 min)
 
 Times are on one thread of the shared 2-core machine this was written on. Prints one table per set-up; paired Δ are per seed (same initialisation and
