@@ -130,6 +130,21 @@ def test_cist_option_matches_reference(label, hand, assert_close):
         assert_close(loss.temperature.student_log_scale, 0.9 * c + 0.1 * ref_log_scale(s2, t2))
 
 
+@pytest.mark.parametrize("k", [0.01, 0.3, 5.0])
+def test_own_ratio_matches_the_teachers_scale_whatever_the_students(k, hand, assert_close):
+    """A student whose logits are the teacher's times k gets the teacher's τ once c has seen one batch (momentum 0);
+    for any student, the geometric mean of τ^s equals that of τ^t on the batch c was taken from (no clipping)."""
+    s, t, y = _batch(hand, seed=16)
+    strategy = CIST(ratio=RHO, student="own-ratio", momentum=0.0, tau_min=1e-4, tau_max=1e4)
+    loss = tk.DistillationLoss(strategy)
+    loss.observe(loss(k * t, t, y))
+    temps = strategy.temperatures(k * t, t, y)
+    assert_close(temps.student, temps.teacher, rtol=1e-4)
+    loss.observe(loss(s, t, y))
+    temps = strategy.temperatures(s, t, y)
+    assert_close(temps.student.log().mean(), temps.teacher.log().mean(), atol=1e-5)
+
+
 def test_interpolate_spans_teacher_and_per_row_ratio(hand, assert_close):
     """γ = 0 shares the teacher's τ; γ = 1 is τ^t·m^s/m^t, the ratio rule wherever τ^t is not clipped."""
     s, t, y = _batch(hand, seed=3)
@@ -204,10 +219,8 @@ def test_no_gradient_through_tau_or_weights(label, weight_label, hand, assert_cl
     loss(s_lib, t, y).loss.backward()
     c = loss.temperature.student_log_scale.item() if label == "own-ratio" else None
     tau_t, tau_s, scale = ref_temperatures(s, t, opts, c=c)
-    w = ref_weights(s, t, y, weight_opts)
-    if weight_opts.get("normalise") == "running":
-        w = ref_weights(s, t, y, weight_opts, running_mean=loss.weighting.running_mean.double()) \
-            if hasattr(loss.weighting, "running_mean") and not loss.weighting.running_mean.isnan() else w
+    r = getattr(loss.weighting, "running_mean", None)  # set by the own-ratio case's observe
+    w = ref_weights(s, t, y, weight_opts, running_mean=None if r is None or r.isnan() else r.double())
     s_ref = s.double().requires_grad_()
     per_row = hand.kl(hand.log_softmax(t, tau_t), hand.log_softmax(s_ref, tau_s))
     (w * scale * per_row).mean().backward()
