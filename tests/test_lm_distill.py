@@ -66,8 +66,8 @@ def test_token_loss_equals_the_flattened_computation(method):
 
 
 def test_cist_gives_every_token_its_own_temperature_and_weight(hand):
-    """The [B, L, V] CIST loss against METHODS.md §1 (its ratio rule and unbounded weights) written by hand over the
-    valid tokens."""
+    """The [B, L, V] CIST loss as first reconstructed (ratio rule, unbounded weights) written by hand over the valid
+    tokens."""
     student, teacher, labels = lm_batch(2)
     loss_fn = tk.build_loss("cist", temperature={"student": "ratio"}, weighting={"mix": 1.0, "max_ratio": None})
     out = loss_fn(student, teacher, labels)

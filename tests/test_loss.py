@@ -24,7 +24,7 @@ def _hand_cd_weights(s, t, y, alpha=1.0, beta=1.0, eps=1e-3):
 
 
 
-# METHODS.md §1 as specified; the library's defaults differ (docs/methods.md, chosen on validation)
+# CIST as first reconstructed; the library's defaults differ (docs/methods.md, chosen on validation)
 SPEC_CIST = {"student": "ratio"}
 SPEC_WEIGHTS = {"mix": 1.0, "max_ratio": None}
 
@@ -116,7 +116,7 @@ def test_weighting_by_name():
 
 @pytest.mark.parametrize("variant", ["spec", "default"])
 def test_full_cist_loss_and_gradient(hand, assert_close, variant):
-    """METHODS.md §1 as specified (ratio rule, batch-normalised weights), and the library's default (docs/methods.md:
+    """CIST as first reconstructed (ratio rule, batch-normalised weights), and the library's default (docs/methods.md:
     τ^s = τ^t·(m^s/m^t)^0.5; weights floored at max/4, then blended half and half with uniform)."""
     s, t, y = hand.batch(n=33, c=10, seed=3)
     rho = hand.centred_max(t).median() / 4.0

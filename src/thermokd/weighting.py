@@ -63,7 +63,7 @@ def _in_unit_interval(label: str, value: float, open_high: bool = False) -> floa
 
 
 class ConfidenceDifficulty(Weighting):
-    """CIST's weights (reconstructed, METHODS.md §1; the bounding options are ours, docs/methods.md):
+    """CIST's weights (reconstructed: the paper gives no formula; the bounding options are ours, docs/methods.md):
     ``w̃_i = a_i^α · (d_i + ε)^β``, then
 
     1. ``max_ratio`` R (None: off): ``w̃_i ← max(w̃_i, max_j w̃_j / R)``, so no weight is below 1/R of the largest;
@@ -115,8 +115,8 @@ class ConfidenceDifficulty(Weighting):
                 "max_ratio": (1.0, 100.0, True), "normalise": list(NORMALISATIONS)}
 
     def max_weight(self, num_rows: int) -> float:
-        """The largest weight a batch of ``num_rows`` rows can get with ``normalise="batch"`` (inf: unbounded
-        beyond ``num_rows``)."""
+        """The largest weight a batch of ``num_rows`` rows can get with ``normalise="batch"`` (``num_rows`` itself
+        without ``max_ratio`` and with ``mix=1``)."""
         n, lam = float(num_rows), self.mix
         top = n if self.max_ratio is None else n * self.max_ratio / (self.max_ratio + n - 1.0)
         return (1.0 - lam) + lam * top
