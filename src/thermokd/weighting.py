@@ -162,7 +162,7 @@ class ConfidenceDifficulty(Weighting):
             self._pending = (log_mean.detach().exp() + total, count + 1)
             ref = self.running_mean.to(log_w.device).log()
             shares = (log_w - torch.where(torch.isnan(ref), log_mean, ref)).exp_().div_(n)
-        return shares if self.mix == 1.0 else shares.mul(self.mix).add_((1.0 - self.mix) / n)
+        return shares if self.mix == 1.0 else shares.mul_(self.mix).add_((1.0 - self.mix) / n)  # a fresh tensor
 
     @torch.no_grad()
     def observe(self, output: "LossOutput") -> None:

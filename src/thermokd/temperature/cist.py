@@ -152,7 +152,7 @@ class CIST(TemperatureStrategy):
         if self.student_rule == "ratio":
             tau_s = m_s.div_(rho)
         elif self.student_rule == "interpolate":
-            tau_s = _log_m(m_s).sub_(_log_m(m_t)).mul_(self.gamma).exp_().mul_(tau_t)
+            tau_s = m_s.clamp_min_(_TINY).div_(m_t.clamp_min(_TINY)).pow_(self.gamma).mul_(tau_t)
         else:  # own-ratio
             log_scale = _log_m(m_s.clone()).sub_(_log_m(m_t))
             stats[OWN_SCALE_STAT] = log_scale.mean()
