@@ -232,7 +232,7 @@ def resolve_method(cfg: RunConfig, label: str) -> MethodConfig:
 
 def _positive(where: str, value: float) -> None:
     if not value > 0 or not math.isfinite(value):
-        raise ConfigError(f"{where} must be a finite number > 0, got {value!r}")
+        raise ConfigError(f"{where} must be > 0 and finite, got {value!r}")
 
 
 def _finite(where: str, value: Any) -> None:

@@ -72,8 +72,8 @@ TAU_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
 def check_positive(name: str, value: float) -> float:
     """A temperature-like value: a finite number > 0 whose square is finite in float32."""
     if not value > 0 or not math.isfinite(float(value)) or float(value) >= TAU_LIMIT:
-        raise ThermoKDError(f"{name} must be a finite number > 0 and below {TAU_LIMIT:.3g} (its square must be "
-                            f"finite in float32), got {value!r}")
+        raise ThermoKDError(f"{name} must be > 0 and below {TAU_LIMIT:.3g} (so that its square is finite in "
+                            f"float32), got {value!r}")
     return float(value)
 
 
