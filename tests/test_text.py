@@ -4,7 +4,6 @@ with its cached features. The default tests use the shipped files and a tiny BER
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random

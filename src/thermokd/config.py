@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,6 +193,7 @@ def validate_method(method: MethodConfig, where: str) -> None:
 
     name = method.name.strip().lower().replace("_", "-")
     for part in ("temperature", "weighting", "loss"):
+        setattr(method, part, {k: _number_text(v) for k, v in getattr(method, part).items()})
         _finite(f"{where}.{part}", getattr(method, part))
     if name not in method_names():
         raise ConfigError(f"{where}.name: unknown method {method.name!r}; allowed: {', '.join(method_names())}")
@@ -338,6 +340,14 @@ def apply_overrides(raw: dict[str, Any], overrides: "list[str] | None") -> dict[
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
         node[parts[-1]] = value
     return raw
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e20`` (no dot) as a string; in free-form option mappings it is meant as a number."""
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) else value
 
 
 def _yaml_problem(exc: Exception) -> str:
