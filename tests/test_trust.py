@@ -217,7 +217,7 @@ TABLE = [
     ("--data ''", _row_empty("--data"), "--data"),
     ("--methods ''", _row_empty("--methods", "compare"), "--methods"),
     ("resume with another lr", _row_resume_changed, "train.optimizer.lr: 0.05 -> 0.1"),
-    ("reuse with other epochs", _row_reuse_changed, "train.epochs: 1 -> 3"),
+    ("reuse with other epochs", _row_reuse_changed, "cannot reuse"),
     ("compare with other epochs", _row_compare_changed, "train.epochs: 1 -> 2"),
     ("truncated checkpoint weights", _damage("truncated weights"), "checksum"),
     ("flipped bytes in checkpoint weights", _damage("flipped weights"), "checksum"),
@@ -385,3 +385,87 @@ def test_cache_entry_made_for_another_key_is_refused(tmp_path):
     assert cached_tensors(tmp_path / "absent.safetensors", "k1") is None
     with pytest.raises(ThermoKDError, match="made for another input"):
         cached_tensors(tmp_path / "e.safetensors", "k2")
+
+
+# -- random bytes and random YAML: every loader and the config parser succeed or raise ThermoKDError --------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SCALARS = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats() | st.text(max_size=12)
+_YAML_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                            | st.dictionaries(st.text(max_size=10) | st.integers(), inner, max_size=4), max_leaves=12)
+_SECTIONS = st.sampled_from(["data", "teacher", "student", "method", "train", "compare", "optimizer", "epochs"])
+_CONFIGS = st.dictionaries(_SECTIONS, _YAML_VALUES | st.dictionaries(
+    st.sampled_from(["name", "epochs", "lr", "betas", "gamma", "model_args", "temperature", "loss", "optimizer",
+                     "schedule", "milestones", "seed", "batch_size", "methods", "variants"]), _YAML_VALUES,
+    max_size=4), max_size=4)
+
+
+def _succeeds_or_thermokd_error(fn, *args) -> None:
+    try:
+        fn(*args)
+    except ThermoKDError:
+        pass
+
+
+@_FAST
+@given(data=st.binary(max_size=300))
+def test_random_bytes_never_escape_the_loaders(tmp_path, data):
+    from thermokd.config import load_config
+    from thermokd.data import npz_file, read_idx
+    from thermokd.engine.checkpoint import load_checkpoint, load_latest
+    from thermokd.files import read_json
+
+    f = tmp_path / "f"
+    f.write_bytes(data)
+    for loader in (load_tensors, read_json, npz_file, read_idx, load_config):
+        _succeeds_or_thermokd_error(loader, f)
+    # a checkpoint folder whose every file (and pointer) is those bytes
+    root = tmp_path / "checkpoints"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "c").mkdir(parents=True)
+    for name in ("weights.safetensors", "optimizer.pt", "state.json", "manifest.json"):
+        (root / "c" / name).write_bytes(data)
+    (root / "latest.json").write_bytes(data)
+    _succeeds_or_thermokd_error(load_checkpoint, root / "c")
+    _succeeds_or_thermokd_error(load_latest, root)
+
+
+@_FAST
+@given(raw=_CONFIGS, text=st.text(max_size=40))
+def test_random_yaml_never_escapes_the_config_parser(tmp_path, raw, text):
+    from thermokd.config import apply_overrides, config_from_dict, load_config
+
+    try:
+        document = yaml.safe_dump(raw)
+    except yaml.YAMLError:
+        return
+    (tmp_path / "c.yaml").write_text(document)
+    _succeeds_or_thermokd_error(load_config, tmp_path / "c.yaml")
+    _succeeds_or_thermokd_error(config_from_dict, yaml.safe_load(document) or {})
+    (tmp_path / "t.yaml").write_text(text)
+    _succeeds_or_thermokd_error(load_config, tmp_path / "t.yaml")
+    _succeeds_or_thermokd_error(load_config, None, [text])
+    _succeeds_or_thermokd_error(apply_overrides, {}, [f"train.epochs={text}", text])
+
+
+def _valid_files(folder: Path) -> dict[str, bytes]:
+    save_tensors(folder / "v.safetensors", {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.int64)})
+    _npz(folder / "v.npz")
+    return {"safetensors": (folder / "v.safetensors").read_bytes(), "npz": (folder / "v.npz").read_bytes()}
+
+
+@_FAST
+@given(kind=st.sampled_from(["safetensors", "npz"]), edits=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)),
+                                                                     min_size=1, max_size=4), cut=st.floats(0, 1))
+def test_damaged_valid_files_never_escape_the_loaders(tmp_path, kind, edits, cut):
+    """Valid files with bytes overwritten and the tail cut: deeper than random bytes get (headers parse)."""
+    from thermokd.data import npz_file
+
+    data = bytearray(_valid_files(tmp_path)[kind])
+    for where, value in edits:
+        data[min(int(where * len(data)), len(data) - 1)] = value
+    f = tmp_path / f"d.{kind}"
+    f.write_bytes(bytes(data[: max(1, int(cut * len(data)))] if cut < 0.5 else data))
+    _succeeds_or_thermokd_error(load_tensors if kind == "safetensors" else npz_file, f)

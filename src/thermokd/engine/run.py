@@ -161,7 +161,7 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
     distils = loss_fn.kd_weight > 0
     identity = run_identity(cfg, teacher_key(cfg, exp.data_digest) if distils else None, exp.data_digest)
     if existing:
-        if check_same_run(out_dir, identity, rerun_changed, "resume" if resume else "reuse"):
+        if check_same_run(out_dir, identity, rerun_changed, "reuse" if result_path.is_file() else "resume"):
             existing = False  # cleared: the changed run starts afresh
         elif result_path.is_file():
             return {**read_json(result_path, f"delete {out_dir} to run it again"), "reused": True}
@@ -180,6 +180,7 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
                       log_every=t.log_every, eval_batch_size=t.eval_batch_size, progress_bar=progress_bar and t.progress_bar,
                       description=f"{cfg.method.name} seed {t.seed}")
     if accelerator.is_main_process and not existing:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a log left by a run killed before its first checkpoint
         save_json(out_dir / "config.json", cfg.to_dict())
     started = time.time()
     trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online, run_key=identity)
