@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="student epochs for --verify (default: the config's)")
     p.add_argument("--seeds", type=int, default=1, help="seeds for --verify (default 1)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    _rerun_changed(p)
 
     p = sub.add_parser("report", help="rebuild the report of a compare, sweep, lm or distill folder from its results")
     p.add_argument("folder", type=Path)
@@ -265,7 +266,7 @@ def _recommend(args) -> None:
         if args.seeds < 1:
             raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
         result = verify(cfg, proposal, grid, args.epochs, list(range(args.seeds)), args.out, args.cache,
-                        not args.no_progress)
+                        not args.no_progress, rerun_changed=args.rerun_changed)
         v = result["verification"]
         print(f"grid's best tau = {v['best_tau']:g} ({100 * v['best_acc']:.2f} %), proposal "
               f"{100 * v['proposal_acc']:.2f} %: {v['verdict']}")
