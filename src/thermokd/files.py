@@ -84,8 +84,6 @@ def filesystem_error(exc: OSError, path: "str | Path", action: str = "write") ->
 def ensure_dir(path: "str | Path", what: str = "folder") -> Path:
     """Create ``path`` (and its parents) or say in one line why it cannot be a writable folder."""
     path = Path(path)
-    if str(path) == "":
-        raise ThermoKDError(f"the {what} is an empty path; name a folder")
     if path.exists() and not path.is_dir():
         raise ThermoKDError(f"the {what} {path} is a file, not a folder; choose another path")
     try:

@@ -92,6 +92,7 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
                               cache_dir, progress_bar)
     if not t.checkpoint:
         with FolderLock(directory, "teacher cache entry", wait=True, echo=echo):
+            accelerator.wait_for_everyone()  # every rank decides after rank 0 holds the lock, so all decide alike
             if not (weights.is_file() and info_path.is_file()):
                 source = "trained"
                 _train_teacher(cfg, model, data, accelerator, directory, key, progress_bar)
