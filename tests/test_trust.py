@@ -160,6 +160,15 @@ def _row_reuse_changed(t, cfg):
         [t / "run"]
 
 
+def _row_legacy_teacher(t, cfg):
+    """A run finished before identities were recorded, with a teacher of the old (path-keyed, unseeded) cache."""
+    result = json.loads((t / "run" / "result.json").read_text())
+    del result["identity"]
+    result["teacher"]["key"] = "0ld0ld0ld0ld0ld0"
+    (t / "run" / "result.json").write_text(json.dumps(result))
+    return ["distill", "--config", cfg, "--out", t / "run", "--resume", "--cache", t / "cache"], [t / "run"]
+
+
 def _row_compare_changed(t, cfg):
     return ["compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "1", "--epochs", "2", "--out", t / "cmp",
             "--cache", t / "cache"], [t / "cmp"]
@@ -219,6 +228,7 @@ TABLE = [
     ("resume with another lr", _row_resume_changed, "train.optimizer.lr: 0.05 -> 0.1"),
     ("reuse with other epochs", _row_reuse_changed, "cannot reuse"),
     ("compare with other epochs", _row_compare_changed, "train.epochs: 1 -> 2"),
+    ("old run with an old teacher", _row_legacy_teacher, "teacher key: 0ld0ld0ld0ld0ld0 ->"),
     ("truncated checkpoint weights", _damage("truncated weights"), "checksum"),
     ("flipped bytes in checkpoint weights", _damage("flipped weights"), "checksum"),
     ("hand-edited state.json", _damage("edited state"), "checksum"),

@@ -75,10 +75,13 @@ def recorded_identity(out_dir: Path) -> "dict[str, Any] | None":
 
     remedy = f"delete {out_dir} or choose another --out"
     result = out_dir / "result.json"
+    teacher_key = "?"
     if result.is_file():
         record = read_json(result, remedy)
         if isinstance(record, dict) and isinstance(record.get("identity"), dict):
             return record["identity"]
+        if isinstance(record, dict) and isinstance(record.get("teacher"), dict):
+            teacher_key = record["teacher"].get("key", "?")  # a run from before identities: its teacher's old key
     else:
         latest = latest_path(out_dir / "checkpoints")
         if latest is not None:
@@ -89,7 +92,7 @@ def recorded_identity(out_dir: Path) -> "dict[str, Any] | None":
         config = read_json(out_dir / "config.json", remedy)
         if isinstance(config, dict):
             config.pop("compare", None)
-            return {"config": config, "teacher_key": "?", "data": None}
+            return {"config": config, "teacher_key": teacher_key, "data": None}
     return None
 
 
