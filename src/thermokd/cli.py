@@ -204,7 +204,7 @@ def _distill(args) -> None:
                          rerun_changed=args.rerun_changed)
     if result.pop("reused", False):
         print(f"{args.out} holds this run finished already (same config, teacher and data): reused")
-    if result["teacher"]:
+    elif result["teacher"]:
         print(teacher_line(result["teacher"]))
     write_distill_report(result, args.out)
     print(f"{result['method']} seed {result['seed']}: best test accuracy {result['best_acc']:.4f} "
