@@ -479,3 +479,17 @@ def test_damaged_valid_files_never_escape_the_loaders(tmp_path, kind, edits, cut
     f = tmp_path / f"d.{kind}"
     f.write_bytes(bytes(data[: max(1, int(cut * len(data)))] if cut < 0.5 else data))
     _succeeds_or_thermokd_error(load_tensors if kind == "safetensors" else npz_file, f)
+
+
+def test_identity_compares_data_by_content_not_path():
+    from thermokd.engine.identity import differences
+
+    def ident(name, data, lr=0.05):
+        return {"config": {"data": {"name": name}, "train": {"optimizer": {"lr": lr}, "checkpoint_every": 3}},
+                "teacher_key": "k", "data": data}
+
+    assert differences(ident("npz:/a.npz", "d1"), ident("npz:/moved/a.npz", "d1")) == []
+    assert differences(ident("npz:/a.npz", "d1"), ident("npz:/a.npz", "d2")) == ["data content: digest d1 -> d2"]
+    assert differences(ident("npz:/a.npz", None), ident("npz:/b.npz", "d1")) == \
+        ["data.name: 'npz:/a.npz' -> 'npz:/b.npz'"]
+    assert differences(ident("x", "d", 0.05), ident("x", "d", 0.1)) == ["train.optimizer.lr: 0.05 -> 0.1"]

@@ -13,8 +13,8 @@ from ..config import RunConfig
 from ..errors import ThermoKDError
 from ..files import FORMAT, digest, read_json
 
-# fields that change how a run is shown, not what it computes
-_COSMETIC = {"train.progress_bar", "train.eval_batch_size"}
+# fields that change how a run is shown or saved, not what it computes
+_COSMETIC = {"train.progress_bar", "train.eval_batch_size", "train.checkpoint_every"}
 # what a run folder holds; cleared before a changed run is re-run
 RUN_FILES = ("checkpoints", "result.json", "metrics.jsonl", "config.json", "student.safetensors", "report.md",
              "tensorboard")
@@ -58,8 +58,11 @@ def differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str
     if "teacher" not in new_config:  # a run that does not distil does not depend on the teacher
         old_config.pop("teacher", None)
     old, new = _flatten(old_config), _flatten(new_config)
+    skip = set(_COSMETIC)
+    if recorded.get("data") is not None or requested.get("data") is None:
+        skip.add("data.name")  # the data's content digest decides, not the path it was read from
     lines = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-             for k in sorted(set(old) | set(new)) if k not in _COSMETIC and old.get(k) != new.get(k)]
+             for k in sorted(set(old) | set(new)) if k not in skip and old.get(k) != new.get(k)]
     if "?" not in (recorded.get("teacher_key"), requested.get("teacher_key")) \
             and recorded.get("teacher_key") != requested.get("teacher_key"):
         lines.append(f"teacher key: {recorded.get('teacher_key')} -> {requested.get('teacher_key')}")
