@@ -212,11 +212,11 @@ def _distill(args) -> None:
 
 
 def _train_teacher(args) -> None:
-    from .engine.run import train_teacher
+    from .engine.run import teacher_line, train_teacher
 
     cfg = load_run_config(args)
     info = train_teacher(cfg, args.cache, progress_bar=not args.no_progress)
-    print(f"teacher {info['model']} on {cfg.data.name}: test accuracy {info['test_acc']:.4f}; cached in {info['dir']}")
+    print(f"{teacher_line(info)} on {cfg.data.name}; cached in {info['dir']}")
 
 
 def _sweep(args) -> None:
