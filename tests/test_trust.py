@@ -493,3 +493,19 @@ def test_identity_compares_data_by_content_not_path():
     assert differences(ident("npz:/a.npz", None), ident("npz:/b.npz", "d1")) == \
         ["data.name: 'npz:/a.npz' -> 'npz:/b.npz'"]
     assert differences(ident("x", "d", 0.05), ident("x", "d", 0.1)) == ["train.optimizer.lr: 0.05 -> 0.1"]
+
+
+def test_a_waiting_lock_takes_over_when_the_holder_leaves(tmp_path):
+    """The teacher cache's lock waits (and says so) instead of failing; a process re-enters a lock it holds."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from thermokd.files import FolderLock\n"
+        f"with FolderLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(1.5)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said: list[str] = []
+    started = time.monotonic()
+    with FolderLock(tmp_path, wait=True, echo=said.append):
+        assert time.monotonic() - started > 0.5 and said and said[0].startswith("waiting for")
+        with FolderLock(tmp_path):  # re-entered by its holder, not refused
+            pass
+    holder.wait()

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import ThermoKDError
@@ -321,9 +322,14 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"thermokd: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: "list[str] | None" = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    warnings.formatwarning = _one_line_warning
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
