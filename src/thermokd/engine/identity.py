@@ -113,7 +113,7 @@ def check_same_run(out_dir: Path, requested: dict[str, Any], rerun_changed: bool
     if rerun_changed:
         for name in RUN_FILES:
             target = out_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         return True
     raise ThermoKDError(f"cannot {what} {out_dir}: it holds a run made with a different config ({'; '.join(diff)}); "
                         "pass --rerun-changed to run it again with the new settings, or choose another --out")
