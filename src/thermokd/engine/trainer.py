@@ -175,7 +175,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.optimizer)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ThermoKDError(f"checkpoint {ckpt.path} does not match this run's model or method: "
-                                f"{str(exc).splitlines()[0]}") from None
+                                f"{' '.join(str(exc).split())[:400]}") from None  # whole, on one line
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         pos = _Position(**ckpt.state)
         if self.acc.is_main_process:
