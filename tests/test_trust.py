@@ -509,3 +509,15 @@ def test_a_waiting_lock_takes_over_when_the_holder_leaves(tmp_path):
         with FolderLock(tmp_path):  # re-entered by its holder, not refused
             pass
     holder.wait()
+
+
+def test_sweep_with_another_student_is_refused_before_any_cell_runs(world, capsys):
+    t, cfg = world
+    args = ["sweep", "--config", cfg, "--taus", "2", "--optimizers", "sgd", "--budgets", "1", "--seeds", "1",
+            "--methods", "", "--out", t / "sweep", "--cache", t / "cache", NO_PROGRESS]
+    assert _cli(*args) == 0
+    before = _snapshot(t / "sweep")
+    assert _cli(*args, "--set", "student.model_args.hidden=[8]") == 2
+    err = capsys.readouterr().err
+    assert "student.model_args.hidden: [16] -> [8]" in err and _snapshot(t / "sweep") == before
+    assert _cli(*args) == 0 and "(finished earlier, same config)" in capsys.readouterr().out
