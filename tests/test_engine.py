@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from thermokd import ThermoKDError
 from thermokd.engine import checkpoint as ckpt
 from thermokd.engine.metrics import read_metrics
+from thermokd.files import digest
 
 from engine_helpers import env, thermokd, without_times, write_config
 
@@ -96,16 +97,25 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _plant_exploit(folder: Path, marker: Path) -> None:
+    """Replace optimizer.pt by a code-running pickle and re-sign the manifest, as an attacker who knows the
+    format would: the checksum then passes and only the code-free loader stands in the way."""
+    with open(folder / "optimizer.pt", "wb") as f:
+        pickle.dump({"state": _Exploit(marker)}, f)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"] = digest((folder / "optimizer.pt").read_bytes())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the attacker's pickle, expected
 def test_tampered_checkpoint_is_refused_not_executed(tmp_path):
     root = tmp_path / "checkpoints"
     _save(root, "step-1", 1.0)
     marker = tmp_path / "pwned"
-    with open(root / "step-1" / "optimizer.pt", "wb") as f:
-        pickle.dump({"state": _Exploit(marker)}, f)
-    with pytest.raises(ThermoKDError, match="refusing to load checkpoint"):
+    _plant_exploit(root / "step-1", marker)
+    with pytest.raises(ThermoKDError, match="refusing to load checkpoint") as info:
         ckpt.load_latest(root)
-    assert not marker.exists()
+    assert not marker.exists() and "weights_only" not in str(info.value)
 
 
 def test_tampered_checkpoint_through_the_cli(tmp_path):
@@ -116,8 +126,7 @@ def test_tampered_checkpoint_through_the_cli(tmp_path):
     (out / "result.json").unlink()  # pretend it never finished
     name = json.loads((out / "checkpoints" / "latest.json").read_text())["name"]
     marker = tmp_path / "pwned"
-    with open(out / "checkpoints" / name / "optimizer.pt", "wb") as f:
-        pickle.dump(_Exploit(marker), f)
+    _plant_exploit(out / "checkpoints" / name, marker)
     proc = thermokd("distill", "--config", cfg, "--out", out, "--resume", cache=cache, check=False)
     assert proc.returncode == 2 and "refusing to load checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr and not marker.exists()

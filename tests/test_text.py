@@ -4,10 +4,10 @@ with its cached features. The default tests use the shipped files and a tiny BER
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,7 +256,7 @@ def test_frozen_teacher_encodes_each_document_once(tiny, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from thermokd.engine.run import run_distill, train_teacher
-    from thermokd.engine.teacher import load_weights, teacher_dir
+    from thermokd.engine.teacher import load_weights
 
     cache = tmp_path / "cache"
     cfg = config_from_dict(tiny_config(tiny))
@@ -269,11 +269,12 @@ def test_frozen_teacher_encodes_each_document_once(tiny, tmp_path, monkeypatch):
     result = run_distill(cfg, tmp_path / "kd", cache_dir=cache, progress_bar=False)
     assert calls == [] and result["final"]["tau_teacher_mean"] == pytest.approx(4.0)
     # the cached teacher logits are exactly what the whole teacher computes from the token ids
-    (logits_file,) = teacher_dir(cfg, cache).glob("logits-*.safetensors")
+    tdir = Path(result["teacher"]["dir"])
+    (logits_file,) = tdir.glob("logits-*.safetensors")
     cached = load_file(str(logits_file))["view0"]
     monkeypatch.undo()
     teacher = build_model("minilm", num_classes=3, vocab_size=len(VOCAB), max_len=16, path=str(tiny / "bert"))
-    load_weights(teacher, teacher_dir(cfg, cache) / "teacher.safetensors")
+    load_weights(teacher, tdir / "teacher.safetensors")
     bundle = load_data(cfg.data.name, max_len=16, tokenizer=cfg.data.tokenizer, cache_dir=cache)
     with torch.no_grad():
         torch.testing.assert_close(teacher.eval()(bundle.train.x), cached, rtol=1e-4, atol=1e-5)
@@ -301,22 +302,17 @@ def test_partly_fine_tuned_teacher_trains_through_the_encoder(tiny, tmp_path, mo
     assert not torch.equal(trained[f"encoder.{name.format(1)}"], original[name.format(1)])
 
 
-def test_teacher_key_covers_tokenisation_and_leaves_other_keys_alone(tiny, tmp_path):
+def test_teacher_key_covers_tokenisation_and_data_content(tiny, tmp_path):
     from thermokd.engine.teacher import teacher_key
 
     cfg = config_from_dict(tiny_config(tiny))
     other = copy.deepcopy(cfg)
     other.data.max_len = 32
-    assert teacher_key(other) != teacher_key(cfg)
+    assert teacher_key(other, "d") != teacher_key(cfg, "d")
     other = copy.deepcopy(cfg)
     other.data.tokenizer = str(tmp_path)
-    assert teacher_key(other) != teacher_key(cfg)
-    digits = config_from_dict({"data": {"name": "digits"}})
-    t = digits.teacher
-    old = {"data": "digits", "augment": "default", "model": t.model, "model_args": t.model_args, "epochs": t.epochs,
-           "batch_size": t.batch_size, "seed": t.seed, "optimizer": vars(t.optimizer), "schedule": vars(t.schedule),
-           "checkpoint": None}  # the key before text existed: cached image teachers stay valid
-    assert teacher_key(digits) == hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert teacher_key(other, "d") != teacher_key(cfg, "d")
+    assert teacher_key(cfg, "d") != teacher_key(cfg, "e")  # same config and path, other data bytes
 
 
 def test_every_method_distils_on_text(tiny, tmp_path):

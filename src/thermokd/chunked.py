@@ -108,7 +108,7 @@ def temperatures_by_chunk(loss: "DistillationLoss", batch: Batch
                 check_finite(student.detach(), teacher)
             rows = Rows(student, teacher, batch.labels_of(start, stop), batch.progress)
             temps = strategy(rows)
-            tau_t, tau_s = loss.temperature_columns(temps)
+            tau_t, tau_s = loss.temperature_columns(temps, stop - start)
         taus_t.append(tau_t)
         taus_s.append(tau_s)
         scales.append(temps.scale)

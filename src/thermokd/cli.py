@@ -5,9 +5,11 @@ Bad input ends with one line on stderr naming the problem, no traceback, and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import ThermoKDError
@@ -37,10 +39,19 @@ def resolve_config(path: "str | None", data: "str | None") -> "Path | None":
     return BUNDLED / preset
 
 
+def _out_folder(text: str) -> Path:
+    """``--out``: a non-empty path (an empty one would write into the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, not be empty")
+    return Path(text)
+
+
 def load_run_config(args, extra_overrides: "list[str] | None" = None):
     from .config import load_config
 
     overrides = list(extra_overrides or [])
+    if getattr(args, "data", None) is not None and not args.data.strip():
+        raise ThermoKDError("--data is empty; give a data set such as digits or npz:FILE")
     if getattr(args, "data", None):
         overrides.insert(0, f"data.name={args.data}")
     if getattr(args, "epochs", None) is not None:
@@ -61,12 +72,18 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--cache", type=Path, help="teacher cache folder (default $THERMOKD_CACHE or ~/.cache/thermokd)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if out_required:
-        p.add_argument("--out", type=Path, required=True, help="output folder")
+        p.add_argument("--out", type=_out_folder, required=True, help="output folder")
+
+
+def _rerun_changed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rerun-changed", action="store_true", help="re-run runs in --out that were made with another "
+                   "config (default: stop and name the differing fields)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="thermokd", description="Knowledge distillation with the temperature done right.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"thermokd {_version()}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("compare", help="train one student per method and seed with one teacher; report")
     _common(p)
@@ -75,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default: the config's compare.seeds, 3)")
     p.add_argument("--epochs", type=int, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    _rerun_changed(p)
 
     p = sub.add_parser("distill", help="train one student; --resume continues a killed run")
     _common(p)
@@ -83,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _rerun_changed(p)
 
     p = sub.add_parser("train-teacher", help="train (or find in the cache) the teacher of a config")
     _common(p, out_required=False)
@@ -96,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     p.add_argument("--methods", default="cist,dts", help="adaptive methods to compare with the best KD (default %(default)s)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    _rerun_changed(p)
 
     p = sub.add_parser("diagnose", help="soft-label entropy under each τ and strategy, and teacher calibration")
     _common(p)
@@ -113,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="student epochs for --verify (default: the config's)")
     p.add_argument("--seeds", type=int, default=1, help="seeds for --verify (default 1)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    _rerun_changed(p)
 
-    p = sub.add_parser("report", help="rewrite report.md and the plots of a compare folder from its results.json")
+    p = sub.add_parser("report", help="rebuild the report of a compare, sweep, lm or distill folder from its results")
     p.add_argument("folder", type=Path)
 
     p = sub.add_parser("lm", help="causal-LM distillation on a shipped corpus: a teacher, one student per method "
@@ -138,8 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--cache", type=Path, help="teacher and tokenizer cache (default $THERMOKD_CACHE or ~/.cache/thermokd)")
     p.add_argument("--no-progress", action="store_true", help="no per-evaluation progress lines")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=_out_folder, required=True, help="output folder")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("thermokd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _compare(args) -> None:
@@ -147,11 +177,13 @@ def _compare(args) -> None:
     from .experiments.report import summarize
 
     cfg = load_run_config(args)
-    methods = parse_methods(args.methods or ",".join(cfg.compare.methods) or DEFAULT_METHODS, cfg)
+    methods = parse_methods(args.methods if args.methods is not None
+                            else ",".join(cfg.compare.methods) or DEFAULT_METHODS, cfg)
     seeds = cfg.compare.seeds if args.seeds is None else args.seeds
     if seeds < 1:
         raise ThermoKDError(f"--seeds must be >= 1, got {seeds}")
-    results = run_compare(cfg, methods, list(range(seeds)), args.out, args.cache, not args.no_progress)
+    results = run_compare(cfg, methods, list(range(seeds)), args.out, args.cache, not args.no_progress,
+                          rerun_changed=args.rerun_changed)
     summary = summarize(results["runs"])
     print(f"\n{'method':18s} {'best acc':>16s} {'last acc':>16s}")
     for method, s in summary.items():
@@ -161,24 +193,31 @@ def _compare(args) -> None:
 
 
 def _distill(args) -> None:
-    from .engine.run import run_distill
+    from .engine.run import run_distill, teacher_line
+    from .experiments.folders import write_distill_report
 
     extra = ([f"method.name={args.method}"] if args.method else []) + \
             ([f"train.seed={args.seed}"] if args.seed is not None else [])
     cfg = load_run_config(args, extra)
     if args.no_progress:
         cfg.train.progress_bar = False
-    result = run_distill(cfg, args.out, resume=args.resume, cache_dir=args.cache, progress_bar=not args.no_progress)
+    result = run_distill(cfg, args.out, resume=args.resume, cache_dir=args.cache, progress_bar=not args.no_progress,
+                         rerun_changed=args.rerun_changed)
+    if result.pop("reused", False):
+        print(f"{args.out} holds this run finished already (same config, teacher and data): reused")
+    elif result["teacher"]:
+        print(teacher_line(result["teacher"]))
+    write_distill_report(result, args.out)
     print(f"{result['method']} seed {result['seed']}: best test accuracy {result['best_acc']:.4f} "
           f"(epoch {result['best_epoch']}), last {result['last_acc']:.4f}; wrote {args.out / 'result.json'}")
 
 
 def _train_teacher(args) -> None:
-    from .engine.run import train_teacher
+    from .engine.run import teacher_line, train_teacher
 
     cfg = load_run_config(args)
     info = train_teacher(cfg, args.cache, progress_bar=not args.no_progress)
-    print(f"teacher {info['model']} on {cfg.data.name}: test accuracy {info['test_acc']:.4f}; cached in {info['dir']}")
+    print(f"{teacher_line(info)} on {cfg.data.name}; cached in {info['dir']}")
 
 
 def _sweep(args) -> None:
@@ -193,7 +232,7 @@ def _sweep(args) -> None:
     cfg = load_run_config(args)
     methods = parse_methods(args.methods, cfg) if args.methods.strip() else []
     results = run_sweep(cfg, args.out, taus, optimizers, budgets, list(range(args.seeds)), methods, args.cache,
-                        not args.no_progress)
+                        not args.no_progress, rerun_changed=args.rerun_changed)
     for group in results["groups"].values():
         print(f"{group['optimizer']}, {group['epochs']} epochs: best KD tau = {group['best_tau']:g}")
         for method, verdict in group["verdicts"].items():
@@ -228,7 +267,7 @@ def _recommend(args) -> None:
         if args.seeds < 1:
             raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
         result = verify(cfg, proposal, grid, args.epochs, list(range(args.seeds)), args.out, args.cache,
-                        not args.no_progress)
+                        not args.no_progress, rerun_changed=args.rerun_changed)
         v = result["verification"]
         print(f"grid's best tau = {v['best_tau']:g} ({100 * v['best_acc']:.2f} %), proposal "
               f"{100 * v['proposal_acc']:.2f} %: {v['verdict']}")
@@ -238,12 +277,10 @@ def _recommend(args) -> None:
 
 
 def _report(args) -> None:
-    from .experiments.report import write_report
+    from .experiments.folders import folder_kind, rebuild_report
 
-    path = args.folder / "results.json"
-    if not path.is_file():
-        raise ThermoKDError(f"no results.json in {args.folder}")
-    print(f"wrote {write_report(json.loads(path.read_text()), args.folder)}")
+    kind = folder_kind(args.folder)[0]
+    print(f"{args.folder} was written by `thermokd {kind}`; wrote {rebuild_report(args.folder)}")
 
 
 def _lm(args) -> None:
@@ -285,15 +322,33 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"thermokd: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: "list[str] | None" = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    warnings.formatwarning = _one_line_warning
     try:
-        args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare `thermokd`: the usage, not an error
+            parser.print_help()
+            return 0
+        from .files import FolderLock
+
+        out = getattr(args, "out", None)
+        with FolderLock(out) if out is not None else contextlib.nullcontext():  # one writer per --out folder
+            COMMANDS[args.command](args)
         _close_process_group()
     except ThermoKDError as exc:
-        print(f"thermokd: error: {exc}", file=sys.stderr)
+        print(f"thermokd: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system refusal that no check above foresaw: still one line
+        from .files import filesystem_error
+
+        print(f"thermokd: error: {filesystem_error(exc, exc.filename or '?', 'use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("thermokd: interrupted", file=sys.stderr)

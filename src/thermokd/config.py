@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, ThermoKDError
 
 
 @dataclass
@@ -28,6 +30,9 @@ class OptimizerConfig:
 
     def validate(self, where: str) -> None:
         _positive(f"{where}.lr", self.lr)
+        _finite(f"{where}.weight_decay", self.weight_decay)
+        if any(not 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{where}.betas must both be in [0, 1), got {list(self.betas)}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"{where}: weight_decay must be >= 0 and momentum in [0, 1), "
                               f"got weight_decay={self.weight_decay}, momentum={self.momentum}")
@@ -47,6 +52,9 @@ class ScheduleConfig:
         if self.name == "step" and not self.milestones:
             raise ConfigError(f"{where}: a 'step' schedule needs milestones (epochs at which the LR is multiplied "
                               "by gamma), e.g. [150, 180, 210]")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"{where}.gamma must be in (0, 1] (the LR is multiplied by it at each milestone), "
+                              f"got {self.gamma!r}")
         if self.warmup_epochs < 0 or any(m < 1 for m in self.milestones):
             raise ConfigError(f"{where}: warmup_epochs must be >= 0 and milestones >= 1, got "
                               f"warmup_epochs={self.warmup_epochs}, milestones={self.milestones}")
@@ -184,6 +192,9 @@ def validate_method(method: MethodConfig, where: str) -> None:
     from .methods import build_loss, method_names
 
     name = method.name.strip().lower().replace("_", "-")
+    for part in ("temperature", "weighting", "loss"):
+        setattr(method, part, {k: _number_text(v) for k, v in getattr(method, part).items()})
+        _finite(f"{where}.{part}", getattr(method, part))
     if name not in method_names():
         raise ConfigError(f"{where}.name: unknown method {method.name!r}; allowed: {', '.join(method_names())}")
     method.name = name
@@ -206,7 +217,13 @@ def resolve_method(cfg: RunConfig, label: str) -> MethodConfig:
     if at:
         if base != "kd" or not _looks_numeric(tau_text) or not float(tau_text) > 0:
             raise ConfigError(f"method label {label!r}: the '@' form is kd@TAU with TAU > 0, e.g. kd@8")
-        return MethodConfig(name="kd", temperature={"tau": float(tau_text)})
+        from .temperature.base import check_positive
+
+        try:
+            tau = check_positive("TAU", float(tau_text))
+        except ThermoKDError as exc:
+            raise ConfigError(f"method label {label!r}: {exc}") from None
+        return MethodConfig(name="kd", temperature={"tau": tau})
     if key == cfg.method.name:
         return copy.deepcopy(cfg.method)
     if key in method_names():
@@ -216,8 +233,20 @@ def resolve_method(cfg: RunConfig, label: str) -> MethodConfig:
 
 
 def _positive(where: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{where} must be > 0, got {value!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"{where} must be > 0 and finite, got {value!r}")
+
+
+def _finite(where: str, value: Any) -> None:
+    """Every number in ``value`` (a number, or lists and mappings of them) is finite; NaN and ±inf name the field."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(f"{where}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _finite(f"{where}[{i}]", v)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
 
 
 def _describe(tp: Any) -> str:
@@ -275,7 +304,7 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - fields)
+    unknown = sorted(str(k) for k in set(raw) - fields)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(f"unknown field {prefix}{unknown[0]}; allowed in {where or 'the config'}: "
@@ -300,7 +329,7 @@ def apply_overrides(raw: dict[str, Any], overrides: "list[str] | None") -> dict[
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({exc.problem})") from None
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({_yaml_problem(exc)})") from None
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -311,6 +340,21 @@ def apply_overrides(raw: dict[str, Any], overrides: "list[str] | None") -> dict[
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
         node[parts[-1]] = value
     return raw
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e20`` (no dot) as a string; in free-form option mappings it is meant as a number."""
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) else value
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def _looks_numeric(text: str) -> bool:
@@ -333,7 +377,10 @@ def load_config(path: "str | Path | None" = None, overrides: "list[str] | None" 
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {p}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") \
+                from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return config_from_dict(apply_overrides(raw, overrides))

@@ -18,6 +18,7 @@ from .functional import DIVERGENCES, divergence
 from .progress import Progress, require_progress
 from .rows import Rows
 from .temperature import Fixed, TemperatureStrategy
+from .temperature.base import check_tau_shape
 from .weighting import Weighting
 
 FAMILIES = ("kd", "dkd")
@@ -47,8 +48,10 @@ def _as_strategy(temperature) -> TemperatureStrategy:
     raise ThermoKDError(f"temperature must be a number, a strategy name or a TemperatureStrategy, got {temperature!r}")
 
 
-def _row_column(tau: Tensor) -> Tensor:
-    """A strategy's τ as a scalar or ``[N, 1]`` float32."""
+def _row_column(tau: Tensor, rows: "int | None" = None, who: str = "τ") -> Tensor:
+    """A strategy's τ as a scalar or ``[N, 1]`` float32; with ``rows``, a τ of any other shape is refused."""
+    if rows is not None:
+        check_tau_shape(tau, rows, who)
     tau = tau.float()
     return tau if tau.dim() == 0 or (tau.dim() == 2 and tau.shape[1] == 1) else tau.reshape(-1, 1)
 
@@ -117,6 +120,9 @@ class DistillationLoss(nn.Module):
         if labels is not None:
             if labels.shape != lead:
                 raise ThermoKDError(f"labels {tuple(labels.shape)} must match the logits' leading shape {tuple(lead)}")
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise ThermoKDError(f"labels must be integer class ids, got dtype {labels.dtype}; convert them "
+                                    "with .long() once you know they are whole numbers")
             labels = labels.reshape(-1).long()
             labelled = labels != self.ignore_index
             keep = labelled if keep is None else keep & labelled
@@ -191,7 +197,7 @@ class DistillationLoss(nn.Module):
                       ) -> tuple[Tensor, tuple[list[str], Tensor], dict[str, Tensor]]:
         """The distillation term, its per-row statistics packed as (names, values), and the strategy's stats."""
         temps = self.temperature(rows)
-        tau_t, tau_s = self.temperature_columns(temps)
+        tau_t, tau_s = self.temperature_columns(temps, rows.num_rows)
         shares = self._weight_shares(rows) if self.weighting is not None else None
         factor = self.row_factor(temps, tau_t, tau_s, shares)
         per_row, entropy, dkd = self.per_row_divergence(rows.student, rows.teacher, rows.labels, tau_t, tau_s)
@@ -214,9 +220,10 @@ class DistillationLoss(nn.Module):
             return w.shares(w.log_unnormalised(rows))
         return w(rows).reshape(-1) / rows.num_rows
 
-    def temperature_columns(self, temps) -> tuple[Tensor, Tensor]:
-        """A strategy's τ^t, τ^s as float32 scalars or ``[N, 1]``, detached unless the strategy is learnable."""
-        tau_t, tau_s = _row_column(temps.teacher), _row_column(temps.student)
+    def temperature_columns(self, temps, rows: "int | None" = None) -> tuple[Tensor, Tensor]:
+        """A strategy's τ^t, τ^s as float32 scalars or ``[N, 1]`` (checked against ``rows`` when given), detached
+        unless the strategy is learnable."""
+        tau_t, tau_s = _row_column(temps.teacher, rows, "τ^t"), _row_column(temps.student, rows, "τ^s")
         if not self.temperature.learnable:
             tau_t = tau_t.detach() if tau_t.requires_grad else tau_t
             tau_s = tau_s.detach() if tau_s.requires_grad else tau_s

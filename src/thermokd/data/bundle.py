@@ -1,6 +1,7 @@
 """The in-memory data every loader returns."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,23 @@ def _labels(name: str, split: str, y) -> Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
+def check_label_range(name: str, y: Tensor, num_classes: int) -> None:
+    """With the class count inferred as largest label + 1, every class must occur in training: a stray label
+    (255 among 0..3, or 10**8) would otherwise silently make a problem of that many classes. One class is legal
+    but learns nothing, so it warns."""
+    present = torch.unique(y)
+    if present.numel() < num_classes:
+        missing = num_classes - present.numel()
+        top = int(present[-1])
+        below = int(present[-2]) if present.numel() > 1 else None
+        raise ThermoKDError(f"{name}: training labels run up to {top} but {missing} class id(s) below it never occur "
+                            f"(the next largest label is {below}); labels must be 0..K-1 for K classes, so relabel "
+                            "the data or remove the outlier")
+    if num_classes == 1:
+        warnings.warn(f"{name}: the data has one class only, so every model scores 100 % and nothing is learned",
+                      stacklevel=3)
+
+
 def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "int | None" = None,
                 default_augment: str = "none", class_names: "list[str] | None" = None,
                 scale: "float | None" = None) -> DataBundle:
@@ -91,6 +109,7 @@ def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "in
         num_classes = int(ys[0].max()) + 1
         if int(ys[1].max()) >= num_classes:
             raise ThermoKDError(f"{name}: the test split has label {int(ys[1].max())}, never seen in training")
+        check_label_range(name, ys[0], num_classes)
     for split, y in zip(("train", "test"), ys):
         if int(y.max()) >= num_classes:
             raise ThermoKDError(f"{name}: {split} label {int(y.max())} is out of range for {num_classes} classes")

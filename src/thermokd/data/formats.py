@@ -128,7 +128,11 @@ def npz_file(path: "str | Path") -> DataBundle:
         raise ThermoKDError(f"npz file not found: {path}")
     keys = ("x_train", "y_train", "x_test", "y_test")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy holds one array, not the four named ones
+            raise ThermoKDError(f"{path} is a single .npy array, not an .npz archive; save x_train, y_train, x_test "
+                                "and y_test together with numpy.savez")
+        with loaded as f:
             arrays = {k: f[k] for k in keys if k in f}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ThermoKDError(f"cannot read {path} as .npz: {exc}") from None

@@ -12,14 +12,14 @@ import torch
 
 from ..errors import ThermoKDError
 from .bundle import DataBundle, Split
-from .cache import default_cache_dir, digest, load_tensors, save_tensors
+from ..files import FORMAT, cached_tensors, digest, save_tensors
+from .cache import default_cache_dir
 from .shipped import minilm_dir, text_datasets_dir
 
 TEXT_SETS = {"20newsgroups": "20newsgroups", "r8": "reuters-r8", "r52": "reuters-r52"}
 DEFAULT_MAX_LEN = 256  # all-MiniLM-L6-v2 was trained on sequences of at most 256 word pieces
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
-_FORMAT = "text-v1"  # bump when the cached layout changes
 
 
 def is_text_spec(spec: str) -> bool:
@@ -117,11 +117,11 @@ def tab_pair(name: str, train_path: Path, test_path: Path, *, max_len: int = DEF
     for path in (train_path, test_path):
         if not path.is_file():
             raise ThermoKDError(f"{name}: file not found: {path}")
-    key = digest(_FORMAT, str(int(max_len)), tokenizer_fingerprint(folder), train_path.read_bytes(),
+    key = digest("text", FORMAT, str(int(max_len)), tokenizer_fingerprint(folder), train_path.read_bytes(),
                  test_path.read_bytes())
     label = name.replace(":", "-").replace("/", "_")[-60:]  # readable, and short enough for any file system
     cache = (cache_dir or default_cache_dir()) / "text" / f"{label}-{key}.safetensors"
-    stored = load_tensors(cache)
+    stored = cached_tensors(cache, key)
     if stored is None:
         tok = load_tokenizer(folder)
         (cat_tr, text_tr), (cat_te, text_te) = read_tab(train_path), read_tab(test_path)
@@ -129,7 +129,7 @@ def tab_pair(name: str, train_path: Path, test_path: Path, *, max_len: int = DEF
         tensors = {"train_x": tokenize(text_tr, tok, max_len), "train_y": _class_ids(train_path, cat_tr, classes),
                    "test_x": tokenize(text_te, tok, max_len), "test_y": _class_ids(test_path, cat_te, classes)}
         meta = {"classes": json.dumps(classes), "vocab_size": str(len(tok)), "pad_id": str(tok.pad_token_id)}
-        save_tensors(cache, tensors, meta)
+        save_tensors(cache, tensors, meta, key=key)
         stored = tensors, meta
     tensors, meta = stored
     classes = json.loads(meta["classes"])

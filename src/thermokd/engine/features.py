@@ -11,7 +11,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..data.cache import default_cache_dir, digest, load_tensors, save_tensors
+from ..data.cache import default_cache_dir
+from ..errors import ThermoKDError
+from ..files import FORMAT, cached_tensors, digest, save_tensors
 
 
 def caches_features(model: nn.Module) -> bool:
@@ -21,8 +23,13 @@ def caches_features(model: nn.Module) -> bool:
     return isinstance(model, PretrainedTextClassifier) and model.frozen
 
 
+def features_key(model: nn.Module, x: Tensor) -> str:
+    """What the features depend on: the encoder (weights and pooling), the exact inputs and the file layout."""
+    return digest("features", FORMAT, model.fingerprint(), x)
+
+
 def features_path(model: nn.Module, x: Tensor, cache_dir: "Path | None" = None) -> Path:
-    return (cache_dir or default_cache_dir()) / "features" / f"{digest(model.fingerprint(), x)}.safetensors"
+    return (cache_dir or default_cache_dir()) / "features" / f"{features_key(model, x)}.safetensors"
 
 
 def cache_frozen_features(model: nn.Module, splits: dict[str, Tensor], accelerator, cache_dir: "Path | None" = None,
@@ -34,13 +41,14 @@ def cache_frozen_features(model: nn.Module, splits: dict[str, Tensor], accelerat
     model.to(accelerator.device)
     paths = {}
     for name, x in splits.items():
+        key = features_key(model, x)
         path = paths[name] = features_path(model, x, cache_dir)
-        if accelerator.is_main_process and load_tensors(path) is None:
+        if accelerator.is_main_process and cached_tensors(path, key) is None:
             features = model.encode_all(x, progress_bar=progress_bar, description=f"teacher features ({name})")
-            save_tensors(path, {"features": features}, {"split": name, "rows": str(x.shape[0])})
+            save_tensors(path, {"features": features}, {"split": name, "rows": str(x.shape[0])}, key=key)
         accelerator.wait_for_everyone()
-        stored = load_tensors(path)
+        stored = cached_tensors(path, key)
         if stored is None:
-            raise RuntimeError(f"the main process did not write {path}")  # only with a broken shared disk
+            raise ThermoKDError(f"the main process did not write {path}")  # only with a broken shared disk
         model.memo.add(x, stored[0]["features"])
     return paths

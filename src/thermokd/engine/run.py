@@ -15,7 +15,9 @@ from ..diagnostics import soft_label_report
 from ..errors import ThermoKDError
 from ..methods import build_loss
 from ..progress import Progress
-from .teacher import cached_view_logits, obtain_teacher, save_weights, teacher_dir
+from ..files import FolderLock, digest, read_json
+from .identity import check_same_run, data_digest, run_identity
+from .teacher import cached_view_logits, obtain_teacher, save_weights, teacher_dir, teacher_key
 from .trainer import EpochData, LoopConfig, Trainer, predict, save_json
 
 FINAL_KEYS = ("tau_teacher_mean", "tau_teacher_min", "tau_teacher_max", "tau_student_mean",
@@ -47,6 +49,7 @@ class Experiment:
         name = self.bundle.default_augment if cfg.data.augment == "default" else cfg.data.augment
         self.augment_name = name
         self._augment = make_augment(name, self.bundle.input_shape)
+        self.data_digest = data_digest(self.bundle)  # what caches and resumed runs are keyed by, not the path
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
         from ..models import build_model
@@ -85,15 +88,17 @@ class Experiment:
         view_seed = self.cfg.teacher.seed + 1
         views = [self.augmented(view_seed, v) for v in range(k)]
         tag = hashlib.sha256(f"{self.augment_name}-{k}-{view_seed}".encode()).hexdigest()[:10]
-        logits = cached_view_logits(teacher, views, tdir / f"logits-{tag}.safetensors", device,
+        key = digest("logits", teacher_key(self.cfg, self.data_digest), self.augment_name, str(k), str(view_seed))
+        logits = cached_view_logits(teacher, views, tdir / f"logits-{tag}.safetensors", key, device,
                                     self.cfg.train.eval_batch_size, is_main)
         return EpochData(train_y=b.train.y, test_x=b.test.x, test_y=b.test.y,
                          inputs_for_epoch=lambda epoch: views[epoch % k],
                          teacher_logits_for_epoch=lambda epoch: logits[epoch % k])
 
-    def teacher(self, accelerator, cache_dir: "Path | None", progress_bar: bool = True) -> tuple[nn.Module, dict]:
+    def teacher(self, accelerator, cache_dir: "Path | None", progress_bar: bool = True,
+                echo: "Callable[[str], None] | None" = None) -> tuple[nn.Module, dict]:
         teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed),
-                                       accelerator, cache_dir, progress_bar)
+                                       accelerator, self.data_digest, cache_dir, progress_bar, echo)
         if info["test_logits"].shape[-1] != self.bundle.num_classes:
             raise ThermoKDError(f"the teacher predicts {info['test_logits'].shape[-1]} classes but the data "
                                 f"{self.cfg.data.name!r} has {self.bundle.num_classes}")
@@ -106,10 +111,17 @@ def setup(cfg: RunConfig, cache_dir: "Path | None" = None, progress_bar: bool = 
     (trained now or taken from the cache)."""
     accelerator = make_accelerator(cfg.train.mixed_precision)
     experiment = Experiment(cfg, cache_dir)
-    teacher = experiment.teacher(accelerator, cache_dir, progress_bar)
+    teacher = experiment.teacher(accelerator, cache_dir, progress_bar, echo)
     if echo is not None:
-        echo(f"teacher {cfg.teacher.model}: test accuracy {teacher[1]['test_acc']:.4f} (cache key {teacher[1]['key']})")
+        echo(teacher_line(teacher[1]))
     return accelerator, experiment, teacher
+
+
+def teacher_line(info: dict[str, Any]) -> str:
+    """Where the teacher came from, in one line."""
+    source = {"cache": "from the cache", "trained": "trained now", "checkpoint": "from teacher.checkpoint"}
+    return (f"teacher {info['model']} {source.get(info.get('source'), '')}: test accuracy {info['test_acc']:.4f} "
+            f"(cache key {info['key']})")
 
 
 def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=None,
@@ -122,22 +134,40 @@ def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=N
 
 def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: "Path | None" = None,
                 accelerator=None, experiment: "Experiment | None" = None, teacher: "tuple | None" = None,
-                progress_bar: bool = True) -> dict[str, Any]:
-    """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content."""
+                progress_bar: bool = True, rerun_changed: bool = False) -> dict[str, Any]:
+    """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content.
+
+    ``resume`` continues a killed run or returns a finished one (``"reused": True``), but only when the folder's
+    run was made of the same config, teacher and data; otherwise it stops with one line naming the differences
+    before writing anything, or with ``rerun_changed`` starts that run afresh. One process writes a folder at a
+    time (a lock held for the whole run)."""
     out_dir = Path(out_dir)
+    with FolderLock(out_dir):
+        return _run_distill(cfg, out_dir, resume, cache_dir, accelerator, experiment, teacher, progress_bar,
+                            rerun_changed)
+
+
+def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path | None", accelerator,
+                 experiment: "Experiment | None", teacher: "tuple | None", progress_bar: bool,
+                 rerun_changed: bool) -> dict[str, Any]:
     result_path = out_dir / "result.json"
-    if result_path.is_file() and resume:
-        return json.loads(result_path.read_text())  # finished already
-    if not resume and ((out_dir / "checkpoints").exists() or result_path.exists()):
+    existing = (out_dir / "checkpoints").exists() or result_path.exists()
+    if existing and not (resume or rerun_changed):
         raise ThermoKDError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
     exp = experiment or Experiment(cfg, cache_dir)
     loss_fn = build_loss(cfg.method.name, temperature=cfg.method.temperature, weighting=cfg.method.weighting,
                          **cfg.method.loss)
     distils = loss_fn.kd_weight > 0
+    identity = run_identity(cfg, teacher_key(cfg, exp.data_digest) if distils else None, exp.data_digest)
+    if existing:
+        if check_same_run(out_dir, identity, rerun_changed, "reuse" if result_path.is_file() else "resume"):
+            existing = False  # cleared: the changed run starts afresh
+        elif result_path.is_file():
+            return {**read_json(result_path, f"delete {out_dir} to run it again"), "reused": True}
     teacher_model, tinfo = (teacher or exp.teacher(accelerator, cache_dir, progress_bar)) if distils else (None, None)
     if distils and cfg.train.teacher_cache:
-        data = exp.cached_data(teacher_model, teacher_dir(cfg, cache_dir), accelerator.device,
+        data = exp.cached_data(teacher_model, teacher_dir(cfg, exp.data_digest, cache_dir), accelerator.device,
                                accelerator.is_main_process)
         online = None
     else:
@@ -149,18 +179,19 @@ def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: 
                       schedule=t.schedule, grad_accum=t.grad_accum, checkpoint_every=t.checkpoint_every,
                       log_every=t.log_every, eval_batch_size=t.eval_batch_size, progress_bar=progress_bar and t.progress_bar,
                       description=f"{cfg.method.name} seed {t.seed}")
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and not existing:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a log left by a run killed before its first checkpoint
         save_json(out_dir / "config.json", cfg.to_dict())
     started = time.time()
-    trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online)
-    summary = trainer.fit(resume=resume)
+    trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online, run_key=identity)
+    summary = trainer.fit(resume=existing)
     student = trainer.inner.student
     result: dict[str, Any] = {"method": cfg.method.name, "seed": t.seed, "data": cfg.data.name,
                               "student": {"model": cfg.student.model}, **summary,
                               "final": {k: summary["history"][-1][k] for k in FINAL_KEYS
                                         if summary["history"] and k in summary["history"][-1]},
-                              "teacher": None, "teacher_entropy": None, "wall_time": time.time() - started}
+                              "teacher": None, "teacher_entropy": None, "wall_time": time.time() - started,
+                              "identity": identity}
     if distils:
         result["teacher"] = {k: v for k, v in tinfo.items() if k != "test_logits"}
         student_logits = predict(student, exp.bundle.test.x, accelerator.device, t.eval_batch_size)

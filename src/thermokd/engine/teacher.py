@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -14,39 +13,38 @@ from ..config import RunConfig
 from ..data.cache import default_cache_dir
 from ..errors import ThermoKDError
 from ..methods import build_loss
-from .checkpoint import write_json_atomic
+from ..files import FORMAT, FolderLock, cached_tensors, load_tensors, path_digest, save_tensors, write_json
 from .features import cache_frozen_features, caches_features
 from .trainer import EpochData, LoopConfig, Trainer, predict
 
 
-def teacher_key(cfg: RunConfig) -> str:
-    """A short hash of everything that determines the trained teacher."""
+def teacher_key(cfg: RunConfig, data_digest: str) -> str:
+    """A short hash of everything that determines the trained teacher: its config section, the content of the
+    data (``data_digest``, not the path it was read from), the teacher file it is loaded from, and the format."""
     from ..data import is_text_spec
 
     t = cfg.teacher
-    spec = {"data": cfg.data.name, "augment": cfg.data.augment, "model": t.model, "model_args": t.model_args,
-            "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
-            "optimizer": vars(t.optimizer), "schedule": vars(t.schedule), "checkpoint": t.checkpoint}
-    if is_text_spec(cfg.data.name):  # only text has these; other keys stay as they were, and so do their caches
+    spec = {"format": FORMAT, "data": data_digest, "augment": cfg.data.augment, "model": t.model,
+            "model_args": t.model_args, "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
+            "optimizer": vars(t.optimizer), "schedule": vars(t.schedule),
+            "checkpoint": path_digest(t.checkpoint) if t.checkpoint and Path(t.checkpoint).is_file() else t.checkpoint}
+    if is_text_spec(cfg.data.name):
         spec["text"] = {"max_len": cfg.data.max_len, "tokenizer": cfg.data.tokenizer}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def teacher_dir(cfg: RunConfig, cache_dir: "Path | None" = None) -> Path:
-    return (cache_dir or default_cache_dir()) / "teachers" / teacher_key(cfg)
+def teacher_dir(cfg: RunConfig, data_digest: str, cache_dir: "Path | None" = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "teachers" / teacher_key(cfg, data_digest)
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load safetensors weights into ``model``; a mismatch names the classifier's class counts or the first
-    tensor that does not fit."""
-    from safetensors.torch import load_file
-
+def load_weights(model: nn.Module, path: Path, checksum: bool = True) -> None:
+    """Load safetensors weights into ``model`` (verified against their checksum unless they come from elsewhere,
+    ``checksum=False``); a mismatch names the classifier's class counts or the first tensor that does not fit."""
     if not path.is_file():
         raise ThermoKDError(f"teacher checkpoint not found: {path}")
-    try:
-        stored = load_file(str(path))
-    except Exception as exc:  # safetensors' header errors
-        raise ThermoKDError(f"cannot read teacher weights {path}: {str(exc).splitlines()[0]}") from None
+    remedy = (f"delete the cache entry {path.parent} and run again to retrain the teacher" if checksum
+              else "point teacher.checkpoint at a safetensors file of this model")
+    stored, _ = load_tensors(path, remedy=remedy, checksum=checksum)
     expected = model.state_dict()
     head = [k for k, v in expected.items() if k.endswith("weight") and v.dim() == 2][-1:]
     if head and head[0] in stored and stored[head[0]].shape[0] != expected[head[0]].shape[0]:
@@ -61,49 +59,65 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    save_tensors(path, model.state_dict())
 
 
-def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, cache_dir: "Path | None" = None,
-                   progress_bar: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def seeded_build(build_model, name: str, model_args: dict[str, Any], seed: int) -> nn.Module:
+    """Build a model whose initialisation is a function of ``seed`` alone (the same weights on every machine with
+    the same torch build), leaving the caller's random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, model_args)
+
+
+def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, data_digest: str,
+                   cache_dir: "Path | None" = None, progress_bar: bool = True,
+                   echo: "Callable[[str], None] | None" = None) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher for ``cfg``: loaded from ``teacher.checkpoint``, from the cache, or trained now (resumably)
-    and cached. Returns the model (eval mode) and its info (key, test accuracy, directory).
+    and cached. Returns the model (eval mode) and its info (key, test accuracy, directory, ``source``: checkpoint,
+    cache or trained). Two runs that need the same uncached teacher take turns: the second waits, then reads it.
 
     A teacher with a frozen pretrained encoder first gets that encoder's outputs on the training and test
     inputs (cached on disk), so that training its head and every later pass cost only the head."""
-    directory = teacher_dir(cfg, cache_dir)
-    model = build_model(cfg.teacher.model, cfg.teacher.model_args)
+    key = teacher_key(cfg, data_digest)
+    directory = teacher_dir(cfg, data_digest, cache_dir)
+    t = cfg.teacher
+    model = seeded_build(build_model, t.model, t.model_args, t.seed)
     weights, info_path = directory / "teacher.safetensors", directory / "teacher.json"
-    trained = bool(cfg.teacher.checkpoint) or (weights.is_file() and info_path.is_file())
-    if trained:
-        load_weights(model, Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else weights)
+    source = "checkpoint" if t.checkpoint else "cache"
+    if t.checkpoint:
+        load_weights(model, Path(t.checkpoint), checksum=False)
     if caches_features(model):
         cache_frozen_features(model, {"train": data.inputs_for_epoch(0), "test": data.test_x}, accelerator,
                               cache_dir, progress_bar)
-    if not trained:
-        directory.mkdir(parents=True, exist_ok=True)
-        t = cfg.teacher
-        loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
-                          schedule=t.schedule, log_every=cfg.train.log_every, eval_batch_size=cfg.train.eval_batch_size,
-                          progress_bar=progress_bar, description=f"teacher {t.model}")
-        trainer = Trainer(model, build_loss("ce"), data, loop, accelerator, out_dir=directory / "run")
-        summary = trainer.fit(resume=True)  # a killed teacher run continues where it stopped
-        accelerator.free_memory()
-        if accelerator.is_main_process:
-            save_weights(model, weights)
-            write_json_atomic(info_path, {"key": teacher_key(cfg), "model": t.model, "test_acc": summary["last_acc"],
-                                          "best_acc": summary["best_acc"], "config": cfg.to_dict()["teacher"]})
-        accelerator.wait_for_everyone()
+    if not t.checkpoint:
+        with FolderLock(directory, "teacher cache entry", wait=True, echo=echo):
+            accelerator.wait_for_everyone()  # every rank decides after rank 0 holds the lock, so all decide alike
+            if not (weights.is_file() and info_path.is_file()):
+                source = "trained"
+                _train_teacher(cfg, model, data, accelerator, directory, key, progress_bar)
         load_weights(model, weights)
     model = model.to(accelerator.device).eval()
     test_logits = predict(model, data.test_x, accelerator.device, cfg.train.eval_batch_size)
     acc = float((test_logits.argmax(-1) == data.test_y).float().mean())
-    return model, {"key": teacher_key(cfg), "model": cfg.teacher.model, "test_acc": acc, "dir": str(directory),
+    return model, {"key": key, "model": t.model, "test_acc": acc, "dir": str(directory), "source": source,
                    "train_seconds": training_seconds(directory / "run" / "metrics.jsonl"), "test_logits": test_logits}
+
+
+def _train_teacher(cfg: RunConfig, model: nn.Module, data: EpochData, accelerator, directory: Path, key: str,
+                   progress_bar: bool) -> None:
+    t = cfg.teacher
+    loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
+                      schedule=t.schedule, log_every=cfg.train.log_every, eval_batch_size=cfg.train.eval_batch_size,
+                      progress_bar=progress_bar, description=f"teacher {t.model}")
+    trainer = Trainer(model, build_loss("ce"), data, loop, accelerator, out_dir=directory / "run")
+    summary = trainer.fit(resume=True)  # a killed teacher run continues where it stopped
+    accelerator.free_memory()
+    if accelerator.is_main_process:
+        save_weights(model, directory / "teacher.safetensors")
+        write_json(directory / "teacher.json", {"key": key, "model": t.model, "test_acc": summary["last_acc"],
+                                                "best_acc": summary["best_acc"], "config": cfg.to_dict()["teacher"]})
+    accelerator.wait_for_everyone()
 
 
 def training_seconds(metrics: Path) -> "float | None":
@@ -122,18 +136,19 @@ def training_seconds(metrics: Path) -> "float | None":
     return total
 
 
-def cached_view_logits(teacher: nn.Module, views: list[Tensor], path: Path, device, batch_size: int,
+def cached_view_logits(teacher: nn.Module, views: list[Tensor], path: Path, key: str, device, batch_size: int,
                        is_main: bool) -> list[Tensor]:
-    """Teacher logits for each fixed training view, read from ``path`` or computed once and written there."""
-    from safetensors.torch import load_file, save_file
-
-    if path.is_file():
-        stored = load_file(str(path))
-        if len(stored) == len(views) and all(stored[f"view{i}"].shape[0] == v.shape[0] for i, v in enumerate(views)):
-            return [stored[f"view{i}"] for i in range(len(views))]
+    """Teacher logits for each fixed training view, read from ``path`` (checked against its checksum and ``key``)
+    or computed once and written there."""
+    stored = cached_tensors(path, key)
+    if stored is not None:
+        tensors = stored[0]
+        if len(tensors) == len(views) and all(f"view{i}" in tensors and tensors[f"view{i}"].shape[0] == v.shape[0]
+                                              for i, v in enumerate(views)):
+            return [tensors[f"view{i}"] for i in range(len(views))]
+        raise ThermoKDError(f"the teacher-logit cache {path} does not fit the training views; delete it and run "
+                            "again to recompute it")
     logits = [predict(teacher, v, device, batch_size) for v in views]
     if is_main:
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({f"view{i}": l.contiguous() for i, l in enumerate(logits)}, str(tmp))
-        os.replace(tmp, path)
+        save_tensors(path, {f"view{i}": l for i, l in enumerate(logits)}, key=key)
     return logits

@@ -119,8 +119,9 @@ class Trainer:
 
     def __init__(self, student: nn.Module, loss_fn: DistillationLoss, data: EpochData, loop: LoopConfig,
                  accelerator, out_dir: "Path | None" = None, teacher: "nn.Module | None" = None,
-                 keep_checkpoints: int = 1) -> None:
+                 keep_checkpoints: int = 1, run_key: "dict[str, Any] | None" = None) -> None:
         self.acc, self.loop, self.data, self.out_dir = accelerator, loop, data, out_dir
+        self.run_key = run_key  # what the run is made of, recorded in every checkpoint so a resume can check it
         self.teacher = teacher
         self.distils = loss_fn.kd_weight > 0
         if self.distils and teacher is None and data.teacher_logits_for_epoch(0) is None:
@@ -161,7 +162,7 @@ class Trainer:
             tensors["rng.torch"] = torch.get_rng_state()
             pos.metrics_offset = self.logger.offset()
             save_checkpoint(self.out_dir / "checkpoints", f"step-{pos.global_step:09d}", tensors,
-                            self.optimizer.state_dict(), vars(pos), keep=self.keep)
+                            self.optimizer.state_dict(), vars(pos), keep=self.keep, meta=self.run_key)
         self.acc.wait_for_everyone()
 
     def _restore(self) -> "_Position | None":
@@ -174,7 +175,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.optimizer)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ThermoKDError(f"checkpoint {ckpt.path} does not match this run's model or method: "
-                                f"{str(exc).splitlines()[0]}") from None
+                                f"{' '.join(str(exc).split())[:400]}") from None  # whole, on one line
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         pos = _Position(**ckpt.state)
         if self.acc.is_main_process:

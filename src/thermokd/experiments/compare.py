@@ -10,9 +10,11 @@ from typing import Any
 import torch
 
 from ..config import RunConfig, resolve_method
+from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
+from ..files import FolderLock
 
 DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
 
@@ -54,26 +56,43 @@ def kd_grid(cfg: RunConfig, labels: list[str]) -> dict[str, float]:
 
 
 def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path,
-                cache_dir: "Path | None" = None, progress_bar: bool = True, echo=print) -> dict[str, Any]:
-    """Run every method × seed into ``out_dir/runs/`` (finished runs are reused, killed ones resumed) and write
-    ``results.json``, ``report.md`` and the plots."""
+                cache_dir: "Path | None" = None, progress_bar: bool = True, echo=print,
+                rerun_changed: bool = False) -> dict[str, Any]:
+    """Run every method × seed into ``out_dir/runs/`` and write ``results.json``, ``report.md`` and the plots.
+    Finished runs made of the same config are reused and killed ones resumed; a run made of another config stops
+    the command before anything is written, unless ``rerun_changed`` re-runs it."""
+    out_dir = Path(out_dir)
+    with FolderLock(out_dir):
+        folders = {(label, seed): out_dir / "runs" / f"{label}-seed{seed}" for seed in seeds for label in methods}
+        if not rerun_changed:
+            check_configs({k: _run_config(cfg, *k) for k in folders}, folders)
+        return _run_compare(cfg, methods, seeds, out_dir, folders, cache_dir, progress_bar, echo, rerun_changed)
+
+
+def _run_config(cfg: RunConfig, label: str, seed: int) -> RunConfig:
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.method, run_cfg.train.seed = resolve_method(cfg, label), seed
+    return run_cfg
+
+
+def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path, folders: dict,
+                 cache_dir: "Path | None", progress_bar: bool, echo, rerun_changed: bool) -> dict[str, Any]:
     from .report import write_report
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     runs = []
     for seed in seeds:
         for label in methods:
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.method, run_cfg.train.seed = resolve_method(cfg, label), seed
-            result = run_distill(run_cfg, out_dir / "runs" / f"{label}-seed{seed}", resume=True,
-                                 cache_dir=cache_dir, accelerator=accelerator, experiment=experiment,
-                                 teacher=teacher, progress_bar=progress_bar)
+            run_cfg = _run_config(cfg, label, seed)
+            result = run_distill(run_cfg, folders[label, seed], resume=True, cache_dir=cache_dir,
+                                 accelerator=accelerator, experiment=experiment, teacher=teacher,
+                                 progress_bar=progress_bar, rerun_changed=rerun_changed)
+            reused = result.pop("reused", False)
             # the report groups by label; the run's own method name stays in "base_method"
             result = {**result, "method": label, "base_method": run_cfg.method.name,
                       "method_config": run_cfg.method.__dict__}
-            echo(f"  {label:18s} seed {seed}: best {result['best_acc']:.4f}  last {result['last_acc']:.4f}")
+            echo(f"  {label:18s} seed {seed}: best {result['best_acc']:.4f}  last {result['last_acc']:.4f}"
+                 + (f"  (reused {folders[label, seed]})" if reused else ""))
             runs.append(result)
     info = {k: v for k, v in teacher[1].items() if k not in ("test_logits", "dir")}
     results = {"data": cfg.data.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),

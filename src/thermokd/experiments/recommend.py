@@ -139,7 +139,7 @@ def _mean_std(values: "list[float]") -> tuple[float, float]:
 
 def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | None", seeds: "list[int]",
            out_dir: Path, cache_dir: "Path | None" = None, progress_bar: bool = True,
-           echo: Callable[[str], None] = print) -> dict[str, Any]:
+           echo: Callable[[str], None] = print, rerun_changed: bool = False) -> dict[str, Any]:
     """Train KD students (``epochs`` each, ``None``: the config's budget) at every grid τ and at the proposal's τ
     for every seed, into ``out_dir/tau-{τ}-seed{s}`` (finished cells are reused); report the grid's best τ, its
     accuracy, the proposal's, and the gap in percentage points. Writes ``recommend.json`` and ``recommend.md``."""
@@ -163,9 +163,9 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
             done = (folder / "result.json").is_file()
             result = run_distill(_kd_config(cfg, tau, epochs, seed), folder, resume=True, cache_dir=cache_dir,
                                  accelerator=accelerator, experiment=experiment, teacher=teacher,
-                                 progress_bar=progress_bar)
+                                 progress_bar=progress_bar, rerun_changed=rerun_changed)
             echo(f"  KD τ={tau:<5g} seed {seed}: best {result['best_acc']:.4f}"
-                 + ("  (finished earlier)" if done else ""))
+                 + ("  (finished earlier, same config)" if done and result.get("reused") else ""))
             cells.append({"tau": tau, "seed": seed, "dir": folder.name, "best_acc": result["best_acc"],
                           "last_acc": result["last_acc"]})
     by_tau = {}

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MethodConfig, OptimizerConfig, RunConfig, resolve_method
+from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
+from ..files import FolderLock
 from .compare import machine_description
 from .report import _figure, _save, summarize, verdicts
 
@@ -45,30 +47,43 @@ def _cells(cfg: RunConfig, taus, optimizers, budgets, seeds, methods):
 
 def run_sweep(cfg: RunConfig, out_dir: Path, taus: list[float], optimizers: list[str], budgets: list[int],
               seeds: list[int], methods: list[str], cache_dir: "Path | None" = None, progress_bar: bool = True,
-              echo=print) -> dict[str, Any]:
-    """Run every cell into ``out_dir/cells/`` (skipping finished ones) and write ``sweep.json``, ``sweep.md``
-    and the plots."""
+              echo=print, rerun_changed: bool = False) -> dict[str, Any]:
+    """Run every cell into ``out_dir/cells/`` (reusing finished ones made of the same config; a cell made of
+    another config stops the command before anything is written, unless ``rerun_changed``) and write
+    ``sweep.json``, ``sweep.md`` and the plots."""
     for opt in optimizers:
         if opt not in OPTIMIZERS:
             raise ThermoKDError(f"unknown optimiser {opt!r} in --optimizers; allowed: {', '.join(OPTIMIZERS)}")
     if not budgets or any(b < 1 for b in budgets):
         raise ThermoKDError(f"--budgets must be positive epoch counts, got {budgets}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out_dir):
+        plan = {}
+        for opt, epochs, seed, label, method in _cells(cfg, taus, optimizers, budgets, seeds, methods):
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.method = method
+            run_cfg.train.epochs, run_cfg.train.seed = epochs, seed
+            if run_cfg.train.optimizer.name != opt:
+                run_cfg.train.optimizer = copy.deepcopy(OPTIMIZERS[opt])
+            plan[opt, epochs, seed, label] = run_cfg
+        folders = {k: out_dir / "cells" / f"{k[0]}-e{k[1]}-{k[3]}-seed{k[2]}" for k in plan}
+        if not rerun_changed:
+            check_configs(plan, folders)
+        return _run_sweep(cfg, out_dir, plan, folders, taus, optimizers, budgets, seeds, methods, cache_dir,
+                          progress_bar, echo, rerun_changed)
+
+
+def _run_sweep(cfg: RunConfig, out_dir: Path, plan: dict, folders: dict, taus, optimizers, budgets, seeds, methods,
+               cache_dir, progress_bar, echo, rerun_changed) -> dict[str, Any]:
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     cells = []
-    for opt, epochs, seed, label, method in _cells(cfg, taus, optimizers, budgets, seeds, methods):
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.method = method
-        run_cfg.train.epochs, run_cfg.train.seed = epochs, seed
-        if run_cfg.train.optimizer.name != opt:
-            run_cfg.train.optimizer = copy.deepcopy(OPTIMIZERS[opt])
-        folder = out_dir / "cells" / f"{opt}-e{epochs}-{label}-seed{seed}"
-        done = (folder / "result.json").is_file()
-        result = run_distill(run_cfg, folder, resume=True, cache_dir=cache_dir, accelerator=accelerator,
-                             experiment=experiment, teacher=teacher, progress_bar=progress_bar)
+    for (opt, epochs, seed, label), run_cfg in plan.items():
+        method = run_cfg.method
+        result = run_distill(run_cfg, folders[opt, epochs, seed, label], resume=True,
+                             cache_dir=cache_dir, accelerator=accelerator, experiment=experiment, teacher=teacher,
+                             progress_bar=progress_bar, rerun_changed=rerun_changed)
         echo(f"  {opt:5s} {epochs:3d} epochs  {label:15s} seed {seed}: best {result['best_acc']:.4f}"
-             + ("  (finished earlier)" if done else ""))
+             + ("  (finished earlier, same config)" if result.get("reused") else ""))
         cells.append({"optimizer": opt, "epochs": epochs, "seed": seed, "label": label, "method": method.name,
                       "tau": method.temperature.get("tau") if label.startswith("kd@") else None, "best_acc": result["best_acc"], "last_acc": result["last_acc"],
                       "final": result["final"], "teacher_entropy": result["teacher_entropy"],

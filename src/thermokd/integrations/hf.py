@@ -141,19 +141,16 @@ def _as_loss(loss: "DistillationLoss | str | None") -> DistillationLoss:
 
 def save_loss_state(loss: DistillationLoss, folder: str) -> str:
     """Write the loss's ``state_dict`` to ``folder/thermokd_loss.safetensors`` atomically; returns the path."""
-    from safetensors.torch import save_file
+    from ..files import save_tensors
 
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOSS_STATE_NAME)
-    state = {key: value.detach().cpu().contiguous() for key, value in loss.state_dict().items()}
-    save_file(state, path + ".tmp", metadata={"format": "pt", "library": "thermokd"})
-    os.replace(path + ".tmp", path)  # a reader never sees half a file
+    save_tensors(path, loss.state_dict(), {"format": "pt", "library": "thermokd"})  # atomic, with its checksum
     return path
 
 
 def load_loss_state(loss: DistillationLoss, folder: str) -> None:
     """Restore the loss's state from a checkpoint folder written by :func:`save_loss_state` (no code is executed)."""
-    from safetensors.torch import load_file
+    from ..files import load_tensors
 
     path = os.path.join(folder, LOSS_STATE_NAME)
     expected = loss.state_dict()
@@ -163,7 +160,7 @@ def load_loss_state(loss: DistillationLoss, folder: str) -> None:
                                 f"({', '.join(expected)}) cannot be restored; resume from a checkpoint written by "
                                 "DistillationTrainer")
         return
-    state = load_file(path)
+    state, _ = load_tensors(path, remedy=f"resume from an earlier checkpoint than {folder}")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ThermoKDError(f"{path} does not match this loss (missing {missing}, unexpected {unexpected}): resume "

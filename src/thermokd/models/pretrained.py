@@ -125,7 +125,7 @@ class PretrainedTextClassifier(nn.Module):
 
     def fingerprint(self) -> str:
         """A digest of what determines ``encode``: the encoder's weights and the pooling."""
-        from ..data.cache import digest
+        from ..files import digest
 
         spec = {"kind": type(self).__name__, "pooling": self.pooling, "normalize": self.normalize,
                 "pad_id": self.pad_id}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ThermoKDError, choice_error
@@ -30,7 +31,46 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, input_size: i
     when ``vocab_size`` is given, token ids ``[B, L <= max_len]`` padded with ``pad_id`` (text models only).
 
     ``input_size == 1`` means flat feature vectors ``[B, in_channels]`` (MLP only). Convolutional models pool
-    globally, so they accept any image size; on 8×8 inputs their two stride-2 stages leave 2×2 maps."""
+    globally, so they accept any image size; on 8×8 inputs their two stride-2 stages leave 2×2 maps.
+
+    Bad ``model_args`` (a negative or non-numeric width) and a model too large for this machine's memory are a
+    one-line :class:`ThermoKDError`, found before any memory is allocated."""
+    args = (name, num_classes, in_channels, input_size, vocab_size, pad_id, max_len, model_args)
+    if name != "minilm":  # minilm reads its weights from disk; the others can be sized without memory first
+        with torch.device("meta"):
+            model = _guarded(*args)
+        _check_size(name, model)
+    return _guarded(*args)
+
+
+def _guarded(name: str, num_classes: int, in_channels: int, input_size: int, vocab_size: "int | None",
+             pad_id: int, max_len: int, model_args: dict[str, Any]) -> nn.Module:
+    try:
+        return _build(name, num_classes, in_channels, input_size, vocab_size=vocab_size, pad_id=pad_id,
+                      max_len=max_len, **model_args)
+    except ThermoKDError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ThermoKDError(f"model {name!r}: bad model_args {model_args!r} ({first})") from None
+
+
+def _check_size(name: str, model: nn.Module) -> None:
+    """Refuse a model whose float32 parameters alone would take more than half of this machine's memory."""
+    import os
+
+    params = sum(p.numel() for p in model.parameters())
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if 4 * params > memory / 2:
+        raise ThermoKDError(f"model {name!r} has {params:,} parameters ({4 * params / 2**30:.1f} GiB in float32), "
+                            f"more than half of this machine's {memory / 2**30:.0f} GiB; choose smaller model_args")
+
+
+def _build(name: str, num_classes: int, in_channels: int = 3, input_size: int = 32, *,
+           vocab_size: "int | None" = None, pad_id: int = 0, max_len: int = 512, **model_args: Any) -> nn.Module:
     if not is_model_name(name):
         raise choice_error("model", name, MODEL_NAMES + ["wrn_<depth>_<width>"])
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels), ("input_size", input_size),

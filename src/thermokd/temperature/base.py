@@ -1,6 +1,7 @@
 """The interface every temperature strategy implements, and the name registry."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -64,10 +65,27 @@ class TemperatureStrategy(nn.Module):
             return self(Rows(student_logits.float(), teacher_logits.float(), labels, progress))
 
 
+# the largest τ whose square (the KD loss's τ² factor) is still finite in float32
+TAU_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
+
+
 def check_positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ThermoKDError(f"{name} must be > 0, got {value!r}")
+    """A temperature-like value: a finite number > 0 whose square is finite in float32."""
+    if not value > 0 or not math.isfinite(float(value)) or float(value) >= TAU_LIMIT:
+        raise ThermoKDError(f"{name} must be > 0 and below {TAU_LIMIT:.3g} (so that its square is finite in "
+                            f"float32), got {value!r}")
     return float(value)
+
+
+def check_tau_shape(tau: object, rows: int, who: str = "τ") -> None:
+    """A strategy's τ must be a tensor holding one value or one per row (scalar, ``[N]`` or ``[N, 1]``)."""
+    if not isinstance(tau, Tensor):
+        raise ThermoKDError(f"a temperature strategy returned {who} of type {type(tau).__name__}; expected a tensor")
+    if tau.numel() == 1 and tau.dim() <= 2:
+        return
+    if tuple(tau.shape) not in ((rows,), (rows, 1)):
+        raise ThermoKDError(f"a temperature strategy returned {who} of shape {tuple(tau.shape)} for {rows} rows; "
+                            f"expected a scalar, [{rows}] or [{rows}, 1]")
 
 
 def check_bounds(tau_min: float, tau_max: float) -> tuple[float, float]:
