@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_tune import add_tune_arguments, tune_command
 from .errors import ThermoKDError
 
 BUNDLED = Path(__file__).parent / "configs"
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default: the config's compare.seeds, 3)")
     p.add_argument("--epochs", type=int, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    p.add_argument("--tune", type=int, metavar="TRIALS", help="tune every method with this many trials on the "
+                   "validation split first (overrides compare.tune.trials; 0: no tuning)")
 
     p = sub.add_parser("distill", help="train one student; --resume continues a killed run")
     _common(p)
@@ -83,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+
+    p = sub.add_parser("tune", help="choose a method's temperature setting on the validation split (Optuna; "
+                       "resumable)")
+    _common(p)
+    add_tune_arguments(p)
 
     p = sub.add_parser("train-teacher", help="train (or find in the cache) the teacher of a config")
     _common(p, out_required=False)
@@ -146,14 +154,14 @@ def _compare(args) -> None:
     from .experiments.compare import DEFAULT_METHODS, parse_methods, run_compare
     from .experiments.report import summarize
 
-    cfg = load_run_config(args)
+    cfg = load_run_config(args, [f"compare.tune.trials={args.tune}"] if args.tune is not None else [])
     methods = parse_methods(args.methods or ",".join(cfg.compare.methods) or DEFAULT_METHODS, cfg)
     seeds = cfg.compare.seeds if args.seeds is None else args.seeds
     if seeds < 1:
         raise ThermoKDError(f"--seeds must be >= 1, got {seeds}")
     results = run_compare(cfg, methods, list(range(seeds)), args.out, args.cache, not args.no_progress)
     summary = summarize(results["runs"])
-    print(f"\n{'method':18s} {'best acc':>16s} {'last acc':>16s}")
+    print(f"\n{'method':18s} {'test @ best val':>16s} {'test @ last':>16s}")
     for method, s in summary.items():
         print(f"{method:18s} {100 * s['best_mean']:7.2f} ± {100 * s['best_std']:5.2f} "
               f"{100 * s['last_mean']:7.2f} ± {100 * s['last_std']:5.2f}")
@@ -169,8 +177,9 @@ def _distill(args) -> None:
     if args.no_progress:
         cfg.train.progress_bar = False
     result = run_distill(cfg, args.out, resume=args.resume, cache_dir=args.cache, progress_bar=not args.no_progress)
-    print(f"{result['method']} seed {result['seed']}: best test accuracy {result['best_acc']:.4f} "
-          f"(epoch {result['best_epoch']}), last {result['last_acc']:.4f}; wrote {args.out / 'result.json'}")
+    print(f"{result['method']} seed {result['seed']}: test accuracy {result['best_acc']:.4f} at the best validation "
+          f"epoch {result['best_epoch']} (val {result['best_val_acc']:.4f}), {result['last_acc']:.4f} at the last; "
+          f"wrote {args.out / 'result.json'}")
 
 
 def _train_teacher(args) -> None:
@@ -271,7 +280,7 @@ def _lm(args) -> None:
     print(f"\n{results['wall_seconds'] / 60:.1f} min; wrote {args.out / 'results.json'} and {args.out / 'report.md'}")
 
 
-COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_teacher, "sweep": _sweep,
+COMMANDS = {"compare": _compare, "distill": _distill, "tune": tune_command, "train-teacher": _train_teacher, "sweep": _sweep,
             "diagnose": _diagnose, "recommend": _recommend, "report": _report, "lm": _lm}
 
 

@@ -36,11 +36,14 @@ class Experiment:
     """Data, model factory and augmentation for a config, shared by the teacher and every student run."""
 
     def __init__(self, cfg: RunConfig, cache_dir: "Path | None" = None) -> None:
-        from ..data import load_data, make_augment
+        from ..data import load_data, make_augment, student_subset
 
         self.cfg = cfg
         self.bundle = load_data(cfg.data.name, seed=cfg.teacher.seed, max_len=cfg.data.max_len,
-                                tokenizer=cfg.data.tokenizer, cache_dir=cache_dir)
+                                tokenizer=cfg.data.tokenizer, cache_dir=cache_dir,
+                                val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
+        # the training examples a student sees (None: all); the teacher always trains on every one
+        self.student_index = student_subset(self.bundle.train.y, cfg.data.student_train_size, cfg.data.val_seed)
         if self.bundle.is_text and cfg.data.augment not in ("default", "none"):
             raise ThermoKDError(f"data.augment={cfg.data.augment!r} does not apply to token ids; "
                                 "use 'none' or 'default' for text")
@@ -72,27 +75,36 @@ class Experiment:
             return x
         return self._augment(x, torch.Generator().manual_seed(seed * 7_919 + index))
 
-    def fresh_data(self, seed: int) -> EpochData:
+    def _epoch_data(self, inputs_for_epoch, logits_for_epoch=None, student: bool = True) -> EpochData:
+        """The data of a run; a student's is restricted to its training subset, when one is set."""
+        b, index = self.bundle, self.student_index if student else None
+
+        def take(tensor: "Tensor | None") -> "Tensor | None":
+            return tensor if index is None or tensor is None else tensor[index]
+
+        data = EpochData(train_y=take(b.train.y), test_x=b.test.x, test_y=b.test.y, val_x=b.val.x, val_y=b.val.y,
+                         inputs_for_epoch=lambda epoch: take(inputs_for_epoch(epoch)))
+        if logits_for_epoch is not None:
+            data.teacher_logits_for_epoch = lambda epoch: take(logits_for_epoch(epoch))
+        return data
+
+    def fresh_data(self, seed: int, student: bool = True) -> EpochData:
         """A new augmentation draw every epoch (teacher training, online-teacher students)."""
-        b = self.bundle
-        return EpochData(train_y=b.train.y, test_x=b.test.x, test_y=b.test.y,
-                         inputs_for_epoch=lambda epoch: self.augmented(seed, epoch))
+        return self._epoch_data(lambda epoch: self.augmented(seed, epoch), student=student)
 
     def cached_data(self, teacher: nn.Module, tdir: Path, device, is_main: bool) -> EpochData:
         """Fixed augmented views of the training set (one if no augmentation), with the teacher's logits on each
         computed once and cached; epoch ``e`` uses view ``e mod K``, so a KD epoch costs about a CE epoch."""
-        b, k = self.bundle, (1 if self.augment_name == "none" else self.cfg.data.augment_views)
+        k = 1 if self.augment_name == "none" else self.cfg.data.augment_views
         view_seed = self.cfg.teacher.seed + 1
         views = [self.augmented(view_seed, v) for v in range(k)]
         tag = hashlib.sha256(f"{self.augment_name}-{k}-{view_seed}".encode()).hexdigest()[:10]
         logits = cached_view_logits(teacher, views, tdir / f"logits-{tag}.safetensors", device,
                                     self.cfg.train.eval_batch_size, is_main)
-        return EpochData(train_y=b.train.y, test_x=b.test.x, test_y=b.test.y,
-                         inputs_for_epoch=lambda epoch: views[epoch % k],
-                         teacher_logits_for_epoch=lambda epoch: logits[epoch % k])
+        return self._epoch_data(lambda epoch: views[epoch % k], lambda epoch: logits[epoch % k])
 
     def teacher(self, accelerator, cache_dir: "Path | None", progress_bar: bool = True) -> tuple[nn.Module, dict]:
-        teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed),
+        teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed, student=False),
                                        accelerator, cache_dir, progress_bar)
         if info["test_logits"].shape[-1] != self.bundle.num_classes:
             raise ThermoKDError(f"the teacher predicts {info['test_logits'].shape[-1]} classes but the data "
@@ -122,8 +134,9 @@ def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=N
 
 def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: "Path | None" = None,
                 accelerator=None, experiment: "Experiment | None" = None, teacher: "tuple | None" = None,
-                progress_bar: bool = True) -> dict[str, Any]:
-    """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content."""
+                progress_bar: bool = True, on_epoch: "Callable[[dict[str, Any]], None] | None" = None) -> dict[str, Any]:
+    """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content.
+    ``on_epoch``: called with each epoch's record (validation and test accuracy), e.g. by a tuner."""
     out_dir = Path(out_dir)
     result_path = out_dir / "result.json"
     if result_path.is_file() and resume:
@@ -153,7 +166,7 @@ def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: 
         out_dir.mkdir(parents=True, exist_ok=True)
         save_json(out_dir / "config.json", cfg.to_dict())
     started = time.time()
-    trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online)
+    trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online, on_epoch=on_epoch)
     summary = trainer.fit(resume=resume)
     student = trainer.inner.student
     result: dict[str, Any] = {"method": cfg.method.name, "seed": t.seed, "data": cfg.data.name,

@@ -26,7 +26,8 @@ def teacher_key(cfg: RunConfig) -> str:
     t = cfg.teacher
     spec = {"data": cfg.data.name, "augment": cfg.data.augment, "model": t.model, "model_args": t.model_args,
             "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
-            "optimizer": vars(t.optimizer), "schedule": vars(t.schedule), "checkpoint": t.checkpoint}
+            "optimizer": vars(t.optimizer), "schedule": vars(t.schedule), "checkpoint": t.checkpoint,
+            "validation": [cfg.data.val_fraction, cfg.data.val_seed]}  # the teacher trains without the val split
     if is_text_spec(cfg.data.name):  # only text has these; other keys stay as they were, and so do their caches
         spec["text"] = {"max_len": cfg.data.max_len, "tokenizer": cfg.data.tokenizer}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -82,7 +83,8 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, ca
     if trained:
         load_weights(model, Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else weights)
     if caches_features(model):
-        cache_frozen_features(model, {"train": data.inputs_for_epoch(0), "test": data.test_x}, accelerator,
+        splits = {"train": data.inputs_for_epoch(0), "test": data.test_x}
+        cache_frozen_features(model, splits if data.val_x is None else {**splits, "val": data.val_x}, accelerator,
                               cache_dir, progress_bar)
     if not trained:
         directory.mkdir(parents=True, exist_ok=True)
@@ -102,7 +104,10 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, ca
     model = model.to(accelerator.device).eval()
     test_logits = predict(model, data.test_x, accelerator.device, cfg.train.eval_batch_size)
     acc = float((test_logits.argmax(-1) == data.test_y).float().mean())
-    return model, {"key": teacher_key(cfg), "model": cfg.teacher.model, "test_acc": acc, "dir": str(directory),
+    val_acc = None if data.val_x is None else float(
+        (predict(model, data.val_x, accelerator.device, cfg.train.eval_batch_size).argmax(-1) == data.val_y).float().mean())
+    return model, {"key": teacher_key(cfg), "model": cfg.teacher.model, "test_acc": acc, "val_acc": val_acc,
+                   "dir": str(directory),
                    "train_seconds": training_seconds(directory / "run" / "metrics.jsonl"), "test_logits": test_logits}
 
 

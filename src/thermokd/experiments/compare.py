@@ -12,6 +12,7 @@ import torch
 from ..config import RunConfig, resolve_method
 from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
+from ..engine.divergence import describe_collapse
 from ..errors import ThermoKDError
 
 DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
@@ -60,26 +61,62 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
     from .report import write_report
 
     out_dir = Path(out_dir)
+    tuning = cfg.compare.tune.trials > 0
+    if tuning and len(seeds) < 3:
+        raise ThermoKDError(f"compare with tuning needs >= 3 seeds for its paired intervals, got {len(seeds)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
+    chosen = {label: resolve_method(cfg, label) for label in methods}
+    tuned: dict[str, Any] = {}
+    if tuning:
+        chosen, tuned = tune_all(cfg, methods, out_dir / "tune", (accelerator, experiment, teacher), cache_dir,
+                                 progress_bar, echo)
     runs = []
     for seed in seeds:
         for label in methods:
             run_cfg = copy.deepcopy(cfg)
-            run_cfg.method, run_cfg.train.seed = resolve_method(cfg, label), seed
+            run_cfg.method, run_cfg.train.seed = copy.deepcopy(chosen[label]), seed
             result = run_distill(run_cfg, out_dir / "runs" / f"{label}-seed{seed}", resume=True,
                                  cache_dir=cache_dir, accelerator=accelerator, experiment=experiment,
                                  teacher=teacher, progress_bar=progress_bar)
             # the report groups by label; the run's own method name stays in "base_method"
             result = {**result, "method": label, "base_method": run_cfg.method.name,
                       "method_config": run_cfg.method.__dict__}
-            echo(f"  {label:18s} seed {seed}: best {result['best_acc']:.4f}  last {result['last_acc']:.4f}")
+            echo(f"  {label:18s} seed {seed}: test {result['best_acc']:.4f} at the best val epoch "
+                 f"{result['best_epoch']}, last {result['last_acc']:.4f}")
+            if result.get("collapse"):
+                echo(f"  warning: {describe_collapse(f'{label} seed {seed}', result['collapse'])}")
             runs.append(result)
     info = {k: v for k, v in teacher[1].items() if k not in ("test_logits", "dir")}
     results = {"data": cfg.data.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": machine_description(), "teacher": info, "student": {"model": cfg.student.model},
                "epochs": cfg.train.epochs, "seeds": seeds, "methods": methods, "kd_grid": kd_grid(cfg, methods),
-               "config": cfg.to_dict(), "runs": runs}
+               "config": cfg.to_dict(), "runs": runs, "tuning": tuned}
     save_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
+
+
+def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, cache_dir: "Path | None",
+             progress_bar: bool, echo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method gets the same budget (``compare.tune``) on the validation split; ``kd@TAU`` labels are fixed
+    grid points and keep their τ. Returns each label's chosen method section and its tuning summary."""
+    from .tune import DistillRunner, tune_method
+
+    chosen, tuned = {}, {}
+    runner = DistillRunner(cfg, cache_dir, progress_bar, echo, shared=shared)
+    for label in methods:
+        method = resolve_method(cfg, label)
+        if label.startswith("kd@"):
+            chosen[label] = method
+            continue
+        options = copy.deepcopy(cfg.compare.tune)
+        options.study = f"{options.study}-{label}" if options.study else label  # one study per method
+        result = tune_method(cfg, method, label, out_dir / label, options, runner, echo)
+        chosen[label] = result.method
+        tuned[label] = {k: result.summary.get(k) for k in ("params", "best_value", "best_trial", "budget", "complete",
+                                                           "pruned", "failed", "seconds", "sampler", "pruner")}
+        if result.params:
+            echo(f"  {label}: tuned to {', '.join(f'{k}={v}' for k, v in result.params.items())} "
+                 f"(validation {100 * result.best_value:.2f} %)")
+    return chosen, tuned

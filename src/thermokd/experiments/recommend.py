@@ -167,14 +167,17 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
             echo(f"  KD τ={tau:<5g} seed {seed}: best {result['best_acc']:.4f}"
                  + ("  (finished earlier)" if done else ""))
             cells.append({"tau": tau, "seed": seed, "dir": folder.name, "best_acc": result["best_acc"],
-                          "last_acc": result["last_acc"]})
+                          "last_acc": result["last_acc"], "best_val_acc": result.get("best_val_acc")})
     by_tau = {}
     for tau in taus:
         best = [c["best_acc"] for c in cells if c["tau"] == tau]
         last = [c["last_acc"] for c in cells if c["tau"] == tau and c["last_acc"] is not None]
+        val = [c["best_val_acc"] or 0.0 for c in cells if c["tau"] == tau]
         by_tau[tau] = {"tau": tau, "best_mean": _mean_std(best)[0], "best_std": _mean_std(best)[1],
+                       "val_mean": _mean_std(val)[0],
                        "last_mean": _mean_std(last)[0] if last else None, "n": len(best)}
-    best_tau = max(grid, key=lambda t: (by_tau[t]["best_mean"], -abs(math.log(t / proposed))))
+    # the grid's best τ is chosen on validation; the gap below is then measured on test
+    best_tau = max(grid, key=lambda t: (by_tau[t]["val_mean"], -abs(math.log(t / proposed))))
     best, prop = by_tau[best_tau], by_tau[proposed]
     gap = 100.0 * (best["best_mean"] - prop["best_mean"])
     noise = 100.0 * max(best["best_std"], prop["best_std"])

@@ -71,6 +71,7 @@ def run_sweep(cfg: RunConfig, out_dir: Path, taus: list[float], optimizers: list
              + ("  (finished earlier)" if done else ""))
         cells.append({"optimizer": opt, "epochs": epochs, "seed": seed, "label": label, "method": method.name,
                       "tau": method.temperature.get("tau") if label.startswith("kd@") else None, "best_acc": result["best_acc"], "last_acc": result["last_acc"],
+                      "best_val_acc": result.get("best_val_acc"),
                       "final": result["final"], "teacher_entropy": result["teacher_entropy"],
                       "wall_time_per_epoch": result["wall_time_per_epoch"]})
     results = {"data": cfg.data.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -91,7 +92,7 @@ def summarize_sweep(cells: list[dict], taus: list[float]) -> dict[str, Any]:
         runs = [{**c, "method": c["label"]} for c in cells if (c["optimizer"], c["epochs"]) == key]
         summary = summarize(runs)
         kd = {t: summary[kd_label(t)] for t in taus if kd_label(t) in summary}
-        best = max(kd, key=lambda t: kd[t]["best_mean"])
+        best = max(kd, key=lambda t: kd[t]["val_mean"] or 0.0)  # chosen on validation, never on test
         groups[f"{key[0]}-e{key[1]}"] = {
             "optimizer": key[0], "epochs": key[1], "summary": summary, "best_tau": best,
             "verdicts": verdicts(summary, reference=kd_label(best))}
