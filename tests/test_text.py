@@ -262,9 +262,9 @@ def test_frozen_teacher_encodes_each_document_once(tiny, tmp_path, monkeypatch):
     cfg = config_from_dict(tiny_config(tiny))
     calls = _count_encoder_calls(monkeypatch)
     info = train_teacher(cfg, cache, progress_bar=False)
-    assert sum(calls) == 60 + 30  # every training and test document once, then only the head
+    assert sum(calls) == 60 + 30  # every training, validation and test document once, then only the head
     assert 0.0 <= info["test_acc"] <= 1.0 and info["train_seconds"] > 0
-    assert len(list((cache / "features").glob("*.safetensors"))) == 2
+    assert len(list((cache / "features").glob("*.safetensors"))) == 3  # train, validation, test
     calls.clear()
     result = run_distill(cfg, tmp_path / "kd", cache_dir=cache, progress_bar=False)
     assert calls == [] and result["final"]["tau_teacher_mean"] == pytest.approx(4.0)
@@ -315,8 +315,11 @@ def test_teacher_key_covers_tokenisation_and_leaves_other_keys_alone(tiny, tmp_p
     t = digits.teacher
     old = {"data": "digits", "augment": "default", "model": t.model, "model_args": t.model_args, "epochs": t.epochs,
            "batch_size": t.batch_size, "seed": t.seed, "optimizer": vars(t.optimizer), "schedule": vars(t.schedule),
-           "checkpoint": None}  # the key before text existed: cached image teachers stay valid
+           "checkpoint": None, "validation": [0.1, 0]}  # image keys name no text settings
     assert teacher_key(digits) == hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    other = copy.deepcopy(digits)
+    other.data.val_fraction = 0.2  # the teacher trains without the validation rows: another split, another teacher
+    assert teacher_key(other) != teacher_key(digits)
 
 
 def test_every_method_distils_on_text(tiny, tmp_path):
@@ -354,7 +357,7 @@ def test_compare_command_on_tiny_text(tiny, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["ce", "kd", "cist"] and "teacher minilm" in proc.stdout
     assert results["runs"][2]["final"]["tau_teacher_mean"] > 0 and (out / "report.md").is_file()
-    assert len(list((cache / "features").glob("*.safetensors"))) == 2
+    assert len(list((cache / "features").glob("*.safetensors"))) == 3  # train, validation, test
 
 
 def test_text_has_no_augmentation(tiny, tmp_path):

@@ -39,17 +39,35 @@ def split_off(split: Split, index: Tensor) -> tuple[Split, Split]:
 
 def with_validation(bundle: DataBundle, fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0) -> DataBundle:
     """``bundle`` with a validation split: the one its files provide, else a seeded, stratified ``fraction`` of
-    the training split (removed from training)."""
-    if bundle.val is not None:
+    the training split (removed from training). ``fraction=0`` carves nothing (then a run has no validation split
+    and keeps its last epoch)."""
+    if bundle.val is not None or fraction == 0:
         return bundle
     if not 0.0 < fraction < 1.0:
-        raise ThermoKDError(f"data.val_fraction must be in (0, 1), got {fraction!r}")
+        raise ThermoKDError(f"data.val_fraction must be in [0, 1), got {fraction!r}")
     index = stratified_indices(bundle.train.y, float(fraction), seed)
     if index.numel() == 0:
         raise ThermoKDError(f"{bundle.name}: data.val_fraction={fraction} of {len(bundle.train)} training examples "
                             "leaves an empty validation split; raise it")
     bundle.train, bundle.val = split_off(bundle.train, index)
+    _restandardise(bundle)
     return bundle
+
+
+def _restandardise(bundle: DataBundle) -> None:
+    """Normalise again with the statistics of the remaining training split, as if the validation rows had never
+    been training data (token ids are left alone)."""
+    if bundle.is_text or not bundle.mean:
+        return
+    x = bundle.train.x
+    dims = (0,) if x.dim() == 2 else (0, 2, 3)
+    mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant channel is only centred
+    for split in (bundle.train, bundle.val, bundle.test):
+        split.x = ((split.x - mean) / std).contiguous()
+    old_mean, old_std = torch.tensor(bundle.mean), torch.tensor(bundle.std)
+    bundle.mean = (old_mean + old_std * mean.flatten()).tolist()  # (raw - mean') / std' reproduces x
+    bundle.std = (old_std * std.flatten()).tolist()
 
 
 def student_subset(labels: Tensor, size: int, seed: int) -> "Tensor | None":
