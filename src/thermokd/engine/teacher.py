@@ -77,6 +77,7 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, ca
     A teacher with a frozen pretrained encoder first gets that encoder's outputs on the training and test
     inputs (cached on disk), so that training its head and every later pass cost only the head."""
     directory = teacher_dir(cfg, cache_dir)
+    torch.manual_seed(cfg.teacher.seed)  # the teacher's initialisation, whatever ran before in this process
     model = build_model(cfg.teacher.model, cfg.teacher.model_args)
     weights, info_path = directory / "teacher.safetensors", directory / "teacher.json"
     trained = bool(cfg.teacher.checkpoint) or (weights.is_file() and info_path.is_file())

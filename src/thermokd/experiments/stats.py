@@ -15,7 +15,7 @@ def t_interval(values: list[float], level: float = 0.95) -> "tuple[float, float,
     if len(values) < 2:
         return None
     mean = statistics.fmean(values)
-    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 

@@ -11,6 +11,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -87,12 +88,15 @@ def open_study(url: str, name: str, sampler, pruner):
     import optuna
     from optuna import storages
 
-    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9 renamed the hook
-        retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
-    else:
-        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
     try:
-        storage = storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry)
+        with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; they have been stable since v2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # a trial whose process died is retried; Optuna >= 4.9 renamed that hook
+            if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+                retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+            else:
+                retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
+            storage = storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry)
         return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
                                    direction="maximize", load_if_exists=True)
     except Exception as exc:  # SQLAlchemy raises many kinds (bad URL, missing driver, refused connection)
