@@ -280,7 +280,8 @@ def _lm(args) -> None:
     print(f"\n{results['wall_seconds'] / 60:.1f} min; wrote {args.out / 'results.json'} and {args.out / 'report.md'}")
 
 
-COMMANDS = {"compare": _compare, "distill": _distill, "tune": tune_command, "train-teacher": _train_teacher, "sweep": _sweep,
+COMMANDS = {"compare": _compare, "distill": _distill, "tune": tune_command, "train-teacher": _train_teacher,
+            "sweep": _sweep,
             "diagnose": _diagnose, "recommend": _recommend, "report": _report, "lm": _lm}
 
 

@@ -61,7 +61,8 @@ def tune_command(args) -> None:
         print(f"{label} has no knobs to tune; wrote {args.out / 'best.yaml'}")
         return
     s = result.summary
-    print(f"\n{label}: chose {knob_text(result.params)} (trial {s['best_trial']}, validation accuracy {100 * result.best_value:.2f} %; {s['complete']} complete, "
+    print(f"\n{label}: chose {knob_text(result.params)} (trial {s['best_trial']}, validation accuracy "
+          f"{100 * result.best_value:.2f} %; {s['complete']} complete, "
           f"{s['pruned']} pruned, {s['failed']} failed of {s['budget']})")
     print("use it with: " + " ".join(f"--set {line}" for line in set_lines(result.method, result.params)))
     print(f"wrote {args.out / 'tune.json'}, {args.out / 'tune.md'}, {args.out / 'best.yaml'}, "

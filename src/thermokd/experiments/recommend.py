@@ -231,7 +231,7 @@ def write_recommendation(result: dict, out_dir: Path) -> Path:
              f"Rule: {p['rule']}", ""]
     if v:
         lines += [f"## Check against KD students ({v['optimizer']}, {v['epochs']} epochs, seeds {v['seeds']})", "",
-                  "| τ | best acc % (mean ± std) | last acc % | seeds |", "|---:|---:|---:|---:|"]
+                  "| τ | test acc % at best val epoch (mean ± std) | last acc % | seeds |", "|---:|---:|---:|---:|"]
         for row in v["by_tau"]:
             mark = (" **best**" if row["tau"] == v["best_tau"] else "") + \
                    (" **proposed**" if row["tau"] == v["proposal_tau"] else "")

@@ -333,7 +333,8 @@ def write_report(results: dict, out_dir: Path, title: "str | None" = None) -> Pa
               "Accuracies are top-1, mean ± sample std (ddof=1) over seeds. Each run's epoch is chosen on the "
               "validation split (carved from the training data; the test split chooses nothing): the first column "
               "is the test accuracy at that epoch, the second at the final epoch. τ^t is the mean teacher temperature "
-              "of the last epoch; the entropy std is that of the teacher's normalised test-set entropy at the final temperature.", ""]
+              "of the last epoch; the entropy std is that of the teacher's normalised test-set entropy at the final "
+              "temperature.", ""]
     if best_kd is not None:
         lines += ["## KD's temperature grid", "", "| τ | run | val acc % | test acc % |", "|---:|---|---:|---:|"]
         for label, tau in sorted(((l, t) for l, t in grid.items() if l in summary), key=lambda lt: lt[1]):

@@ -110,7 +110,7 @@ def write_sweep_report(results: dict, out_dir: Path) -> Path:
     for name, group in results["groups"].items():
         s = group["summary"]
         lines += [f"## {group['optimizer']}, {group['epochs']} epochs: best KD τ = {group['best_tau']:g}", "",
-                  "| method | best acc % | last acc % |", "|---|---:|---:|"]
+                  "| method | test acc % at best val epoch | last acc % |", "|---|---:|---:|"]
         for label, row in s.items():
             mark = " **(best τ)**" if label == kd_label(group["best_tau"]) else ""
             lines.append(f"| {label}{mark} | {100 * row['best_mean']:.2f} ± {100 * row['best_std']:.2f} | "
@@ -136,7 +136,7 @@ def plot_accuracy_vs_tau(results: dict, path: Path) -> Path:
                     marker="o", capsize=3, label=f"KD, {group['optimizer']}, {group['epochs']} epochs")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("temperature τ (log scale)")
-    ax.set_ylabel("best test accuracy (%)")
+    ax.set_ylabel("test accuracy at the best validation epoch (%)")
     ax.set_title("Fixed-τ KD across the grid")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -161,6 +161,6 @@ def plot_heatmap(results: dict, path: Path) -> Path:
             ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="white", fontsize=8)
     ax.set_xlabel("temperature τ")
     ax.set_ylabel("optimiser, budget")
-    ax.set_title("KD best test accuracy (%)")
+    ax.set_title("KD test accuracy at the best validation epoch (%)")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     return _save(fig, path)

@@ -273,8 +273,8 @@ def markdown(summary: dict[str, Any]) -> list[str]:
         score = t["value"] if t["value"] is not None else max(t["val_by_epoch"].values(), default=None)
         lines.append(f"| {t['number']} | {t['state']} | " + " | ".join(values) +
                      f" | {t['epochs']} | {'—' if score is None else f'{100 * score:.2f}'} |")
-    return lines + ["", "Validation accuracy is a trial's best epoch (for a pruned trial, its best epoch before it was stopped). The test "
-                    "split is not used.", ""]
+    return lines + ["", "Validation accuracy is a trial's best epoch (for a pruned trial, its best epoch before it was "
+                    "stopped). The test split is not used.", ""]
 
 
 class DistillRunner:
