@@ -127,3 +127,17 @@ def test_compare_with_equal_tuning(tmp_path, monkeypatch, capsys):
     code = main(["compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--tune", "2", "--out",
                  str(tmp_path / "two"), "--no-progress"])
     assert code == 2 and ">= 3 seeds" in capsys.readouterr().err
+
+
+def test_recommend_regret_against_tune(tmp_path, monkeypatch):
+    monkeypatch.setenv("THERMOKD_CACHE", str(tmp_path / "cache"))
+    cfg = str(write_config(tmp_path / "c.yaml", train={"epochs": 1}))
+    assert main(["recommend", "--config", cfg, "--verify", "--grid", "1,4", "--seeds", "2", "--against-tune", "2",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    v = json.loads((tmp_path / "r" / "recommend.json").read_text())["verification"]
+    tuned = json.loads((tmp_path / "r" / "tune" / "tune.json").read_text())["params"]["temperature.tau"]
+    assert v["tuned_tau"] == pytest.approx(tuned, rel=1e-3)
+    by_seed = {c["seed"]: c["best_acc"] for c in v["cells"] if c["tau"] == v["tuned_tau"]}
+    proposal = {c["seed"]: c["best_acc"] for c in v["cells"] if c["tau"] == v["proposal_tau"]}
+    assert v["regret"]["mean"] == pytest.approx(sum(by_seed[s] - proposal[s] for s in (0, 1)) / 2)
+    assert "regret against it" in (tmp_path / "r" / "recommend.md").read_text()

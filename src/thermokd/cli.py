@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="1,2,4,8,16", help="τ grid to verify on (default %(default)s)")
     p.add_argument("--epochs", type=int, help="student epochs for --verify (default: the config's)")
     p.add_argument("--seeds", type=int, default=1, help="seeds for --verify (default 1)")
+    p.add_argument("--against-tune", type=int, default=0, metavar="TRIALS", help="with --verify: also tune KD's τ "
+                   "on validation with this many trials and measure the proposal's regret against it")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
 
     p = sub.add_parser("report", help="rewrite report.md and the plots of a compare folder from its results.json")
@@ -237,10 +239,13 @@ def _recommend(args) -> None:
         if args.seeds < 1:
             raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
         result = verify(cfg, proposal, grid, args.epochs, list(range(args.seeds)), args.out, args.cache,
-                        not args.no_progress)
+                        not args.no_progress, tune_trials=args.against_tune)
         v = result["verification"]
         print(f"grid's best tau = {v['best_tau']:g} ({100 * v['best_acc']:.2f} %), proposal "
               f"{100 * v['proposal_acc']:.2f} %: {v['verdict']}")
+        if v.get("regret"):
+            print(f"tuned tau = {v['tuned_tau']:g}; the proposal's regret against it: "
+                  f"{100 * v['regret']['mean']:+.2f} pp over {v['regret']['n']} seeds")
     else:
         write_recommendation(proposal, args.out)
     print(f"wrote {args.out / 'recommend.json'} and {args.out / 'recommend.md'}")
