@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -51,9 +52,10 @@ def test_shuffling_the_test_labels_changes_no_choice(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_the_run_naming_step_method_and_tau():
-    check_finite_loss({"loss": 1.0}, 3, 0, "kd seed 0")
+    check_finite_loss({"loss": 1.0}, "at step 3 (epoch 0)", "kd seed 0")
     with pytest.raises(ThermoKDError) as err:
-        check_finite_loss({"loss": math.nan, "tau_teacher_mean": 4.0, "tau_student_mean": 3.5}, 17, 2, "cist seed 1")
+        check_finite_loss({"loss": math.nan, "tau_teacher_mean": 4.0, "tau_student_mean": 3.5},
+                          "at step 17 (epoch 2)", "cist seed 1")
     message = str(err.value)
     assert "\n" not in message and "step 17" in message and "cist seed 1" in message
     assert "tau_teacher_mean=4" in message and "tau_student_mean=3.5" in message
@@ -66,6 +68,7 @@ def test_a_diverging_run_is_a_one_line_error(tmp_path, monkeypatch, capsys):
                  "method.loss={check_inputs: false}", "--out", str(tmp_path / "o"), "--no-progress"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "non-finite loss" in lines[0] and "kd seed 0" in lines[0], lines
+    assert re.search(r"at step \d+ \(epoch 0\)", lines[0]) and "tau_teacher_mean=4" in lines[0]
 
 
 def test_collapse_is_flagged_past_half_way_to_chance():

@@ -16,13 +16,14 @@ def tau_summary(stats: dict[str, Any]) -> str:
     return ", ".join(found) or "no τ statistics"
 
 
-def check_finite_loss(stats: dict[str, Any], step: int, epoch: int, run: str) -> None:
-    """Stop a run whose loss has become NaN or infinite, naming the step, the run (method and seed) and the
-    step's temperature statistics: training on from there only produces garbage."""
+def check_finite_loss(stats: dict[str, Any], when: str, run: str) -> None:
+    """Stop a run whose loss has become NaN or infinite, naming when (``"at step 40 (epoch 1)"``), the run (method
+    and seed) and the temperature statistics: training on from there only produces garbage. The engine checks the
+    statistics where it reads them anyway (every ``log_every`` steps and at the end of each epoch), so a training
+    step never waits for the device."""
     loss = stats.get("loss")
     if isinstance(loss, (int, float)) and not math.isfinite(loss):
-        raise ThermoKDError(f"non-finite loss ({loss}) at step {step} (epoch {epoch}) of {run}; "
-                            f"last τ statistics: {tau_summary(stats)}")
+        raise ThermoKDError(f"non-finite loss ({loss}) {when} of {run}; last τ statistics: {tau_summary(stats)}")
 
 
 def collapse(history: list[dict[str, Any]], chance: float) -> "dict[str, Any] | None":

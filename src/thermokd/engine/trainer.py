@@ -23,9 +23,9 @@ from ..loss import DistillationLoss, LossOutput
 from ..progress import Progress
 from .checkpoint import load_latest, save_checkpoint, write_json_atomic
 from .divergence import check_finite_loss, collapse, warn_collapse
-from .selection import epoch_summary
 from .metrics import MetricLogger
 from .schedule import learning_rate
+from .selection import epoch_summary
 
 
 @dataclass
@@ -253,7 +253,6 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             stats = self._mean_over_processes(sums)
-            check_finite_loss(stats, pos.global_step, e, loop.description)
             loss_fn.observe(LossOutput(loss=torch.tensor(stats.get("loss", math.nan)), stats=stats, progress=progress))
             pos.global_step += 1
             pos.step_in_epoch = step + 1
@@ -261,6 +260,7 @@ class Trainer:
             for k, v in stats.items():
                 pos.epoch_sums[k] = pos.epoch_sums.get(k, 0.0) + v
             if pos.global_step % loop.log_every == 0:
+                check_finite_loss(stats, f"at step {pos.global_step} (epoch {e})", loop.description)
                 if "tau_teacher_mean" in stats:
                     pos.tau_trace.append([pos.global_step, stats["tau_teacher_mean"], stats["tau_student_mean"]])
                 self.logger.log({"type": "step", "step": pos.global_step, "epoch": e, "lr": lr, **stats})
@@ -287,6 +287,7 @@ class Trainer:
         has_val = self.data.val_x is not None
         val_acc = self.evaluate(self.data.val_x, self.data.val_y)[0] if has_val else None
         means = {k: v / max(pos.epoch_steps, 1) for k, v in pos.epoch_sums.items()}
+        check_finite_loss(means, f"in epoch {pos.epoch} (by step {pos.global_step})", self.loop.description)
         record = {"epoch": pos.epoch, "val_acc": val_acc, "test_acc": test_acc, "train_loss": means.get("loss"),
                   "lr": lr, "train_time": pos.epoch_train_time, **{k: v for k, v in means.items() if k != "loss"}}
         pos.history.append(record)
