@@ -329,6 +329,8 @@ def write_report(results: dict, out_dir: Path, title: "str | None" = None) -> Pa
     spent = total_training_seconds(results)
     lines.append(f"- compute: {spent['students'] / 60:.1f} min of student training summed over runs"
                  + (f", teacher {spent['teacher'] / 60:.1f} min" if spent["teacher"] else ""))
+    if runs and all(r.get("best_val_acc") is None for r in runs):
+        lines.append("- **these runs predate validation selection: their 'best' epoch was chosen on the test split**")
     lines += ["", "## Results", "", markdown_table(summary, reference), "",
               "Accuracies are top-1, mean ± sample std (ddof=1) over seeds. Each run's epoch is chosen on the "
               "validation split (carved from the training data; the test split chooses nothing): the first column "

@@ -41,6 +41,8 @@ def build_space(method: MethodConfig, tune: TuneConfig) -> dict[str, Knob]:
 
     space = method_space(method.name, kd_weight=tune.kd_weight)
     for name, value in tune.space.items():
+        if isinstance(value, dict) and set(value) <= {"low", "high", "log"}:  # YAML: {low: 1, high: 8, log: true}
+            value = FloatRange(float(value.get("low", "nan")), float(value.get("high", "nan")), bool(value.get("log")))
         knob = parse_knob(f"{name}={value}")[1] if isinstance(value, str) else value
         space[resolve_knob(str(name), space, method.name)] = knob
     for name, knob in space.items():
