@@ -103,8 +103,10 @@ def test_real_tokenizer_on_real_documents():
 
 
 def test_tab_data_is_tokenised_once_and_cached(tiny, tmp_path, monkeypatch):
+    """The reader alone: no validation split is carved (val_fraction=0), so the files' rows come back in order."""
     cache = tmp_path / "cache"
-    bundle = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache)
+    bundle = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache,
+                       val_fraction=0.0)
     assert bundle.is_text and bundle.vocab_size == len(VOCAB) and bundle.pad_id == 0
     assert bundle.class_names == sorted(TOPICS) and bundle.num_classes == 3 and bundle.default_augment == "none"
     assert bundle.train.x.shape == (60, 16) and bundle.test.x.shape == (30, 16)
@@ -119,11 +121,13 @@ def test_tab_data_is_tokenised_once_and_cached(tiny, tmp_path, monkeypatch):
         raise AssertionError("a cached data set must not be tokenised again")
 
     monkeypatch.setattr(text_data, "load_tokenizer", no_tokenizer)
-    again = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache)
+    again = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache,
+                       val_fraction=0.0)
     assert torch.equal(again.train.x, bundle.train.x) and torch.equal(again.test.y, bundle.test.y)
     monkeypatch.undo()
     # another max_len is another cache entry; padding never exceeds it
-    short = load_data(f"tab:{tiny / 'toy'}", max_len=6, tokenizer=tiny / "bert", cache_dir=cache)
+    short = load_data(f"tab:{tiny / 'toy'}", max_len=6, tokenizer=tiny / "bert", cache_dir=cache,
+                       val_fraction=0.0)
     assert short.train.x.shape == (60, 6) and (short.train.x[:, -1] != 0).any()
     assert len(list((cache / "text").glob("*.safetensors"))) == 2
 
