@@ -101,7 +101,7 @@ def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, c
              progress_bar: bool, echo) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method gets the same budget (``compare.tune``) on the validation split; ``kd@TAU`` labels are fixed
     grid points and keep their τ. Returns each label's chosen method section and its tuning summary."""
-    from .tune import DistillRunner, tune_method
+    from .tune import DistillRunner, knob_text, tune_method
 
     chosen, tuned = {}, {}
     runner = DistillRunner(cfg, cache_dir, progress_bar, echo, shared=shared)
@@ -117,6 +117,6 @@ def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, c
         tuned[label] = {k: result.summary.get(k) for k in ("params", "best_value", "best_trial", "budget", "complete",
                                                            "pruned", "failed", "seconds", "sampler", "pruner")}
         if result.params:
-            echo(f"  {label}: tuned to {', '.join(f'{k}={v}' for k, v in result.params.items())} "
+            echo(f"  {label}: tuned to {knob_text(result.params)} "
                  f"(validation {100 * result.best_value:.2f} %)")
     return chosen, tuned
