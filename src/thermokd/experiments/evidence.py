@@ -16,8 +16,8 @@ def tuning_lines(tuning: dict[str, Any]) -> list[str]:
     for label, t in tuning.items():
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
         val = "—" if t.get("best_value") is None else f"{100 * t['best_value']:.2f}"
-        lines.append(f"| {label} | {params or 'no knobs'} | {val} | {t.get('complete') or 0} / {t.get('pruned') or 0} | "
-                     f"{(t.get('seconds') or 0.0) / 60:.1f} |")
+        trials = f"{t.get('complete') or 0} / {t.get('pruned') or 0}"
+        lines.append(f"| {label} | {params or 'no knobs'} | {val} | {trials} | {(t.get('seconds') or 0.0) / 60:.1f} |")
     total = sum((t.get("seconds") or 0.0) for t in tuning.values())
     return lines + ["", f"Tuning took {total / 60:.1f} min in all (not counted in the compute line above).", ""]
 
