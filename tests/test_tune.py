@@ -109,6 +109,7 @@ def test_tiny_tune_on_digits_in_seconds_and_its_setting_is_accepted(tmp_path, mo
     assert time.time() - start < 60  # teacher included; a few seconds on an idle core
     out = capsys.readouterr().out
     assert "chose temperature.tau=" in out and "trial 2 [3/3]" in out
+    assert "| trial | state | temperature.tau | epochs | val acc % |" in out  # the table of trials
     summary = json.loads((tmp_path / "t" / "tune.json").read_text())
     assert summary["complete"] + summary["pruned"] == 3 and (tmp_path / "t" / "study.db").is_file()
     assert all("test" not in key for t in summary["trials"] for key in t)  # the study never holds test numbers

@@ -51,7 +51,7 @@ def tune_options(args, base) -> "object":
 
 def tune_command(args) -> None:
     from .cli import load_run_config
-    from .experiments.tune import knob_text, run_tune, set_lines
+    from .experiments.tune import knob_text, markdown, run_tune, set_lines
 
     cfg = load_run_config(args)
     tune = tune_options(args, cfg.compare.tune)
@@ -61,6 +61,7 @@ def tune_command(args) -> None:
         print(f"{label} has no knobs to tune; wrote {args.out / 'best.yaml'}")
         return
     s = result.summary
+    print("\n" + "\n".join(line for line in markdown(s) if line.startswith("|")))  # the table of trials
     print(f"\n{label}: chose {knob_text(result.params)} (trial {s['best_trial']}, validation accuracy "
           f"{100 * result.best_value:.2f} %; {s['complete']} complete, "
           f"{s['pruned']} pruned, {s['failed']} failed of {s['budget']})")

@@ -244,7 +244,8 @@ def write_outputs(cfg: RunConfig, result: TuneResult, out_dir: Path) -> None:
     from ..engine.trainer import save_json
 
     method = dataclasses.asdict(result.method)
-    summary = {**result.summary, "chosen_method": method, "set": set_lines(result.method, result.params)}
+    result.summary.update(chosen_method=method, set=set_lines(result.method, result.params))
+    summary = result.summary
     save_json(out_dir / "tune.json", summary)
     (out_dir / "best.yaml").write_text(yaml.safe_dump({"method": method}, sort_keys=False))
     full = copy.deepcopy(cfg)
