@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.thermokd-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-lm data bench-vision bench-text test test-slow bench clean
+.PHONY: setup demo demo-lm tune-demo data bench-vision bench-text bench-digits-tuned bench-vision-tuned \
+	bench-vision-few bench-text-tuned test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -44,6 +45,28 @@ bench-vision: $(STAMP) data
 # over 3 seeds on 20 Newsgroups. The teacher's features take ~10-20 min once on 2 cores (then cached); resumable.
 bench-text: $(STAMP)
 	$(VENV)/bin/thermokd compare --config 20newsgroups --out benchmarks/results/20newsgroups --no-progress
+
+# `thermokd tune` on digits: KD's τ chosen on the validation split by Optuna (TPE, Hyperband pruning; ~1 min).
+tune-demo: $(STAMP)
+	$(VENV)/bin/thermokd tune --config digits --method kd --trials 20 --out runs/tune-demo --no-progress
+
+# Equal tuning (12 trials per method on validation), then paired per-seed intervals: the fair versions of the
+# benchmarks above, plus the set-up where distillation should matter (a 3,000-image student). Long and resumable;
+# never part of `make test`.
+bench-digits-tuned: $(STAMP)
+	$(VENV)/bin/thermokd compare --config digits --methods ce,kd,dkd,cist,dts,ctkd,lskd,entropy-target --seeds 5 \
+		--tune 12 --out benchmarks/results/digits-tuned --no-progress
+
+bench-vision-tuned: $(STAMP) data
+	$(VENV)/bin/thermokd compare --config fashion_mnist --methods ce,kd,dkd,cist,dts,ctkd,lskd,entropy-target \
+		--seeds 3 --tune 12 --out benchmarks/results/fashion-mnist-tuned --no-progress
+
+bench-vision-few: $(STAMP) data
+	$(VENV)/bin/thermokd compare --config fashion_mnist_few --out benchmarks/results/fashion-mnist-few --no-progress
+
+bench-text-tuned: $(STAMP)
+	$(VENV)/bin/thermokd compare --config 20newsgroups --methods ce,kd,cist,dts,entropy-target --seeds 3 --tune 12 \
+		--out benchmarks/results/20newsgroups-tuned --no-progress
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"

@@ -1,4 +1,5 @@
-"""Write a thermokd data set as ``.npz`` (``x_train, y_train, x_test, y_test``), to exercise ``--data npz:FILE``.
+"""Write a thermokd data set as ``.npz`` (``x_train, y_train, x_val, y_val, x_test, y_test``), to exercise
+``--data npz:FILE``; the validation split is written as drawn, so the file reproduces it.
 
     python benchmarks/export_npz.py --data digits --out runs/npz/digits.npz
     python benchmarks/export_npz.py --data fashion-mnist --train 10000 --test 2000 --out runs/npz/fashion10k.npz
@@ -38,8 +39,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, x_train=raw(bundle.train.x[tr], bundle.mean, bundle.std),
                         y_train=bundle.train.y[tr].numpy(), x_test=raw(bundle.test.x[te], bundle.mean, bundle.std),
-                        y_test=bundle.test.y[te].numpy())
-    print(f"wrote {args.out}: {len(bundle.train.y[tr])} train / {len(bundle.test.y[te])} test, "
+                        y_test=bundle.test.y[te].numpy(), x_val=raw(bundle.val.x, bundle.mean, bundle.std),
+                        y_val=bundle.val.y.numpy())
+    print(f"wrote {args.out}: {len(bundle.train.y[tr])} train / {len(bundle.val.y)} val / {len(bundle.test.y[te])} test, "
           f"{bundle.num_classes} classes, inputs {tuple(bundle.train.x.shape[1:])}")
 
 

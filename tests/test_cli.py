@@ -26,15 +26,16 @@ def test_compare_writes_results_report_and_plots(tmp_path, cache):
     out = tmp_path / "cmp"
     proc = thermokd("compare", "--config", cfg, "--methods", "ce,kd,cist", "--seeds", "2", "--epochs", "1",
                     "--out", out, cache=cache)
-    assert "cist" in proc.stdout and "best acc" in proc.stdout
+    assert "cist" in proc.stdout and "test @ best val" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["methods"] == ["ce", "kd", "cist"] and results["seeds"] == [0, 1]
     assert 0.5 < results["teacher"]["test_acc"] <= 1.0
     runs = results["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in ["ce", "kd", "cist"] for s in [0, 1])
     for r in runs:
-        assert 0.0 <= r["best_acc"] <= 1.0 and 0.0 <= r["last_acc"] <= 1.0 and r["best_acc"] >= r["last_acc"]
+        assert 0.0 <= r["best_acc"] <= 1.0 and 0.0 <= r["last_acc"] <= 1.0 and 0.0 <= r["best_val_acc"] <= 1.0
         assert r["wall_time_per_epoch"] > 0 and len(r["history"]) == 1
+        assert r["history"][0]["val_acc"] == r["best_val_acc"] and r["history"][0]["test_acc"] == r["best_acc"]
         if r["method"] != "ce":
             assert r["final"]["tau_teacher_mean"] > 0 and r["teacher_entropy"]["histogram_counts"]
     # different seeds are different runs; the same seed gives every method the same data order
@@ -68,7 +69,7 @@ def test_compare_runs_the_configs_compare_section(tmp_path, cache):
     assert by_label["kd@1"]["final"]["tau_teacher_mean"] == pytest.approx(1.0)
     assert by_label["kd"]["final"]["tau_teacher_mean"] == pytest.approx(4.0)
     assert (out / "runs" / "cist-plain-seed0" / "result.json").is_file()
-    best = max(("kd@1", "kd"), key=lambda label: by_label[label]["best_acc"])
+    best = max(("kd@1", "kd"), key=lambda label: by_label[label]["best_val_acc"])  # chosen on validation
     assert f"KD at its best grid τ is `{best}`" in (out / "report.md").read_text()
     # --methods on the command line still wins over the config's list
     thermokd("compare", "--config", cfg, "--epochs", "1", "--methods", "kd@1", "--out", tmp_path / "one", cache=cache)
@@ -131,7 +132,7 @@ def test_existing_output_needs_resume(tmp_path, cache):
     thermokd("distill", "--config", cfg, "--out", out, cache=cache)
     assert "--resume" in _error(["distill", "--config", str(cfg), "--out", str(out)], cache, tmp_path)
     done = thermokd("distill", "--config", cfg, "--out", out, "--resume", cache=cache)
-    assert "best test accuracy" in done.stdout
+    assert "at the best validation epoch" in done.stdout
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (
@@ -170,8 +171,8 @@ def test_sweep_reports_best_tau_and_skips_finished_cells(tmp_path, cache):
     assert len(sweep["cells"]) == 2 * 3  # 2 optimisers x (2 taus + 1 method)
     for group in sweep["groups"].values():
         assert group["best_tau"] in (1.0, 4.0) and "cist" in group["verdicts"]
-        kd_best = group["summary"][f"kd@{group['best_tau']:g}"]["best_mean"]
-        assert kd_best == max(group["summary"][f"kd@{t:g}"]["best_mean"] for t in (1.0, 4.0))
+        kd_best = group["summary"][f"kd@{group['best_tau']:g}"]["val_mean"]  # chosen on validation
+        assert kd_best == max(group["summary"][f"kd@{t:g}"]["val_mean"] for t in (1.0, 4.0))
     assert "best KD tau" in first.stdout and "finished earlier" not in first.stdout
     for name in ("sweep.md", "accuracy_vs_tau.png", "heatmap.png"):
         assert (out / name).is_file()
@@ -194,7 +195,7 @@ def test_sweep_on_an_npz_file_written_by_the_export_script(tmp_path, cache):
     original, exported = load_data("digits"), load_data(f"npz:{npz}")
     assert exported.num_classes == original.num_classes
     assert torch.allclose(exported.train.x.flatten(1), original.train.x.flatten(1), atol=1e-5)
-    assert torch.equal(exported.test.y, original.test.y)
+    assert torch.equal(exported.test.y, original.test.y) and torch.equal(exported.val.y, original.val.y)
     cfg = write_config(tmp_path / "c.yaml")
     out = tmp_path / "sweep"
     thermokd("sweep", "--config", cfg, "--data", f"npz:{npz}", "--taus", "2,8", "--optimizers", "sgd",

@@ -38,7 +38,7 @@ def _npz(path, x_train, x_test=None, y_train=None, y_test=None):
 ])
 def test_npz_channel_axis(tmp_path, shape, want):
     x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
-    b = load_data(_npz(tmp_path / "d.npz", x))
+    b = load_data(_npz(tmp_path / "d.npz", x), val_fraction=0.0)
     assert b.input_shape == want and len(b.mean) == want[0]
     restored = b.train.x * torch.tensor(b.std).view(1, -1, 1, 1) + torch.tensor(b.mean).view(1, -1, 1, 1)
     expected = x if want == shape[1:] else np.transpose(x, (0, 3, 1, 2))
@@ -61,10 +61,10 @@ def test_npz_test_split_follows_the_train_layout(tmp_path):
 
 def test_column_labels_are_accepted_and_matrices_refused(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 3))
-    b = load_data(_npz(tmp_path / "a.npz", x, y_train=(np.arange(6) % 3)[:, None], y_test=np.array([[0], [1], [2]])))
+    b = load_data(_npz(tmp_path / "a.npz", x, y_train=(np.arange(6) % 3)[:, None], y_test=np.array([[0], [1], [2]])), val_fraction=0.0)
     assert b.train.y.shape == (6,) and b.num_classes == 3
     with pytest.raises(ThermoKDError, match=r"train labels must be a vector of class ids, got shape \(6, 3\)"):
-        load_data(_npz(tmp_path / "b.npz", x, y_train=np.eye(3)[np.arange(6) % 3]))
+        load_data(_npz(tmp_path / "b.npz", x, y_train=np.eye(3)[np.arange(6) % 3]), val_fraction=0.0)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -101,12 +101,12 @@ def test_feature_statistics_are_recorded_and_constant_features_stay_finite():
 def test_relative_paths_resolve_against_root(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     _npz(tmp_path / "sub" / "d.npz", np.zeros((6, 2)))
-    assert len(load_data("npz:sub/d.npz", root=tmp_path).train) == 6
-    assert len(load_data(f"npz:{tmp_path / 'sub' / 'd.npz'}", root="/elsewhere").train) == 6  # absolute wins
+    assert len(load_data("npz:sub/d.npz", val_fraction=0.0, root=tmp_path).train) == 6
+    assert len(load_data(f"npz:{tmp_path / 'sub' / 'd.npz'}", val_fraction=0.0, root="/elsewhere").train) == 6  # absolute wins
     monkeypatch.chdir(tmp_path / "sub")
-    assert len(load_data("npz:d.npz").train) == 6
+    assert len(load_data("npz:d.npz", val_fraction=0.0).train) == 6
     with pytest.raises(ThermoKDError, match="npz file not found: .*other/d.npz"):
-        load_data("npz:d.npz", root=tmp_path / "other")
+        load_data("npz:d.npz", val_fraction=0.0, root=tmp_path / "other")
 
 
 @pytest.mark.parametrize("spec", ["npz:", "npz:  ", "text:20ng", "/data/x.npz"])
@@ -144,7 +144,7 @@ def test_idx_wider_element_types_are_read_in_native_order_and_not_rescaled(tmp_p
     assert np.array_equal(read_idx(_write(tmp_path / "f", _idx(floats, 0x0D))), floats)
     folder = _idx_folder(tmp_path / "ints", images=np.arange(5 * 4 * 4, dtype=np.int16).reshape(5, 4, 4),
                          image_type=0x0B)
-    b = load_data(f"idx:{folder}")
+    b = load_data(f"idx:{folder}", val_fraction=0.0)
     assert b.mean[0] == pytest.approx(np.arange(80).mean(), rel=1e-6)  # only uint8 pixels are divided by 255
 
 
@@ -152,16 +152,16 @@ def test_idx_dotted_names_as_some_mirrors_ship_them(tmp_path):
     folder = _idx_folder(tmp_path / "m")
     for stem in IDX_FILES:
         (folder / stem).rename(folder / stem.replace("-idx", ".idx"))
-    assert load_data(f"idx:{folder}").input_shape == (1, 4, 4)
+    assert load_data(f"idx:{folder}", val_fraction=0.0).input_shape == (1, 4, 4)
 
 
 def test_idx_wrong_dimensions_are_named(tmp_path):
     folder = _idx_folder(tmp_path / "m", images=np.zeros((5, 16), np.uint8))
     with pytest.raises(ThermoKDError, match=r"train-images-idx3-ubyte: expected \[N, H, W\] images, found shape"):
-        load_data(f"idx:{folder}")
+        load_data(f"idx:{folder}", val_fraction=0.0)
     folder = _idx_folder(tmp_path / "n", labels=np.zeros((5, 1), np.uint8))
     with pytest.raises(ThermoKDError, match=r"train-labels-idx1-ubyte: expected \[N\] labels"):
-        load_data(f"idx:{folder}")
+        load_data(f"idx:{folder}", val_fraction=0.0)
 
 
 def test_idx_damaged_files(tmp_path):
@@ -189,7 +189,7 @@ def _cifar100(folder, train=None, test=None, meta=True):
 
 
 def test_cifar_without_meta_has_no_class_names(tmp_path):
-    b = load_data(f"cifar100:{_cifar100(tmp_path / 'c', meta=False)}")
+    b = load_data(f"cifar100:{_cifar100(tmp_path / 'c', meta=False)}", val_fraction=0.0)
     assert b.class_names == [] and b.num_classes == 100 and b.input_shape == (3, 32, 32)
 
 
@@ -201,14 +201,14 @@ def test_cifar_without_meta_has_no_class_names(tmp_path):
 ])
 def test_cifar_bad_contents_are_named(tmp_path, train, pattern):
     with pytest.raises(ThermoKDError, match=pattern):
-        load_data(f"cifar100:{_cifar100(tmp_path / 'c', train=train)}")
+        load_data(f"cifar100:{_cifar100(tmp_path / 'c', train=train)}", val_fraction=0.0)
 
 
 def test_cifar_damaged_pickle(tmp_path):
     folder = _cifar100(tmp_path / "c")
     (folder / "test").write_bytes(b"\x80\x04 damaged")
     with pytest.raises(ThermoKDError, match="cannot read .*test as a CIFAR pickle"):
-        load_data(f"cifar100:{folder}")
+        load_data(f"cifar100:{folder}", val_fraction=0.0)
 
 
 # ------------------------------------------------------------------------------------------------------ augmentation

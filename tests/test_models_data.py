@@ -130,7 +130,7 @@ def digits0():
 
 def test_digits_split_sizes_and_shapes(digits0):
     b = digits0
-    assert (len(b.train), len(b.test)) == (1437, 360)
+    assert (len(b.train), len(b.val), len(b.test)) == (1437 - 144, 144, 360)  # 10 % of training held out
     assert b.input_shape == (1, 8, 8)
     assert b.train.x.dtype == torch.float32 and b.train.y.dtype == torch.int64
     assert b.num_classes == 10 and b.class_names == [str(i) for i in range(10)]
@@ -143,7 +143,7 @@ def test_digits_split_is_stratified(digits0, digits_raw):
     n_test = len(b.test)
     overall = np.bincount(y_all, minlength=10)
     test_counts = np.bincount(b.test.y.numpy(), minlength=10)
-    train_counts = np.bincount(b.train.y.numpy(), minlength=10)
+    train_counts = np.bincount(torch.cat([b.train.y, b.val.y]).numpy(), minlength=10)
     np.testing.assert_array_equal(test_counts + train_counts, overall)
     expected = n_test * overall / overall.sum()
     assert np.abs(test_counts - expected).max() <= 1.0
@@ -162,9 +162,9 @@ def test_digits_is_normalised_and_a_partition(digits0, digits_raw):
     assert abs(float(b.train.x.mean())) < 1e-4
     assert float(b.train.x.std()) == pytest.approx(1.0, abs=1e-3)
     assert len(b.mean) == 1 and len(b.std) == 1
-    # un-normalising gives pixel/16 in [0, 1], and train ∪ test is exactly the original set of images
+    # un-normalising gives pixel/16 in [0, 1], and train ∪ val ∪ test is exactly the original set of images
     x_raw, _ = digits_raw
-    restored = torch.cat([b.train.x, b.test.x]) * b.std[0] + b.mean[0]
+    restored = torch.cat([b.train.x, b.val.x, b.test.x]) * b.std[0] + b.mean[0]
     assert float(restored.min()) > -1e-4 and float(restored.max()) < 1 + 1e-4
     mine = np.round(restored.reshape(len(restored), -1).numpy() * 16).astype(int)
     got = sorted(map(tuple, mine))
@@ -217,7 +217,7 @@ def test_npz_layouts_and_dtypes(tmp_path, layout, dtype):
     x_tr, x_te = _raw(shape, dtype, rng), _raw((8,) + shape[1:], dtype, rng)
     y_tr, y_te = _labels(20, 4, rng), _labels(8, 4, rng)
     path = _save_npz(tmp_path / "d.npz", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
-    b = load_data(f"npz:{path}")
+    b = load_data(f"npz:{path}", val_fraction=0.0)
     expected_shape = to_nchw(x_tr).shape[1:]
     assert b.input_shape == expected_shape and b.test.x.shape == (8,) + expected_shape
     assert b.num_classes == 4
@@ -256,7 +256,7 @@ def test_npz_float_labels_that_are_integers_are_accepted(tmp_path):
     rng = np.random.default_rng(1)
     path = _save_npz(tmp_path / "d.npz", x_train=rng.normal(size=(6, 3)), y_train=np.array([0., 1, 2, 0, 1, 2]),
                      x_test=rng.normal(size=(3, 3)), y_test=np.array([2., 1, 0]))
-    b = load_data(f"npz:{path}")
+    b = load_data(f"npz:{path}", val_fraction=0.0)
     assert b.train.y.dtype == torch.int64 and b.train.y.tolist() == [0, 1, 2, 0, 1, 2]
 
 
@@ -289,16 +289,16 @@ def test_npz_errors_name_the_problem(tmp_path, change, pattern):
     arrays.update(change)
     path = _save_npz(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ThermoKDError, match=pattern):
-        load_data(f"npz:{path}")
+        load_data(f"npz:{path}", val_fraction=0.0)
 
 
 def test_npz_missing_and_unreadable_file(tmp_path):
     with pytest.raises(ThermoKDError, match="not found.*nope.npz"):
-        load_data(f"npz:{tmp_path / 'nope.npz'}")
+        load_data(f"npz:{tmp_path / 'nope.npz'}", val_fraction=0.0)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"this is not a zip file")
     with pytest.raises(ThermoKDError, match="cannot read .*junk.npz"):
-        load_data(f"npz:{junk}")
+        load_data(f"npz:{junk}", val_fraction=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- IDX
@@ -336,7 +336,7 @@ def test_idx_header_written_by_hand():
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
 def test_idx_folder_loads(tmp_path, gz):
     arrays = _write_idx_folder(tmp_path / "mnistish", gz)
-    b = load_data(f"idx:{tmp_path / 'mnistish'}")
+    b = load_data(f"idx:{tmp_path / 'mnistish'}", val_fraction=0.0)
     assert b.input_shape == (1, 7, 6) and (len(b.train), len(b.test)) == (12, 5)
     assert b.num_classes == 3
     assert b.train.y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
@@ -351,22 +351,22 @@ def test_idx_folder_missing_file_is_named(tmp_path):
     _write_idx_folder(folder, gz=True)
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(ThermoKDError, match="missing t10k-labels-idx1-ubyte"):
-        load_data(f"idx:{folder}")
+        load_data(f"idx:{folder}", val_fraction=0.0)
 
 
 def test_idx_folder_missing_folder_and_bad_file(tmp_path):
     with pytest.raises(ThermoKDError, match="IDX folder not found"):
-        load_data(f"idx:{tmp_path / 'absent'}")
+        load_data(f"idx:{tmp_path / 'absent'}", val_fraction=0.0)
     folder = tmp_path / "corrupt"
     _write_idx_folder(folder, gz=False)
     (folder / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04garbage")
     with pytest.raises(ThermoKDError, match="not an IDX file"):
-        load_data(f"idx:{folder}")
+        load_data(f"idx:{folder}", val_fraction=0.0)
     _write_idx_folder(folder, gz=False)
     data = (folder / "train-labels-idx1-ubyte").read_bytes()
     (folder / "train-labels-idx1-ubyte").write_bytes(data[:-2])  # truncated body
     with pytest.raises(ThermoKDError, match="header says"):
-        load_data(f"idx:{folder}")
+        load_data(f"idx:{folder}", val_fraction=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- CIFAR
@@ -406,7 +406,7 @@ def _write_cifar10(folder, per_batch=3, n_test=4, seed=0):
 def test_cifar10_pickle_folder(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     batches, test = _write_cifar10(folder)
-    b = load_data(f"cifar10:{folder}")
+    b = load_data(f"cifar10:{folder}", val_fraction=0.0)
     assert b.train.x.shape == (15, 3, 32, 32) and b.test.x.shape == (4, 3, 32, 32)
     assert b.train.y.tolist() == [v for batch in batches for v in batch[b"labels"]]
     assert b.test.y.tolist() == test[b"labels"]
@@ -430,7 +430,7 @@ def test_cifar100_pickle_folder(tmp_path):
     _pickle(folder / "test", test)
     _pickle(folder / "meta", {b"fine_label_names": [n.encode() for n in names],
                               b"coarse_label_names": [f"super{i}".encode() for i in range(20)]})
-    b = load_data(f"cifar100:{folder}")
+    b = load_data(f"cifar100:{folder}", val_fraction=0.0)
     assert b.train.x.shape == (10, 3, 32, 32) and b.test.x.shape == (6, 3, 32, 32)
     assert b.train.y.tolist() == train[b"fine_labels"] and b.test.y.tolist() == test[b"fine_labels"]
     assert b.class_names == names
@@ -445,19 +445,19 @@ def test_cifar_label_out_of_range(tmp_path):
     batches[2][b"labels"][1] = 10
     _pickle(folder / "data_batch_3", batches[2])
     with pytest.raises(ThermoKDError, match="label 10 is out of range for 10 classes"):
-        load_data(f"cifar10:{folder}")
+        load_data(f"cifar10:{folder}", val_fraction=0.0)
 
 
 def test_cifar_missing_pieces(tmp_path):
     with pytest.raises(ThermoKDError, match="CIFAR-10 folder not found"):
-        load_data(f"cifar10:{tmp_path / 'absent'}")
+        load_data(f"cifar10:{tmp_path / 'absent'}", val_fraction=0.0)
     folder = tmp_path / "c10"
     _write_cifar10(folder)
     (folder / "data_batch_4").unlink()
     with pytest.raises(ThermoKDError, match="missing data_batch_4"):
-        load_data(f"cifar10:{folder}")
+        load_data(f"cifar10:{folder}", val_fraction=0.0)
     with pytest.raises(ThermoKDError, match="missing train"):
-        load_data(f"cifar100:{folder}")
+        load_data(f"cifar100:{folder}", val_fraction=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -465,7 +465,7 @@ def test_cifar_missing_pieces(tmp_path):
 @pytest.mark.skipif(not formats.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_fashion_mnist_loads():
     b = load_data("fashion-mnist")
-    assert (len(b.train), len(b.test)) == (60000, 10000)
+    assert (len(b.train), len(b.val), len(b.test)) == (54000, 6000, 10000)
     assert b.input_shape == (1, 28, 28) and b.num_classes == 10
     assert len(b.class_names) == 10 and b.class_names[0] == "T-shirt/top"
     assert b.default_augment == "crop-flip"
@@ -574,6 +574,6 @@ def test_npz_constant_feature_stays_finite(tmp_path):
     arrays = _good_arrays()
     arrays["x_train"][:, 1] = 2.0  # a feature that never varies in training
     arrays["x_test"][:, 1] = 5.0
-    b = load_data(f"npz:{_save_npz(tmp_path / 'c.npz', **arrays)}")
+    b = load_data(f"npz:{_save_npz(tmp_path / 'c.npz', **arrays)}", val_fraction=0.0)
     assert torch.isfinite(b.train.x).all() and torch.isfinite(b.test.x).all()
     assert torch.equal(b.train.x[:, 1], torch.zeros(6))

@@ -103,8 +103,10 @@ def test_real_tokenizer_on_real_documents():
 
 
 def test_tab_data_is_tokenised_once_and_cached(tiny, tmp_path, monkeypatch):
+    """The reader alone: no validation split is carved (val_fraction=0), so the files' rows come back in order."""
     cache = tmp_path / "cache"
-    bundle = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache)
+    bundle = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache,
+                       val_fraction=0.0)
     assert bundle.is_text and bundle.vocab_size == len(VOCAB) and bundle.pad_id == 0
     assert bundle.class_names == sorted(TOPICS) and bundle.num_classes == 3 and bundle.default_augment == "none"
     assert bundle.train.x.shape == (60, 16) and bundle.test.x.shape == (30, 16)
@@ -119,11 +121,13 @@ def test_tab_data_is_tokenised_once_and_cached(tiny, tmp_path, monkeypatch):
         raise AssertionError("a cached data set must not be tokenised again")
 
     monkeypatch.setattr(text_data, "load_tokenizer", no_tokenizer)
-    again = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache)
+    again = load_data(f"tab:{tiny / 'toy'}", max_len=16, tokenizer=tiny / "bert", cache_dir=cache,
+                       val_fraction=0.0)
     assert torch.equal(again.train.x, bundle.train.x) and torch.equal(again.test.y, bundle.test.y)
     monkeypatch.undo()
     # another max_len is another cache entry; padding never exceeds it
-    short = load_data(f"tab:{tiny / 'toy'}", max_len=6, tokenizer=tiny / "bert", cache_dir=cache)
+    short = load_data(f"tab:{tiny / 'toy'}", max_len=6, tokenizer=tiny / "bert", cache_dir=cache,
+                       val_fraction=0.0)
     assert short.train.x.shape == (60, 6) and (short.train.x[:, -1] != 0).any()
     assert len(list((cache / "text").glob("*.safetensors"))) == 2
 
@@ -262,9 +266,9 @@ def test_frozen_teacher_encodes_each_document_once(tiny, tmp_path, monkeypatch):
     cfg = config_from_dict(tiny_config(tiny))
     calls = _count_encoder_calls(monkeypatch)
     info = train_teacher(cfg, cache, progress_bar=False)
-    assert sum(calls) == 60 + 30  # every training and test document once, then only the head
+    assert sum(calls) == 60 + 30  # every training, validation and test document once, then only the head
     assert 0.0 <= info["test_acc"] <= 1.0 and info["train_seconds"] > 0
-    assert len(list((cache / "features").glob("*.safetensors"))) == 2
+    assert len(list((cache / "features").glob("*.safetensors"))) == 3  # train, validation, test
     calls.clear()
     result = run_distill(cfg, tmp_path / "kd", cache_dir=cache, progress_bar=False)
     assert calls == [] and result["final"]["tau_teacher_mean"] == pytest.approx(4.0)
@@ -313,6 +317,10 @@ def test_teacher_key_covers_tokenisation_and_data_content(tiny, tmp_path):
     other.data.tokenizer = str(tmp_path)
     assert teacher_key(other, "d") != teacher_key(cfg, "d")
     assert teacher_key(cfg, "d") != teacher_key(cfg, "e")  # same config and path, other data bytes
+    digits = config_from_dict({"data": {"name": "digits"}})
+    other = copy.deepcopy(digits)
+    other.data.val_fraction = 0.2  # the teacher trains without the validation rows: another split, another teacher
+    assert teacher_key(other, "d") != teacher_key(digits, "d")
 
 
 def test_every_method_distils_on_text(tiny, tmp_path):
@@ -350,7 +358,7 @@ def test_compare_command_on_tiny_text(tiny, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["ce", "kd", "cist"] and "teacher minilm" in proc.stdout
     assert results["runs"][2]["final"]["tau_teacher_mean"] > 0 and (out / "report.md").is_file()
-    assert len(list((cache / "features").glob("*.safetensors"))) == 2
+    assert len(list((cache / "features").glob("*.safetensors"))) == 3  # train, validation, test
 
 
 def test_text_has_no_augmentation(tiny, tmp_path):

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_tune import add_tune_arguments, tune_command
 from .errors import ThermoKDError
 
 BUNDLED = Path(__file__).parent / "configs"
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
     _rerun_changed(p)
+    p.add_argument("--tune", type=int, metavar="TRIALS", help="tune every method with this many trials on the "
+                   "validation split first (overrides compare.tune.trials; 0: no tuning)")
 
     p = sub.add_parser("distill", help="train one student; --resume continues a killed run")
     _common(p)
@@ -102,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     _rerun_changed(p)
+
+    p = sub.add_parser("tune", help="choose a method's temperature setting on the validation split (Optuna; "
+                       "resumable)")
+    _common(p)
+    add_tune_arguments(p)
 
     p = sub.add_parser("train-teacher", help="train (or find in the cache) the teacher of a config")
     _common(p, out_required=False)
@@ -132,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="1,2,4,8,16", help="τ grid to verify on (default %(default)s)")
     p.add_argument("--epochs", type=int, help="student epochs for --verify (default: the config's)")
     p.add_argument("--seeds", type=int, default=1, help="seeds for --verify (default 1)")
+    p.add_argument("--against-tune", type=int, default=0, metavar="TRIALS", help="with --verify: also tune KD's τ "
+                   "on validation with this many trials and measure the proposal's regret against it")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
     _rerun_changed(p)
 
@@ -176,7 +186,7 @@ def _compare(args) -> None:
     from .experiments.compare import DEFAULT_METHODS, parse_methods, run_compare
     from .experiments.report import summarize
 
-    cfg = load_run_config(args)
+    cfg = load_run_config(args, [f"compare.tune.trials={args.tune}"] if args.tune is not None else [])
     methods = parse_methods(args.methods if args.methods is not None
                             else ",".join(cfg.compare.methods) or DEFAULT_METHODS, cfg)
     seeds = cfg.compare.seeds if args.seeds is None else args.seeds
@@ -185,7 +195,7 @@ def _compare(args) -> None:
     results = run_compare(cfg, methods, list(range(seeds)), args.out, args.cache, not args.no_progress,
                           rerun_changed=args.rerun_changed)
     summary = summarize(results["runs"])
-    print(f"\n{'method':18s} {'best acc':>16s} {'last acc':>16s}")
+    print(f"\n{'method':18s} {'test @ best val':>16s} {'test @ last':>16s}")
     for method, s in summary.items():
         print(f"{method:18s} {100 * s['best_mean']:7.2f} ± {100 * s['best_std']:5.2f} "
               f"{100 * s['last_mean']:7.2f} ± {100 * s['last_std']:5.2f}")
@@ -208,8 +218,9 @@ def _distill(args) -> None:
     elif result["teacher"]:
         print(teacher_line(result["teacher"]))
     write_distill_report(result, args.out)
-    print(f"{result['method']} seed {result['seed']}: best test accuracy {result['best_acc']:.4f} "
-          f"(epoch {result['best_epoch']}), last {result['last_acc']:.4f}; wrote {args.out / 'result.json'}")
+    print(f"{result['method']} seed {result['seed']}: test accuracy {result['best_acc']:.4f} at the best validation "
+          f"epoch {result['best_epoch']} (val {result['best_val_acc']:.4f}), {result['last_acc']:.4f} at the last; "
+          f"wrote {args.out / 'result.json'}")
 
 
 def _train_teacher(args) -> None:
@@ -267,10 +278,13 @@ def _recommend(args) -> None:
         if args.seeds < 1:
             raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
         result = verify(cfg, proposal, grid, args.epochs, list(range(args.seeds)), args.out, args.cache,
-                        not args.no_progress, rerun_changed=args.rerun_changed)
+                        not args.no_progress, rerun_changed=args.rerun_changed, tune_trials=args.against_tune)
         v = result["verification"]
         print(f"grid's best tau = {v['best_tau']:g} ({100 * v['best_acc']:.2f} %), proposal "
               f"{100 * v['proposal_acc']:.2f} %: {v['verdict']}")
+        if v.get("regret"):
+            print(f"tuned tau = {v['tuned_tau']:g}; the proposal's regret against it: "
+                  f"{100 * v['regret']['mean']:+.2f} pp over {v['regret']['n']} seeds")
     else:
         write_recommendation(proposal, args.out)
     print(f"wrote {args.out / 'recommend.json'} and {args.out / 'recommend.md'}")
@@ -308,7 +322,8 @@ def _lm(args) -> None:
     print(f"\n{results['wall_seconds'] / 60:.1f} min; wrote {args.out / 'results.json'} and {args.out / 'report.md'}")
 
 
-COMMANDS = {"compare": _compare, "distill": _distill, "train-teacher": _train_teacher, "sweep": _sweep,
+COMMANDS = {"compare": _compare, "distill": _distill, "tune": tune_command, "train-teacher": _train_teacher,
+            "sweep": _sweep,
             "diagnose": _diagnose, "recommend": _recommend, "report": _report, "lm": _lm}
 
 

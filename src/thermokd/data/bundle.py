@@ -25,7 +25,8 @@ class Split:
 
 @dataclass
 class DataBundle:
-    """A train/test pair, normalised with the training split's statistics: ``mean``/``std`` hold one value per
+    """A train/test pair (and a validation split: see ``data.split.with_validation``), normalised with the
+    training split's statistics: ``mean``/``std`` hold one value per
     channel for images and one per feature for feature vectors, so ``(raw - mean) / std`` reproduces ``x``.
     Text holds token ids instead: ``vocab_size`` (> 0 only for text) and ``pad_id`` tell the models about them."""
 
@@ -39,6 +40,7 @@ class DataBundle:
     std: list[float] = field(default_factory=list)
     vocab_size: int = 0
     pad_id: int = 0
+    val: "Split | None" = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -82,11 +84,15 @@ def check_label_range(name: str, y: Tensor, num_classes: int) -> None:
 
 def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "int | None" = None,
                 default_augment: str = "none", class_names: "list[str] | None" = None,
-                scale: "float | None" = None) -> DataBundle:
+                scale: "float | None" = None, x_val=None, y_val=None) -> DataBundle:
     """Validate arrays (``[N, D]`` features or ``[N, C, H, W]`` images), convert to float32 tensors divided by
-    ``scale``, and normalise. ``num_classes`` defaults to the largest training label + 1."""
+    ``scale``, and normalise. ``num_classes`` defaults to the largest training label + 1. ``x_val``/``y_val``:
+    a validation split given by the data's files (else one is carved from training later)."""
     xs, ys = [], []
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+    named = [("train", x_train, y_train), ("test", x_test, y_test)]
+    if x_val is not None:
+        named.append(("val", x_val, y_val))
+    for split, x, y in named:
         x = torch.from_numpy(np.array(x, dtype=np.float32))  # one copy; numpy also fixes a foreign byte order
         if scale is not None:
             x = x / scale
@@ -99,18 +105,20 @@ def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "in
             raise ThermoKDError(f"{name}: {split} inputs hold NaN or infinite values")
         xs.append(x)
         ys.append(y)
-    if xs[0].shape[1:] != xs[1].shape[1:]:
-        raise ThermoKDError(f"{name}: train inputs {tuple(xs[0].shape[1:])} and test inputs "
-                            f"{tuple(xs[1].shape[1:])} differ in shape")
+    for (split, _, _), x in zip(named[1:], xs[1:]):
+        if xs[0].shape[1:] != x.shape[1:]:
+            raise ThermoKDError(f"{name}: train inputs {tuple(xs[0].shape[1:])} and {split} inputs "
+                                f"{tuple(x.shape[1:])} differ in shape")
     low = min(int(y.min()) for y in ys)
     if low < 0:
         raise ThermoKDError(f"{name}: labels must be >= 0, found {low}")
     if num_classes is None:
         num_classes = int(ys[0].max()) + 1
-        if int(ys[1].max()) >= num_classes:
-            raise ThermoKDError(f"{name}: the test split has label {int(ys[1].max())}, never seen in training")
+        for (split, _, _), y in zip(named[1:], ys[1:]):
+            if int(y.max()) >= num_classes:
+                raise ThermoKDError(f"{name}: the {split} split has label {int(y.max())}, never seen in training")
         check_label_range(name, ys[0], num_classes)
-    for split, y in zip(("train", "test"), ys):
+    for (split, _, _), y in zip(named, ys):
         if int(y.max()) >= num_classes:
             raise ThermoKDError(f"{name}: {split} label {int(y.max())} is out of range for {num_classes} classes")
     dims = (0,) if xs[0].dim() == 2 else (0, 2, 3)
@@ -118,6 +126,7 @@ def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "in
     std = xs[0].std(dim=dims, keepdim=True)
     # a constant (or single-example) channel is only centred, so test values off that constant stay finite
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    train, test = (Split(((x - mean) / std).contiguous(), y) for x, y in zip(xs, ys))
+    train, test, *val = (Split(((x - mean) / std).contiguous(), y) for x, y in zip(xs, ys))
     return DataBundle(name=name, train=train, test=test, num_classes=num_classes, default_augment=default_augment,
-                      class_names=list(class_names or []), mean=mean.flatten().tolist(), std=std.flatten().tolist())
+                      class_names=list(class_names or []), mean=mean.flatten().tolist(), std=std.flatten().tolist(),
+                      val=val[0] if val else None)

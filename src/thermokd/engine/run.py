@@ -38,11 +38,14 @@ class Experiment:
     """Data, model factory and augmentation for a config, shared by the teacher and every student run."""
 
     def __init__(self, cfg: RunConfig, cache_dir: "Path | None" = None) -> None:
-        from ..data import load_data, make_augment
+        from ..data import load_data, make_augment, student_subset
 
         self.cfg = cfg
         self.bundle = load_data(cfg.data.name, seed=cfg.teacher.seed, max_len=cfg.data.max_len,
-                                tokenizer=cfg.data.tokenizer, cache_dir=cache_dir)
+                                tokenizer=cfg.data.tokenizer, cache_dir=cache_dir,
+                                val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
+        # the training examples a student sees (None: all); the teacher always trains on every one
+        self.student_index = student_subset(self.bundle.train.y, cfg.data.student_train_size, cfg.data.val_seed)
         if self.bundle.is_text and cfg.data.augment not in ("default", "none"):
             raise ThermoKDError(f"data.augment={cfg.data.augment!r} does not apply to token ids; "
                                 "use 'none' or 'default' for text")
@@ -75,29 +78,38 @@ class Experiment:
             return x
         return self._augment(x, torch.Generator().manual_seed(seed * 7_919 + index))
 
-    def fresh_data(self, seed: int) -> EpochData:
+    def _epoch_data(self, inputs_for_epoch, logits_for_epoch=None, student: bool = True) -> EpochData:
+        """The data of a run; a student's is restricted to its training subset, when one is set."""
+        b, index = self.bundle, self.student_index if student else None
+
+        def take(tensor: "Tensor | None") -> "Tensor | None":
+            return tensor if index is None or tensor is None else tensor[index]
+
+        data = EpochData(train_y=take(b.train.y), test_x=b.test.x, test_y=b.test.y, val_x=b.val.x, val_y=b.val.y,
+                         inputs_for_epoch=lambda epoch: take(inputs_for_epoch(epoch)))
+        if logits_for_epoch is not None:
+            data.teacher_logits_for_epoch = lambda epoch: take(logits_for_epoch(epoch))
+        return data
+
+    def fresh_data(self, seed: int, student: bool = True) -> EpochData:
         """A new augmentation draw every epoch (teacher training, online-teacher students)."""
-        b = self.bundle
-        return EpochData(train_y=b.train.y, test_x=b.test.x, test_y=b.test.y,
-                         inputs_for_epoch=lambda epoch: self.augmented(seed, epoch))
+        return self._epoch_data(lambda epoch: self.augmented(seed, epoch), student=student)
 
     def cached_data(self, teacher: nn.Module, tdir: Path, device, is_main: bool) -> EpochData:
         """Fixed augmented views of the training set (one if no augmentation), with the teacher's logits on each
         computed once and cached; epoch ``e`` uses view ``e mod K``, so a KD epoch costs about a CE epoch."""
-        b, k = self.bundle, (1 if self.augment_name == "none" else self.cfg.data.augment_views)
+        k = 1 if self.augment_name == "none" else self.cfg.data.augment_views
         view_seed = self.cfg.teacher.seed + 1
         views = [self.augmented(view_seed, v) for v in range(k)]
         tag = hashlib.sha256(f"{self.augment_name}-{k}-{view_seed}".encode()).hexdigest()[:10]
         key = digest("logits", teacher_key(self.cfg, self.data_digest), self.augment_name, str(k), str(view_seed))
         logits = cached_view_logits(teacher, views, tdir / f"logits-{tag}.safetensors", key, device,
                                     self.cfg.train.eval_batch_size, is_main)
-        return EpochData(train_y=b.train.y, test_x=b.test.x, test_y=b.test.y,
-                         inputs_for_epoch=lambda epoch: views[epoch % k],
-                         teacher_logits_for_epoch=lambda epoch: logits[epoch % k])
+        return self._epoch_data(lambda epoch: views[epoch % k], lambda epoch: logits[epoch % k])
 
     def teacher(self, accelerator, cache_dir: "Path | None", progress_bar: bool = True,
                 echo: "Callable[[str], None] | None" = None) -> tuple[nn.Module, dict]:
-        teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed),
+        teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed, student=False),
                                        accelerator, self.data_digest, cache_dir, progress_bar, echo)
         if info["test_logits"].shape[-1] != self.bundle.num_classes:
             raise ThermoKDError(f"the teacher predicts {info['test_logits'].shape[-1]} classes but the data "
@@ -134,22 +146,24 @@ def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=N
 
 def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: "Path | None" = None,
                 accelerator=None, experiment: "Experiment | None" = None, teacher: "tuple | None" = None,
-                progress_bar: bool = True, rerun_changed: bool = False) -> dict[str, Any]:
+                progress_bar: bool = True, rerun_changed: bool = False,
+                on_epoch: "Callable[[dict[str, Any]], None] | None" = None) -> dict[str, Any]:
     """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content.
 
     ``resume`` continues a killed run or returns a finished one (``"reused": True``), but only when the folder's
     run was made of the same config, teacher and data; otherwise it stops with one line naming the differences
     before writing anything, or with ``rerun_changed`` starts that run afresh. One process writes a folder at a
-    time (a lock held for the whole run)."""
+    time (a lock held for the whole run). ``on_epoch``: called with each epoch's record (validation and test
+    accuracy), e.g. by a tuner."""
     out_dir = Path(out_dir)
     with FolderLock(out_dir):
         return _run_distill(cfg, out_dir, resume, cache_dir, accelerator, experiment, teacher, progress_bar,
-                            rerun_changed)
+                            rerun_changed, on_epoch)
 
 
 def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path | None", accelerator,
                  experiment: "Experiment | None", teacher: "tuple | None", progress_bar: bool,
-                 rerun_changed: bool) -> dict[str, Any]:
+                 rerun_changed: bool, on_epoch: "Callable[[dict[str, Any]], None] | None") -> dict[str, Any]:
     result_path = out_dir / "result.json"
     existing = (out_dir / "checkpoints").exists() or result_path.exists()
     if existing and not (resume or rerun_changed):
@@ -183,7 +197,8 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a log left by a run killed before its first checkpoint
         save_json(out_dir / "config.json", cfg.to_dict())
     started = time.time()
-    trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online, run_key=identity)
+    trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online, run_key=identity,
+                      on_epoch=on_epoch)
     summary = trainer.fit(resume=existing)
     student = trainer.inner.student
     result: dict[str, Any] = {"method": cfg.method.name, "seed": t.seed, "data": cfg.data.name,

@@ -27,7 +27,8 @@ def teacher_key(cfg: RunConfig, data_digest: str) -> str:
     spec = {"format": FORMAT, "data": data_digest, "augment": cfg.data.augment, "model": t.model,
             "model_args": t.model_args, "epochs": t.epochs, "batch_size": t.batch_size, "seed": t.seed,
             "optimizer": vars(t.optimizer), "schedule": vars(t.schedule),
-            "checkpoint": path_digest(t.checkpoint) if t.checkpoint and Path(t.checkpoint).is_file() else t.checkpoint}
+            "checkpoint": path_digest(t.checkpoint) if t.checkpoint and Path(t.checkpoint).is_file() else t.checkpoint,
+            "validation": [cfg.data.val_fraction, cfg.data.val_seed]}  # the teacher trains without the val split
     if is_text_spec(cfg.data.name):
         spec["text"] = {"max_len": cfg.data.max_len, "tokenizer": cfg.data.tokenizer}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -88,7 +89,8 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
     if t.checkpoint:
         load_weights(model, Path(t.checkpoint), checksum=False)
     if caches_features(model):
-        cache_frozen_features(model, {"train": data.inputs_for_epoch(0), "test": data.test_x}, accelerator,
+        splits = {"train": data.inputs_for_epoch(0), "test": data.test_x}
+        cache_frozen_features(model, splits if data.val_x is None else {**splits, "val": data.val_x}, accelerator,
                               cache_dir, progress_bar)
     if not t.checkpoint:
         with FolderLock(directory, "teacher cache entry", wait=True, echo=echo):
@@ -100,7 +102,12 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
     model = model.to(accelerator.device).eval()
     test_logits = predict(model, data.test_x, accelerator.device, cfg.train.eval_batch_size)
     acc = float((test_logits.argmax(-1) == data.test_y).float().mean())
-    return model, {"key": key, "model": t.model, "test_acc": acc, "dir": str(directory), "source": source,
+    val_acc = None
+    if data.val_x is not None:
+        val_logits = predict(model, data.val_x, accelerator.device, cfg.train.eval_batch_size)
+        val_acc = float((val_logits.argmax(-1) == data.val_y).float().mean())
+    return model, {"key": key, "model": t.model, "test_acc": acc, "val_acc": val_acc, "dir": str(directory),
+                   "source": source,
                    "train_seconds": training_seconds(directory / "run" / "metrics.jsonl"), "test_logits": test_logits}
 
 

@@ -22,8 +22,10 @@ from ..errors import ThermoKDError
 from ..loss import DistillationLoss, LossOutput
 from ..progress import Progress
 from .checkpoint import load_latest, save_checkpoint, write_json_atomic
+from .divergence import check_finite_loss, collapse, warn_collapse
 from .metrics import MetricLogger
 from .schedule import learning_rate
+from .selection import epoch_summary
 
 
 @dataclass
@@ -47,13 +49,16 @@ class LoopConfig:
 class EpochData:
     """In-memory data. ``inputs_for_epoch(e)`` gives the (possibly augmented) training inputs of epoch ``e``;
     ``teacher_logits_for_epoch(e)`` the cached teacher logits for exactly those inputs, or None (then the
-    teacher, if any, runs online)."""
+    teacher, if any, runs online). ``val_x``/``val_y``: the validation split that picks the best epoch (without
+    one, the best epoch is the last: the test split never chooses anything)."""
 
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
     inputs_for_epoch: Callable[[int], Tensor]
     teacher_logits_for_epoch: Callable[[int], "Tensor | None"] = lambda epoch: None
+    val_x: "Tensor | None" = None
+    val_y: "Tensor | None" = None
 
     @property
     def num_train(self) -> int:
@@ -101,8 +106,9 @@ class _Position:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    best_acc: float = -1.0
+    best_acc: float = -1.0  # the validation accuracy of the best epoch
     best_epoch: int = -1
+    collapse: "dict[str, Any] | None" = None
     history: list[dict[str, Any]] = field(default_factory=list)
     tau_trace: list[list[float]] = field(default_factory=list)
     epoch_sums: dict[str, float] = field(default_factory=dict)
@@ -115,13 +121,16 @@ class Trainer:
     """Trains ``student`` with ``loss_fn`` (and ``teacher``, when the loss distils) on ``data``.
 
     ``out_dir`` receives ``metrics.jsonl`` and ``checkpoints/``; ``fit(resume=True)`` continues from the latest
-    checkpoint there."""
+    checkpoint there. ``on_epoch(record)`` is called after each epoch's evaluation (e.g. to report validation
+    accuracy to a tuner, which may stop the run by raising)."""
 
     def __init__(self, student: nn.Module, loss_fn: DistillationLoss, data: EpochData, loop: LoopConfig,
                  accelerator, out_dir: "Path | None" = None, teacher: "nn.Module | None" = None,
-                 keep_checkpoints: int = 1, run_key: "dict[str, Any] | None" = None) -> None:
+                 keep_checkpoints: int = 1, run_key: "dict[str, Any] | None" = None,
+                 on_epoch: "Callable[[dict[str, Any]], None] | None" = None) -> None:
         self.acc, self.loop, self.data, self.out_dir = accelerator, loop, data, out_dir
         self.run_key = run_key  # what the run is made of, recorded in every checkpoint so a resume can check it
+        self.on_epoch = on_epoch
         self.teacher = teacher
         self.distils = loss_fn.kd_weight > 0
         if self.distils and teacher is None and data.teacher_logits_for_epoch(0) is None:
@@ -253,6 +262,7 @@ class Trainer:
             for k, v in stats.items():
                 pos.epoch_sums[k] = pos.epoch_sums.get(k, 0.0) + v
             if pos.global_step % loop.log_every == 0:
+                check_finite_loss(stats, f"at step {pos.global_step} (epoch {e})", loop.description)
                 if "tau_teacher_mean" in stats:
                     pos.tau_trace.append([pos.global_step, stats["tau_teacher_mean"], stats["tau_student_mean"]])
                 self.logger.log({"type": "step", "step": pos.global_step, "epoch": e, "lr": lr, **stats})
@@ -275,30 +285,39 @@ class Trainer:
         return dict(zip(keys, values.tolist()))
 
     def _end_epoch(self, pos: _Position, lr: float) -> None:
-        acc = self.evaluate()
+        test_acc, num_classes = self.evaluate(self.data.test_x, self.data.test_y)
+        has_val = self.data.val_x is not None
+        val_acc = self.evaluate(self.data.val_x, self.data.val_y)[0] if has_val else None
         means = {k: v / max(pos.epoch_steps, 1) for k, v in pos.epoch_sums.items()}
-        record = {"epoch": pos.epoch, "test_acc": acc, "train_loss": means.get("loss"), "lr": lr,
-                  "train_time": pos.epoch_train_time, **{k: v for k, v in means.items() if k != "loss"}}
+        check_finite_loss(means, f"in epoch {pos.epoch} (by step {pos.global_step})", self.loop.description)
+        record = {"epoch": pos.epoch, "val_acc": val_acc, "test_acc": test_acc, "train_loss": means.get("loss"),
+                  "lr": lr, "train_time": pos.epoch_train_time, **{k: v for k, v in means.items() if k != "loss"}}
         pos.history.append(record)
-        if acc > pos.best_acc:
-            pos.best_acc, pos.best_epoch = acc, pos.epoch
+        # the validation split picks the best epoch; without one, the last epoch stands (never the test split)
+        score = val_acc if has_val else float(pos.epoch)
+        if score > pos.best_acc:
+            pos.best_acc, pos.best_epoch = score, pos.epoch
+        if has_val and pos.collapse is None:
+            pos.collapse = collapse(pos.history, 1.0 / num_classes)
+            if pos.collapse is not None and self.acc.is_main_process:
+                warn_collapse(self.loop.description, pos.collapse)
         self.logger.log({"type": "epoch", **record})
         pos.epoch += 1
         pos.step_in_epoch, pos.epoch_steps, pos.epoch_sums, pos.epoch_train_time = 0, 0, {}, 0.0
         self._save(pos)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
-    def evaluate(self) -> float:
-        """Top-1 accuracy of the student on the test split (every process evaluates the whole split)."""
-        logits = predict(self.inner.student, self.data.test_x, self.acc.device, self.loop.eval_batch_size)
-        return float((logits.argmax(-1) == self.data.test_y).float().mean())
+    def evaluate(self, x: "Tensor | None" = None, y: "Tensor | None" = None) -> tuple[float, int]:
+        """Top-1 accuracy of the student on ``x``/``y`` (default: the test split) and the number of classes it
+        predicts; every process evaluates the whole split."""
+        x, y = (self.data.test_x, self.data.test_y) if x is None else (x, y)
+        logits = predict(self.inner.student, x, self.acc.device, self.loop.eval_batch_size)
+        return float((logits.argmax(-1) == y).float().mean()), logits.shape[-1]
 
     def _summary(self, pos: _Position) -> dict[str, Any]:
-        last = pos.history[-1] if pos.history else {}
-        times = [h["train_time"] for h in pos.history]
-        return {"best_acc": pos.best_acc, "best_epoch": pos.best_epoch, "last_acc": last.get("test_acc"),
-                "epochs": self.loop.epochs, "steps": pos.global_step,
-                "wall_time_per_epoch": sum(times) / len(times) if times else None,
-                "history": pos.history, "tau_trace": pos.tau_trace}
+        return epoch_summary(pos.history, pos.best_epoch, pos.collapse) | {
+            "epochs": self.loop.epochs, "steps": pos.global_step, "tau_trace": pos.tau_trace}
 
 
 def save_json(path: Path, data: Any) -> None:

@@ -13,6 +13,7 @@ from ..config import RunConfig, resolve_method
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
+from ..engine.divergence import describe_collapse
 from ..errors import ThermoKDError
 from ..files import FolderLock
 
@@ -62,16 +63,20 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
     Finished runs made of the same config are reused and killed ones resumed; a run made of another config stops
     the command before anything is written, unless ``rerun_changed`` re-runs it."""
     out_dir = Path(out_dir)
+    tuning = cfg.compare.tune.trials > 0
+    if tuning and len(seeds) < 3:
+        raise ThermoKDError(f"compare with tuning needs >= 3 seeds for its paired intervals, got {len(seeds)}")
     with FolderLock(out_dir):
         folders = {(label, seed): out_dir / "runs" / f"{label}-seed{seed}" for seed in seeds for label in methods}
-        if not rerun_changed:
-            check_configs({k: _run_config(cfg, *k) for k in folders}, folders)
+        if not (rerun_changed or tuning):  # with tuning, the runs' settings are known (and checked) after it
+            chosen = {label: resolve_method(cfg, label) for label in methods}
+            check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
         return _run_compare(cfg, methods, seeds, out_dir, folders, cache_dir, progress_bar, echo, rerun_changed)
 
 
-def _run_config(cfg: RunConfig, label: str, seed: int) -> RunConfig:
+def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -> RunConfig:
     run_cfg = copy.deepcopy(cfg)
-    run_cfg.method, run_cfg.train.seed = resolve_method(cfg, label), seed
+    run_cfg.method, run_cfg.train.seed = copy.deepcopy(chosen[label]), seed
     return run_cfg
 
 
@@ -79,11 +84,20 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
                  cache_dir: "Path | None", progress_bar: bool, echo, rerun_changed: bool) -> dict[str, Any]:
     from .report import write_report
 
+    tuning = cfg.compare.tune.trials > 0
+    out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
+    chosen = {label: resolve_method(cfg, label) for label in methods}
+    tuned: dict[str, Any] = {}
+    if tuning:
+        chosen, tuned = tune_all(cfg, methods, out_dir / "tune", (accelerator, experiment, teacher), cache_dir,
+                                 progress_bar, echo)
+        if not rerun_changed:
+            check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
     runs = []
     for seed in seeds:
         for label in methods:
-            run_cfg = _run_config(cfg, label, seed)
+            run_cfg = _run_config(cfg, chosen, label, seed)
             result = run_distill(run_cfg, folders[label, seed], resume=True, cache_dir=cache_dir,
                                  accelerator=accelerator, experiment=experiment, teacher=teacher,
                                  progress_bar=progress_bar, rerun_changed=rerun_changed)
@@ -91,14 +105,42 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
             # the report groups by label; the run's own method name stays in "base_method"
             result = {**result, "method": label, "base_method": run_cfg.method.name,
                       "method_config": run_cfg.method.__dict__}
-            echo(f"  {label:18s} seed {seed}: best {result['best_acc']:.4f}  last {result['last_acc']:.4f}"
+            echo(f"  {label:18s} seed {seed}: test {result['best_acc']:.4f} at the best val epoch "
+                 f"{result['best_epoch']}, last {result['last_acc']:.4f}"
                  + (f"  (reused {folders[label, seed]})" if reused else ""))
+            if result.get("collapse"):
+                echo(f"  warning: {describe_collapse(f'{label} seed {seed}', result['collapse'])}")
             runs.append(result)
     info = {k: v for k, v in teacher[1].items() if k not in ("test_logits", "dir")}
     results = {"data": cfg.data.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": machine_description(), "teacher": info, "student": {"model": cfg.student.model},
                "epochs": cfg.train.epochs, "seeds": seeds, "methods": methods, "kd_grid": kd_grid(cfg, methods),
-               "config": cfg.to_dict(), "runs": runs}
+               "config": cfg.to_dict(), "runs": runs, "tuning": tuned}
     save_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
+
+
+def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, cache_dir: "Path | None",
+             progress_bar: bool, echo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method gets the same budget (``compare.tune``) on the validation split; ``kd@TAU`` labels are fixed
+    grid points and keep their τ. Returns each label's chosen method section and its tuning summary."""
+    from .tune import DistillRunner, knob_text, tune_method
+
+    chosen, tuned = {}, {}
+    runner = DistillRunner(cfg, cache_dir, progress_bar, echo, shared=shared)
+    for label in methods:
+        method = resolve_method(cfg, label)
+        if label.startswith("kd@"):
+            chosen[label] = method
+            continue
+        options = copy.deepcopy(cfg.compare.tune)
+        options.study = f"{options.study}-{label}" if options.study else label  # one study per method
+        result = tune_method(cfg, method, label, out_dir / label, options, runner, echo)
+        chosen[label] = result.method
+        tuned[label] = {k: result.summary.get(k) for k in ("params", "best_value", "best_trial", "budget", "complete",
+                                                           "pruned", "failed", "seconds", "sampler", "pruner")}
+        if result.params:
+            echo(f"  {label}: tuned to {knob_text(result.params)} "
+                 f"(validation {100 * result.best_value:.2f} %)")
+    return chosen, tuned

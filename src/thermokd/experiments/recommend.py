@@ -41,6 +41,7 @@ from ..errors import ThermoKDError
 from ..functional import normalised_entropy
 from ..temperature import CIST
 from .diagnose import check_taus, teacher_outputs
+from .stats import paired_difference
 
 BASE_TARGET = 0.5
 REFERENCE_EPOCHS = 20
@@ -139,10 +140,13 @@ def _mean_std(values: "list[float]") -> tuple[float, float]:
 
 def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | None", seeds: "list[int]",
            out_dir: Path, cache_dir: "Path | None" = None, progress_bar: bool = True,
-           echo: Callable[[str], None] = print, rerun_changed: bool = False) -> dict[str, Any]:
+           echo: Callable[[str], None] = print, rerun_changed: bool = False,
+           tune_trials: int = 0) -> dict[str, Any]:
     """Train KD students (``epochs`` each, ``None``: the config's budget) at every grid τ and at the proposal's τ
     for every seed, into ``out_dir/tau-{τ}-seed{s}`` (finished cells are reused); report the grid's best τ, its
-    accuracy, the proposal's, and the gap in percentage points. Writes ``recommend.json`` and ``recommend.md``."""
+    accuracy, the proposal's, and the gap in percentage points. With ``tune_trials``, ``thermokd tune`` also
+    picks KD's τ on validation (``out_dir/tune``) and the regret of the proposal against that pick is measured
+    per seed, with a 95 % interval. Writes ``recommend.json`` and ``recommend.md``."""
     if not isinstance(proposal, dict) or not isinstance(proposal.get("tau"), (int, float)) or not proposal["tau"] > 0:
         raise ThermoKDError("proposal must be the dict returned by recommend(), with a positive 'tau'")
     grid = check_taus(list(grid), "grid")
@@ -156,6 +160,11 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar)
+    tuned = None
+    if tune_trials > 0:
+        tuned = _tuned_tau(_kd_config(cfg, proposed, epochs, seeds[0]), tune_trials, out_dir / "tune",
+                           (accelerator, experiment, teacher), cache_dir, progress_bar, echo)
+        taus += [] if tuned in taus else [tuned]
     cells = []
     for tau in taus:
         for seed in seeds:
@@ -167,14 +176,17 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
             echo(f"  KD τ={tau:<5g} seed {seed}: best {result['best_acc']:.4f}"
                  + ("  (finished earlier, same config)" if done and result.get("reused") else ""))
             cells.append({"tau": tau, "seed": seed, "dir": folder.name, "best_acc": result["best_acc"],
-                          "last_acc": result["last_acc"]})
+                          "last_acc": result["last_acc"], "best_val_acc": result.get("best_val_acc")})
     by_tau = {}
     for tau in taus:
         best = [c["best_acc"] for c in cells if c["tau"] == tau]
         last = [c["last_acc"] for c in cells if c["tau"] == tau and c["last_acc"] is not None]
+        val = [c["best_val_acc"] or 0.0 for c in cells if c["tau"] == tau]
         by_tau[tau] = {"tau": tau, "best_mean": _mean_std(best)[0], "best_std": _mean_std(best)[1],
+                       "val_mean": _mean_std(val)[0],
                        "last_mean": _mean_std(last)[0] if last else None, "n": len(best)}
-    best_tau = max(grid, key=lambda t: (by_tau[t]["best_mean"], -abs(math.log(t / proposed))))
+    # the grid's best τ is chosen on validation; the gap below is then measured on test
+    best_tau = max(grid, key=lambda t: (by_tau[t]["val_mean"], -abs(math.log(t / proposed))))
     best, prop = by_tau[best_tau], by_tau[proposed]
     gap = 100.0 * (best["best_mean"] - prop["best_mean"])
     noise = 100.0 * max(best["best_std"], prop["best_std"])
@@ -198,6 +210,11 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
         (f"the proposal was made for {proposal['adjustment']['epochs']} epochs but verified with {epochs}; "
          "the best τ may move with the budget"),
     }
+    if tuned is not None:
+        runs = [{"method": c["tau"], "seed": c["seed"], "best_acc": c["best_acc"]} for c in cells]
+        verification["tuned_tau"], verification["tuned_acc"] = tuned, by_tau[tuned]["best_mean"]
+        verification["regret"] = paired_difference(runs, tuned, proposed) if tuned != proposed else \
+            {"n": len(seeds), "mean": 0.0, "lo": 0.0, "hi": 0.0, "seeds": list(seeds)}
     result = {"proposal": proposal, "verification": verification}
     write_recommendation(result, out_dir)
     return result
@@ -228,7 +245,7 @@ def write_recommendation(result: dict, out_dir: Path) -> Path:
              f"Rule: {p['rule']}", ""]
     if v:
         lines += [f"## Check against KD students ({v['optimizer']}, {v['epochs']} epochs, seeds {v['seeds']})", "",
-                  "| τ | best acc % (mean ± std) | last acc % | seeds |", "|---:|---:|---:|---:|"]
+                  "| τ | test acc % at best val epoch (mean ± std) | last acc % | seeds |", "|---:|---:|---:|---:|"]
         for row in v["by_tau"]:
             mark = (" **best**" if row["tau"] == v["best_tau"] else "") + \
                    (" **proposed**" if row["tau"] == v["proposal_tau"] else "")
@@ -237,9 +254,26 @@ def write_recommendation(result: dict, out_dir: Path) -> Path:
                          f"{last} | {row['n']} |")
         lines += ["", f"Grid's best τ = {v['best_tau']:g} ({100 * v['best_acc']:.2f} %); proposal τ = "
                   f"{v['proposal_tau']:g} ({100 * v['proposal_acc']:.2f} %); gap {v['gap_pp']:.2f} pp: {v['verdict']}."]
+        if v.get("regret"):
+            r = v["regret"]
+            interval = "" if r["lo"] is None else f", 95 % CI [{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}]"
+            lines += ["", f"`thermokd tune` picked τ = {v['tuned_tau']:.3g} on validation "
+                      f"({100 * v['tuned_acc']:.2f} % test); the proposal's regret against it is "
+                      f"{100 * r['mean']:+.2f} pp over {r['n']} seeds{interval} (positive: the tuned τ is better)."]
         if v.get("budget_note"):
             lines += ["", f"Note: {v['budget_note']}."]
         lines.append("")
     path = out_dir / "recommend.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _tuned_tau(cfg: RunConfig, trials: int, out_dir: Path, shared: tuple, cache_dir: "Path | None",
+               progress_bar: bool, echo: Callable[[str], None]) -> float:
+    """KD's τ as ``thermokd tune`` picks it on validation, with ``trials`` trials."""
+    from ..config import TuneConfig
+    from .tune import DistillRunner, tune_method
+
+    runner = DistillRunner(cfg, cache_dir, progress_bar, echo, shared=shared)
+    result = tune_method(cfg, cfg.method, "kd", out_dir, TuneConfig(trials=trials), runner, echo)
+    return float(f"{result.params['temperature.tau']:.4g}")  # a readable τ, as a user would set it

@@ -1,0 +1,320 @@
+"""``thermokd tune``: a method's temperature setting chosen on the validation split within a budget of trials.
+
+The search is Optuna's: TPE, grid or random sampling over the method's knobs (``thermokd.spaces``), Hyperband or
+successive-halving pruning on each trial's per-epoch validation accuracy, and a study kept in SQLite (in the output
+folder) or any RDB URL, so a killed tune continues where it stopped and several machines can share one study. A
+trial's score is its best validation accuracy; the test split is never read.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import MethodConfig, RunConfig, TuneConfig
+from ..errors import ThermoKDError
+from ..spaces import (FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob,
+                      space_to_json)
+
+# (method section, trial folder, per-epoch callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
+TrainFn = Callable[[MethodConfig, Path, Callable[[dict[str, Any]], None]], dict[str, Any]]
+HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is failed (and retried) after GRACE_S seconds
+
+
+@dataclass
+class TuneResult:
+    label: str
+    params: dict[str, Any]
+    method: MethodConfig
+    best_value: "float | None"
+    summary: dict[str, Any]
+
+
+def build_space(method: MethodConfig, tune: TuneConfig) -> dict[str, Knob]:
+    """The knobs searched for ``method``: its declared space, with ``tune.space`` overriding or adding knobs
+    (``"LOW:HIGH[:log]"`` strings or lists of choices); each knob is checked by building the method with it."""
+    from ..methods import build_loss
+
+    space = method_space(method.name, kd_weight=tune.kd_weight)
+    for name, value in tune.space.items():
+        if value is None:  # a knob named without a range: the range its method declares
+            declared = declared_space(method.name)
+            full = resolve_knob(str(name), declared, method.name)
+            if full not in declared:
+                raise ThermoKDError(f"knob {full} has no declared range for {method.name}; give one as "
+                                    f"{name}=LOW:HIGH[:log] or {name}=A,B,C")
+            space[full] = declared[full]
+            continue
+        if isinstance(value, dict) and set(value) <= {"low", "high", "log"}:  # YAML: {low: 1, high: 8, log: true}
+            value = FloatRange(float(value.get("low", "nan")), float(value.get("high", "nan")), bool(value.get("log")))
+        knob = parse_knob(f"{name}={value}")[1] if isinstance(value, str) else value
+        space[resolve_knob(str(name), space, method.name)] = knob
+    for name, knob in space.items():
+        check_knob(name, knob)
+        probe = apply_params(method, {name: knob.low if isinstance(knob, FloatRange) else knob[0]})
+        try:
+            build_loss(probe.name, temperature=probe.temperature, weighting=probe.weighting, **probe.loss)
+        except ThermoKDError as exc:
+            raise ThermoKDError(f"knob {name} does not fit method {method.name}: {exc}") from None
+    return space
+
+
+def apply_params(method: MethodConfig, params: dict[str, Any]) -> MethodConfig:
+    """A copy of ``method`` with each ``section.argument`` knob set."""
+    method = copy.deepcopy(method)
+    for name, value in params.items():
+        section, argument = name.split(".", 1)
+        getattr(method, section)[argument] = value
+    return method
+
+
+def _sampler(tune: TuneConfig, space: dict[str, Knob]):
+    import optuna
+
+    if tune.sampler == "grid":
+        grid = {k: (v.grid(tune.grid_points) if isinstance(v, FloatRange) else list(v)) for k, v in space.items()}
+        return optuna.samplers.GridSampler(grid, seed=tune.seed)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tune.seed)
+    return optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=min(10, max(tune.trials // 3, 2)))
+
+
+def _pruner(tune: TuneConfig, epochs: int):
+    import optuna
+
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if tune.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(url: str, name: str, sampler, pruner):
+    """Create or load (``load_if_exists``) a maximising study; a bad URL is a one-line error."""
+    import optuna
+    from optuna import storages
+
+    try:
+        with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; they have been stable since v2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # a trial whose process died is retried; Optuna >= 4.9 renamed that hook
+            if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+                retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+            else:
+                retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
+            storage = storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry)
+        return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                   direction="maximize", load_if_exists=True)
+    except Exception as exc:  # SQLAlchemy raises many kinds (bad URL, missing driver, refused connection)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ThermoKDError(f"cannot open the study storage {redact(url)!r}: {first}") from None
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, fit to print and to store."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in study.trials)
+
+
+def knob_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def tune_method(cfg: RunConfig, method: MethodConfig, label: str, out_dir: Path, tune: TuneConfig,
+                train_fn: TrainFn, echo: Callable[[str], None] = print) -> TuneResult:
+    """Run (or continue) the study of ``method`` in ``out_dir`` until ``tune.trials`` trials have finished, then
+    write ``tune.json``, ``tune.md``, the plot and the chosen setting (``best.yaml``, ``best_config.yaml``)."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    if tune.trials < 1:
+        raise ThermoKDError(f"the tuning budget must be >= 1 trial, got {tune.trials}")
+    space = build_space(method, tune)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if not space:  # e.g. cross-entropy: nothing to choose
+        result = TuneResult(label, {}, copy.deepcopy(method), None, {"label": label, "params": {}, "space": {},
+                                                                      "trials": [], "seconds": 0.0})
+        write_outputs(cfg, result, out_dir)
+        return result
+    epochs = cfg.train.epochs
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = tune.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, epochs))
+    stored = study.user_attrs.get("space")
+    if stored is not None and stored != space_to_json(space):
+        raise ThermoKDError(f"study {tune.study or label!r} in {redact(url)} was made with another search space "
+                            f"({stored}); use another --study or --out")
+    study.set_user_attr("space", space_to_json(space))
+    budget = tune.trials
+    if tune.sampler == "grid":
+        budget = min(budget, _grid_size(space, tune.grid_points))
+
+    def objective(trial) -> float:
+        params = {k: (trial.suggest_float(k, v.low, v.high, log=v.log) if isinstance(v, FloatRange)
+                      else trial.suggest_categorical(k, v)) for k, v in space.items()}
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            trial.report(record["val_acc"], record["epoch"] + 1)  # resource = epochs trained
+            if record["epoch"] + 1 < epochs and trial.should_prune():  # a finished run is scored, not pruned
+                raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
+
+        folder = out_dir / "trials" / f"trial-{trial.number:04d}"
+        if folder.exists():  # left by a killed process: this trial starts afresh
+            shutil.rmtree(folder)
+        result = train_fn(apply_params(method, params), folder, on_epoch)
+        trial.set_user_attr("best_epoch", result.get("best_epoch"))
+        return float(result["best_val_acc"])
+
+    def progress(study, trial) -> None:
+        done = _finished(study)
+        state = trial.state.name.lower()
+        score = trial.value if trial.state == TrialState.COMPLETE else max(trial.intermediate_values.values(),
+                                                                           default=None)
+        what = "" if score is None else f" val {100 * score:.2f} %"
+        try:
+            best = f"; best {100 * study.best_value:.2f} % (trial {study.best_trial.number})"
+        except ValueError:
+            best = ""
+        echo(f"  {label} trial {trial.number} [{done}/{budget}] {state}: {knob_text(trial.params)}{what}{best}")
+
+    remaining = budget - _finished(study)
+    if remaining > 0:
+        echo(f"tuning {label}: {remaining} of {budget} trials to go ({tune.sampler} sampler, {tune.pruner} pruning, "
+             f"{epochs} epochs max, study {study.study_name!r} in {redact(url)})")
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        # ThermoKDError in a trial (e.g. a diverging setting) fails that trial, not the study
+        study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,),
+                       callbacks=[MaxTrialsCallback(budget, states=states), progress])
+    result = summarize_study(study, label, method, space, tune, budget, time.time() - started, redact(url))
+    write_outputs(cfg, result, out_dir)
+    return result
+
+
+def _grid_size(space: dict[str, Knob], points: int) -> int:
+    size = 1
+    for knob in space.values():
+        size *= points if isinstance(knob, FloatRange) else len(knob)
+    return size
+
+
+def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Knob], tune: TuneConfig, budget: int,
+                    seconds: float, storage: str) -> TuneResult:
+    """The trials table and the chosen setting (the best complete trial by validation accuracy)."""
+    from optuna.trial import TrialState
+
+    trials = [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
+               "epochs": len(t.intermediate_values), "best_epoch": t.user_attrs.get("best_epoch"),
+               "val_by_epoch": {int(k): v for k, v in t.intermediate_values.items()},
+               "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+               if t.datetime_complete and t.datetime_start else None}
+              for t in study.trials]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise ThermoKDError(f"tuning {label}: none of {len(trials)} trials completed (see the failures above)")
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    summary = {"label": label, "method": method.name, "study": study.study_name, "storage": storage,
+               "sampler": tune.sampler, "pruner": tune.pruner, "budget": budget, "space": space_to_json(space),
+               "trials": trials, "best_trial": best.number, "best_value": best.value, "params": best.params,
+               "complete": len(complete), "pruned": sum(t["state"] == "pruned" for t in trials),
+               "failed": sum(t["state"] == "fail" for t in trials), "seconds": seconds}
+    return TuneResult(label, dict(best.params), apply_params(method, best.params), best.value, summary)
+
+
+def set_lines(method: MethodConfig, params: dict[str, Any]) -> list[str]:
+    """The ``--set`` arguments that select the tuned setting in ``distill`` or ``compare``."""
+    return [f"method.name={method.name}"] + [f"method.{k}={json.dumps(v)}" for k, v in params.items()]
+
+
+def write_outputs(cfg: RunConfig, result: TuneResult, out_dir: Path) -> None:
+    """``tune.json`` (the study's trials), ``tune.md``, ``best.yaml`` (the method section), ``best_config.yaml``
+    (the whole config at the chosen setting) and, when there are trials, ``tune_vs_knob.png``."""
+    import dataclasses
+
+    import yaml
+
+    from ..engine.trainer import save_json
+
+    method = dataclasses.asdict(result.method)
+    result.summary.update(chosen_method=method, set=set_lines(result.method, result.params))
+    summary = result.summary
+    save_json(out_dir / "tune.json", summary)
+    (out_dir / "best.yaml").write_text(yaml.safe_dump({"method": method}, sort_keys=False))
+    full = copy.deepcopy(cfg)
+    full.method = copy.deepcopy(result.method)
+    (out_dir / "best_config.yaml").write_text(yaml.safe_dump(full.to_dict(), sort_keys=False))
+    (out_dir / "tune.md").write_text("\n".join(markdown(summary)) + "\n", encoding="utf-8")
+    if summary["trials"]:
+        from .tune_plot import plot_trials
+
+        plot_trials(summary, out_dir / "tune_vs_knob.png")
+
+
+def markdown(summary: dict[str, Any]) -> list[str]:
+    lines = [f"# thermokd tune: {summary['label']}", ""]
+    if not summary["trials"]:
+        return lines + ["This method has no knobs to tune: it runs as configured.", ""]
+    lines += [f"- study `{summary['study']}` in `{summary['storage']}`; {summary['sampler']} sampler, "
+              f"{summary['pruner']} pruning; budget {summary['budget']} trials "
+              f"({summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed)",
+              f"- chosen (best validation accuracy, trial {summary['best_trial']}): "
+              f"{knob_text(summary['params'])} → {100 * summary['best_value']:.2f} %",
+              f"- use it: `--set {' --set '.join(summary['set'])}`, or `--config best_config.yaml`", "",
+              "| trial | state | " + " | ".join(summary["space"]) + " | epochs | val acc % |",
+              "|---:|---|" + "---:|" * len(summary["space"]) + "---:|---:|"]
+    for t in summary["trials"]:
+        values = [(f"{t['params'][k]:.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k, "—")))
+                  for k in summary["space"]]
+        score = t["value"] if t["value"] is not None else max(t["val_by_epoch"].values(), default=None)
+        lines.append(f"| {t['number']} | {t['state']} | " + " | ".join(values) +
+                     f" | {t['epochs']} | {'—' if score is None else f'{100 * score:.2f}'} |")
+    return lines + ["", "Validation accuracy is a trial's best epoch (for a pruned trial, its best epoch before it was "
+                    "stopped). The test split is not used.", ""]
+
+
+class DistillRunner:
+    """The real :data:`TrainFn`: one student run per trial, sharing one teacher (set up on first use, or given)."""
+
+    def __init__(self, cfg: RunConfig, cache_dir: "Path | None" = None, progress_bar: bool = True,
+                 echo: Callable[[str], None] = print, shared: "tuple | None" = None) -> None:
+        self.cfg, self.cache_dir, self.progress_bar, self.echo, self.shared = cfg, cache_dir, progress_bar, echo, shared
+
+    def __call__(self, method: MethodConfig, folder: Path, on_epoch: Callable[[dict[str, Any]], None]) -> dict:
+        from ..engine.run import run_distill, setup
+
+        if self.shared is None:
+            self.shared = setup(self.cfg, self.cache_dir, self.progress_bar, self.echo)
+        accelerator, experiment, teacher = self.shared
+        cfg = copy.deepcopy(self.cfg)
+        cfg.method = method
+        return run_distill(cfg, folder, cache_dir=self.cache_dir, accelerator=accelerator, experiment=experiment,
+                           teacher=teacher, progress_bar=self.progress_bar, on_epoch=on_epoch)
+
+
+def run_tune(cfg: RunConfig, label: str, out_dir: Path, tune: TuneConfig, cache_dir: "Path | None" = None,
+             progress_bar: bool = True, echo: Callable[[str], None] = print,
+             train_fn: "TrainFn | None" = None) -> TuneResult:
+    """Tune the method ``label`` (a method name or a variant of the config's ``compare`` section) of ``cfg`` into
+    ``out_dir``; ``train_fn`` replaces the real training (e.g. by a synthetic curve in tests)."""
+    from ..config import resolve_method
+
+    method = resolve_method(cfg, label)
+    return tune_method(cfg, method, label, Path(out_dir), tune,
+                       train_fn or DistillRunner(cfg, cache_dir, progress_bar, echo), echo)

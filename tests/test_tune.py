@@ -1,0 +1,178 @@
+"""`thermokd tune`: search spaces, the Optuna study (resumable, pruned on validation accuracy), its outputs, and bad
+input; the trainer is replaced by a synthetic curve where the optimum must be known."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from thermokd import ThermoKDError
+from thermokd.cli import main
+from thermokd.config import TuneConfig, config_from_dict, resolve_method
+from thermokd.experiments.tune import build_space, run_tune
+from thermokd.spaces import SPACES, FloatRange, declared_space, method_space, parse_knob
+
+from engine_helpers import TINY, env, write_config
+
+PEAK_TAU = 5.0
+
+
+def synthetic(calls: list):
+    """A training run whose validation accuracy rises over 4 epochs to a peak that falls off with |log τ − log 5|."""
+
+    def train(method, folder, on_epoch):
+        tau = method.temperature["tau"]
+        peak = 0.9 - 0.1 * (math.log(tau) - math.log(PEAK_TAU)) ** 2
+        history = []
+        for epoch in range(4):
+            record = {"epoch": epoch, "val_acc": peak * (1 - 0.5 ** (epoch + 1)), "test_acc": 0.0}
+            history.append(record)
+            calls.append((tau, epoch))
+            on_epoch(record)
+        return {"best_val_acc": history[-1]["val_acc"], "best_epoch": 3}
+
+    return train
+
+
+def _cfg():
+    return config_from_dict({**json.loads(json.dumps(TINY)), "train": {**TINY["train"], "epochs": 4}})
+
+
+def test_every_method_declares_a_valid_space():
+    from thermokd import method_names
+
+    for name in method_names():
+        space = method_space(name)
+        assert set(space) == set(SPACES.get(name, {})) or name not in SPACES
+        for knob in space.values():
+            assert isinstance(knob, (FloatRange, list))
+    assert method_space("ce") == {} and "temperature.tau" in method_space("kd")
+    assert "loss.kd_weight" in method_space("kd", kd_weight=True) and method_space("ce", kd_weight=True) == {}
+    assert parse_knob("tau=2:8:log") == ("tau", FloatRange(2.0, 8.0, True))
+    assert parse_knob("temperature.student=ratio,teacher") == ("temperature.student", ["ratio", "teacher"])
+    assert FloatRange(1, 16, log=True).grid(5) == [1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+def test_a_strategy_declares_knobs_that_tune_adds_when_named(monkeypatch, tmp_path):
+    from thermokd.temperature import CIST
+
+    monkeypatch.setattr(CIST, "search_space", classmethod(lambda cls: {"student": ["ratio", "teacher"],
+                                                                        "gamma": (0.0, 1.0, False)}))
+    assert "temperature.student" not in method_space("cist")  # the default budget goes to the temperature knob
+    declared = declared_space("cist")
+    assert declared["temperature.student"] == ["ratio", "teacher"]
+    assert declared["temperature.gamma"] == FloatRange(0.0, 1.0, False)
+    assert parse_knob("student") == ("student", None)
+    space = build_space(resolve_method(_cfg(), "cist"), TuneConfig(trials=2, space={"student": None}))
+    assert space["temperature.student"] == ["ratio", "teacher"] and "temperature.tau0" in space
+    with pytest.raises(ThermoKDError, match="no declared range"):
+        build_space(resolve_method(_cfg(), "kd"), TuneConfig(trials=2, space={"temperature.nope": None}))
+
+
+def test_tpe_finds_the_optimum_of_a_synthetic_curve(tmp_path):
+    calls: list = []
+    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=30, seed=1), train_fn=synthetic(calls), echo=lambda s: None)
+    assert abs(math.log(result.params["temperature.tau"] / PEAK_TAU)) < math.log(1.25)
+    assert result.summary["complete"] + result.summary["pruned"] == 30
+    assert result.summary["pruned"] > 0 and len(calls) < 30 * 4  # Hyperband stopped poor settings early
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["method"]["temperature"]["tau"] == \
+        result.params["temperature.tau"]
+    assert (tmp_path / "tune_vs_knob.png").is_file() and "| trial | state |" in (tmp_path / "tune.md").read_text()
+
+
+def test_grid_sampler_runs_each_point_once_and_picks_the_best(tmp_path):
+    calls: list = []
+    tune = TuneConfig(trials=50, sampler="grid", pruner="none", grid_points=5)
+    result = run_tune(_cfg(), "kd", tmp_path, tune, train_fn=synthetic(calls), echo=lambda s: None)
+    assert sorted({tau for tau, _ in calls}) == [1.0, 2.0, 4.0, 8.0, 16.0]  # the budget is capped at the grid
+    assert result.params == {"temperature.tau": 4.0} and result.summary["budget"] == 5
+
+
+def test_a_finished_study_is_continued_not_restarted(tmp_path):
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=4), train_fn=synthetic(calls), echo=lambda s: None)
+    first = json.loads((tmp_path / "tune.json").read_text())["trials"]
+    calls.clear()
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=6), train_fn=synthetic(calls), echo=lambda s: None)
+    again = json.loads((tmp_path / "tune.json").read_text())["trials"]
+    assert again[:4] == first and len(again) == 6 and {tau for tau, _ in calls} <= {t["params"]["temperature.tau"]
+                                                                                   for t in again[4:]}
+    with pytest.raises(ThermoKDError, match="another search space"):
+        run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=6, space={"tau": "2:3"}), train_fn=synthetic(calls))
+
+
+def test_tiny_tune_on_digits_in_seconds_and_its_setting_is_accepted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("THERMOKD_CACHE", str(tmp_path / "cache"))
+    cfg = str(write_config(tmp_path / "c.yaml"))
+    start = time.time()
+    assert main(["tune", "--config", cfg, "--method", "kd", "--trials", "3", "--out", str(tmp_path / "t"),
+                 "--no-progress"]) == 0
+    assert time.time() - start < 60  # teacher included; a few seconds on an idle core
+    out = capsys.readouterr().out
+    assert "chose temperature.tau=" in out and "trial 2 [3/3]" in out
+    assert "| trial | state | temperature.tau | epochs | val acc % |" in out  # the table of trials
+    summary = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert summary["complete"] + summary["pruned"] == 3 and (tmp_path / "t" / "study.db").is_file()
+    assert all("test" not in key for t in summary["trials"] for key in t)  # the study never holds test numbers
+    sets = [a for line in summary["set"] for a in ("--set", line)]
+    assert main(["distill", "--config", cfg, *sets, "--out", str(tmp_path / "d1"), "--no-progress"]) == 0
+    tau = json.loads((tmp_path / "d1" / "config.json").read_text())["method"]["temperature"]["tau"]
+    assert tau == pytest.approx(summary["params"]["temperature.tau"])
+    best_config = str(tmp_path / "t" / "best_config.yaml")
+    assert main(["distill", "--config", best_config, "--out", str(tmp_path / "d2"), "--no-progress"]) == 0
+
+
+def test_a_killed_tune_continues_its_study(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("THERMOKD_CACHE", str(cache))
+    cfg = write_config(tmp_path / "c.yaml", train={"epochs": 3})
+    args = ["tune", "--config", str(cfg), "--trials", "5", "--pruner", "none", "--out", str(tmp_path / "t"),
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "thermokd.cli", *args], env=env(cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    seen = threading.Event()
+
+    def watch():
+        for line in proc.stdout:
+            if "[2/5]" in line:
+                seen.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert seen.wait(180), "the tune finished no trial in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "of 5 trials to go" in out and "5 of 5" not in out
+    summary = json.loads((tmp_path / "t" / "tune.json").read_text())
+    finished = [t for t in summary["trials"] if t["state"] in ("complete", "pruned")]
+    assert len(finished) == 5 and [t["number"] for t in finished][:2] == [0, 1]
+
+
+def _stderr_line(argv, capsys) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("thermokd: error:"), lines
+    return lines[0]
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("THERMOKD_CACHE", str(tmp_path / "cache"))
+    cfg = str(write_config(tmp_path / "c.yaml"))
+    base = ["tune", "--config", cfg, "--method", "kd", "--out", str(tmp_path / "t")]
+    assert "magic" in _stderr_line(base + ["--space", "magic=1:2"], capsys)
+    assert "temperature.tau" in _stderr_line(base + ["--space", "magic=1:2"], capsys)  # lists the knobs
+    assert "empty" in _stderr_line(base + ["--space", "tau=8:2"], capsys)
+    assert "--space" in _stderr_line(base + ["--space", "tau="], capsys)
+    assert "--trials" in _stderr_line(base + ["--trials", "0"], capsys)
+    assert "storage" in _stderr_line(base + ["--storage", "nosuchdb://x/y"], capsys)
+    assert "unknown method" in _stderr_line(["tune", "--config", cfg, "--method", "magic", "--out",
+                                             str(tmp_path / "t")], capsys)
+    assert "does not fit" in _stderr_line(base + ["--space", "temperature.nope=1:2"], capsys)
