@@ -160,8 +160,9 @@ def topk_kd_divergence(student_logits: Tensor, topk: TopK, tau: "float | Tensor"
     return divergence(log_p, log_q, "kl")
 
 
-def save_topk(topk: TopK, path: "str | os.PathLike") -> None:
-    """Write a cache to a safetensors file; τ_c and V go in the metadata (indices as int32 when V fits)."""
+def save_topk(topk: TopK, path: "str | os.PathLike", extra: "dict[str, str] | None" = None) -> None:
+    """Write a cache to a safetensors file atomically; τ_c, V and ``extra`` (e.g. the tokenizer's key) go in the
+    metadata (indices as int32 when V fits)."""
     from safetensors.torch import save_file
 
     small = topk.vocab_size <= torch.iinfo(torch.int32).max
@@ -170,12 +171,17 @@ def save_topk(topk: TopK, path: "str | os.PathLike") -> None:
         "log_probs": as_float32(topk.log_probs.detach()).cpu().contiguous(),
         "rest_log_mass": as_float32(topk.rest_log_mass.detach()).cpu().contiguous(),
     }
-    meta = {"format": FORMAT, "capture_tau": repr(topk.capture_tau), "vocab_size": str(topk.vocab_size)}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    meta = {**(extra or {}), "format": FORMAT, "capture_tau": repr(topk.capture_tau),
+            "vocab_size": str(topk.vocab_size)}
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # a reader never sees half a file
 
 
-def load_topk(path: "str | os.PathLike", device: "str | torch.device" = "cpu") -> TopK:
-    """Read a cache written by :func:`save_topk` (safetensors: data only, no code is executed)."""
+def load_topk(path: "str | os.PathLike", device: "str | torch.device" = "cpu", with_metadata: bool = False
+              ) -> "TopK | tuple[TopK, dict[str, str]]":
+    """Read a cache written by :func:`save_topk` (safetensors: data only, no code is executed); with
+    ``with_metadata`` also its metadata."""
     from safetensors import safe_open
 
     try:
@@ -190,4 +196,5 @@ def load_topk(path: "str | os.PathLike", device: "str | torch.device" = "cpu") -
         capture_tau, vocab = float(meta["capture_tau"]), int(meta["vocab_size"])
     except (KeyError, ValueError) as exc:
         raise ThermoKDError(f"{os.fspath(path)!r}: bad capture_tau/vocab_size metadata") from exc
-    return TopK(tensors["indices"].long(), tensors["log_probs"], tensors["rest_log_mass"], capture_tau, vocab)
+    topk = TopK(tensors["indices"].long(), tensors["log_probs"], tensors["rest_log_mass"], capture_tau, vocab)
+    return (topk, meta) if with_metadata else topk
