@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ThermoKDError
 from ..integrations.hf import TEACHER_LOGITS_KEY, DistillationTrainer, save_loss_state
@@ -133,6 +134,15 @@ def history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def last_complete_checkpoint(folder: Path) -> "str | None":
+    """The newest ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last: a process killed
+    while writing a checkpoint leaves one without it, and resuming from that one would fail."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / TRAINER_STATE_NAME).is_file()]
+    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+
+
 def train_run(model: nn.Module, loss_fn: DistillationLoss, train: Windows, val: Windows, settings: RunSettings,
               output_dir: Path, *, teacher: "nn.Module | None" = None, teacher_source: Any = None,
               on_policy: "OnPolicy | None" = None, resume: bool = False,
@@ -143,9 +153,9 @@ def train_run(model: nn.Module, loss_fn: DistillationLoss, train: Windows, val: 
     validation metrics, the evaluation ``history``, the last interval's statistics (``final``) and ``seconds``."""
     output_dir = Path(output_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
-    if not resume and output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(output_dir)  # a fresh run never mixes with an older one's checkpoints
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if checkpoint is None and output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(output_dir)  # a fresh run never mixes with an older (or half-written) one's checkpoints
     evaluation = _Evaluate(val, settings.eval_every, on_eval)
     trainer = LMTrainer(model=model, args=settings.arguments(output_dir, world), teacher_model=teacher,
                         distillation_loss=loss_fn, train_dataset=WindowDataset(train), teacher_source=teacher_source,
