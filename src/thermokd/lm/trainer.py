@@ -9,7 +9,7 @@ accumulation and the strategy state in checkpoints are the Trainer's and ``Disti
 """
 from __future__ import annotations
 
-import math
+import json
 import os
 import shutil
 import time
@@ -135,12 +135,20 @@ def history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def last_complete_checkpoint(folder: Path) -> "str | None":
-    """The newest ``checkpoint-N`` holding ``trainer_state.json``, which the Trainer writes last: a process killed
-    while writing a checkpoint leaves one without it, and resuming from that one would fail."""
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (the Trainer writes it last) is whole: a process
+    killed while writing a checkpoint leaves one without it, or with half of it, and resuming from it would fail."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / TRAINER_STATE_NAME).is_file()]
+    done = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if _whole_json(p / TRAINER_STATE_NAME)]
     return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def train_run(model: nn.Module, loss_fn: DistillationLoss, train: Windows, val: Windows, settings: RunSettings,
