@@ -11,9 +11,9 @@ from .models import LMSize, build_lm, count_parameters, lm_logits, parse_size
 from .onpolicy import OnPolicy, generate, on_policy_batch
 from .sample import sample
 from .tokenizer import encode_documents, train_tokenizer
-from .topk import TopK, capture_topk, load_topk, retemper, save_topk, topk_kd_divergence
+from .topk import TopK, capture_topk, load_topk, retemper, save_topk
 
 __all__ = ["Document", "IGNORE", "LMSize", "OnPolicy", "TopK", "Windows", "build_lm", "capture_topk",
            "corpus_names", "count_parameters", "encode_documents", "evaluate", "generate", "lm_logits",
            "load_corpus", "load_topk", "make_labels", "make_windows", "next_token", "on_policy_batch", "parse_size",
-           "retemper", "sample", "save_topk", "split_documents", "topk_kd_divergence", "train_tokenizer"]
+           "retemper", "sample", "save_topk", "split_documents", "train_tokenizer"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -195,6 +196,8 @@ def run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None" 
                                        top_k=40, stop_id=data.eos)
             if _is_main():
                 write_json_atomic(done, run)
+                for checkpoint in run_dir.glob("checkpoint-*"):  # they served resumption; the result is written
+                    shutil.rmtree(checkpoint, ignore_errors=True)
             echo(f"  {label:16s} seed {seed}: val ppl {run['val_ppl']:.2f}, test ppl {run['ppl']:.2f}, test token "
                  f"accuracy {run['acc']:.4f} ({run['seconds']:.0f} s)")
             runs.append(run)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ThermoKDError
-from ..functional import as_float32, divergence
+from ..functional import as_float32
 
 FORMAT = "thermokd.topk/1"
 
@@ -122,42 +122,6 @@ def retemper(topk: TopK, tau: "float | Tensor") -> Tensor:
     rest = _rest_bucket(topk.rest_log_mass, topk.vocab_size - topk.k, ratio)
     rest = rest.expand(*cached.shape[:-1], 1)
     return torch.log_softmax(torch.cat([cached, rest], dim=-1), dim=-1)
-
-
-def collapse_student(student_logits: Tensor, topk: TopK, tau: "float | Tensor") -> Tensor:
-    """The student's ``log σ(z/τ)`` collapsed onto the cache's ``[k classes, rest]`` buckets: ``[..., k+1]``."""
-    log_q = torch.log_softmax(as_float32(student_logits) / tau, dim=-1)
-    kept = log_q.gather(-1, topk.indices)
-    if topk.k == topk.vocab_size:
-        rest = torch.full_like(kept[..., :1], float("-inf"))
-    else:
-        rest = log_q.scatter(-1, topk.indices, float("-inf")).logsumexp(-1, keepdim=True)
-    return torch.cat([kept, rest], dim=-1)
-
-
-def topk_kd_divergence(student_logits: Tensor, topk: TopK, tau: "float | Tensor",
-                       student_tau: "float | Tensor | None" = None) -> Tensor:
-    """Per-row ``KL(teacher at tau ‖ student at student_tau)`` over the cache's k classes + one rest bucket.
-
-    Shape ``[...]`` (the cache's leading shape). Gradients reach ``student_logits`` only; multiply by
-    ``τ^t·τ^s`` (Hinton's τ²) yourself if you want the usual gradient scale.
-    """
-    if student_logits.shape[:-1] != topk.indices.shape[:-1]:
-        raise ThermoKDError(f"student logits of shape {tuple(student_logits.shape)} do not match the cache's "
-                            f"leading shape {tuple(topk.indices.shape[:-1])}")
-    if student_logits.shape[-1] != topk.vocab_size:
-        raise ThermoKDError(f"student vocabulary size {student_logits.shape[-1]} differs from the cache's "
-                            f"vocab_size {topk.vocab_size}")
-    lead = topk.indices.shape[:-1]
-    tau = _check_tau(tau)
-    _check_tau_shape(tau, lead)
-    student_tau = tau if student_tau is None else _check_tau(student_tau, "student_tau")
-    _check_tau_shape(student_tau, lead, "student_tau")
-    log_p = retemper(topk, tau)
-    log_q = collapse_student(student_logits, topk, student_tau)
-    if topk.k == topk.vocab_size:  # no rest bucket: drop it (avoids −inf − −inf in the gradient)
-        log_p, log_q = log_p[..., :-1], log_q[..., :-1]
-    return divergence(log_p, log_q, "kl")
 
 
 def save_topk(topk: TopK, path: "str | os.PathLike", extra: "dict[str, str] | None" = None) -> None:
