@@ -320,3 +320,27 @@ def test_report_verdicts_claim_a_difference_only_beyond_the_noise():
     assert "perplexity within noise (+1.00, std 2.65)" in v["dts"] and "token accuracy better by 10.00 pp" in v["dts"]
     assert "single seed: no noise estimate" in v["ce"]
     assert best_fixed_kd(summary) == "kd@1" and best_fixed_kd({"kd": summary["kd"]}) is None
+
+
+def test_three_way_split_is_disjoint_seeded_and_carves_validation_from_training():
+    from thermokd.lm.data import split_three
+
+    grimm = load_corpus("grimm-tales")
+    train, val, test = split_three(grimm, 0.1, 0.1, seed=0)
+    assert (len(train), len(val), len(test)) == (44, 5, 5)
+    titles = [{d.title for d in part} for part in (train, val, test)]
+    assert not (titles[0] & titles[1]) and not (titles[0] & titles[2]) and not (titles[1] & titles[2])
+    assert split_three(grimm, 0.1, 0.1, seed=0) == (train, val, test)  # stable
+    assert split_three(grimm, 0.1, 0.1, seed=3)[1] != val
+    # the held-out test documents do not depend on the validation fraction: changing it never moves test
+    assert split_three(grimm, 0.2, 0.1, seed=0)[2] == test
+
+
+def test_best_grid_tau_is_chosen_on_validation_never_on_test():
+    from thermokd.lm.report import best_fixed_kd, summarize
+
+    runs = [{"method": m, "seed": 0, "ppl": test, "acc": 0.1, "val_ppl": val, "seconds": 1.0, "final": {}}
+            for m, val, test in (("kd", 60.0, 50.0), ("kd@2", 55.0, 70.0))]
+    assert best_fixed_kd(summarize(runs)) == "kd@2"
+    shuffled = [{**r, "ppl": t} for r, t in zip(runs, (70.0, 50.0))]  # test figures swapped: the choice stays
+    assert best_fixed_kd(summarize(shuffled)) == "kd@2"
