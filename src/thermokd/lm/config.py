@@ -1,7 +1,7 @@
 """``thermokd lm`` configs: a YAML file of six sections validated into dataclasses, ``--set section.field=value``
 overrides, and every error naming the field (the same machinery as :mod:`thermokd.config`).
 
-A complete example ships as ``thermokd/configs/lm_grimm.yaml``; every field has a default, so an empty file is the
+A complete example ships as ``thermokd/configs/lm/grimm.yaml`` (``--config grimm``); every field has a default, so an empty file is the
 demonstration's set-up.
 """
 from __future__ import annotations
@@ -154,11 +154,11 @@ class LMRunConfig:
         return dataclasses.asdict(self)
 
 
-BUNDLED = Path(__file__).resolve().parent.parent / "configs"
+BUNDLED = Path(__file__).resolve().parent.parent / "configs" / "lm"
 
 
 def resolve_lm_config(path: "str | None") -> "Path | None":
-    """``--config`` as a file, or a bundled config name (``lm_grimm``); None: the defaults."""
+    """``--config`` as a file, or a bundled LM config name (``grimm``, ``bench``); None: the defaults."""
     if not path:
         return None
     p = Path(path)
@@ -168,7 +168,7 @@ def resolve_lm_config(path: "str | None") -> "Path | None":
     if bundled.is_file():
         return bundled
     raise ConfigError(f"config {path!r} is neither a file nor a bundled config "
-                      f"({', '.join(sorted(f.stem for f in BUNDLED.glob('lm_*.yaml')))})")
+                      f"({', '.join(sorted(f.stem for f in BUNDLED.glob('*.yaml')))})")
 
 
 def load_lm_config(path: "str | Path | None" = None, overrides: "list[str] | None" = None) -> LMRunConfig:
