@@ -12,6 +12,7 @@ import thermokd as tk
 from thermokd.lm import IGNORE, OnPolicy, build_lm, generate, make_windows, on_policy_batch
 from thermokd.lm.onpolicy import _next_token
 from thermokd.lm.trainer import RunSettings, train_run
+from thermokd.methods import LM_PRESETS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -105,7 +106,8 @@ def test_lambda_zero_is_plain_distillation_and_on_policy_runs_repeat_exactly(tmp
     assert any(not torch.equal(half_a[k], plain[k]) for k in plain)
     # the loss's τ is KD's preset whatever the sampling temperature: generation settings never reach it
     _, hot = _train(tmp_path, "hot", 1.0, sampling=2.5)
-    assert hot["final"]["tau_teacher_mean"] == result["final"]["tau_teacher_mean"] == 1.0
+    preset = LM_PRESETS["kd"]["temperature"]["tau"]
+    assert hot["final"]["tau_teacher_mean"] == result["final"]["tau_teacher_mean"] == pytest.approx(preset)
 
 
 def test_the_trainer_scores_only_generated_tokens(tmp_path):
