@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import thermokd as tk
-from thermokd import functional as F
 from thermokd.lm import TopK, capture_topk, load_topk, retemper, save_topk
 
 B, L, V, K = 2, 8, 1000, 64

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from .batches import Windows, make_windows
 from .corpus import Document, fingerprint, load_corpus, split_documents
@@ -93,7 +92,3 @@ class WindowDataset(torch.utils.data.Dataset):
         w = self.windows
         return {"input_ids": w.input_ids[i], "attention_mask": w.attention_mask[i], "labels": w.labels[i],
                 INDEX_KEY: torch.tensor(i)}
-
-
-def window_index(batch: dict[str, Any]) -> Tensor:
-    return batch[INDEX_KEY]

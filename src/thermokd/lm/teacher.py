@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..errors import ThermoKDError
