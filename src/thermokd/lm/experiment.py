@@ -187,8 +187,8 @@ def run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None" 
                                teacher_source=source if loss_fn.kd_weight else None,
                                on_policy=OnPolicy(seed=seed, **policy) if policy and loss_fn.kd_weight else None,
                                resume=resume, on_eval=on_eval)
-            result.pop("trainer")
-            test = evaluate(student, data.test, device)
+            run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
+            test = evaluate(student, data.test, run_device)
             run = {"method": label, "seed": seed, **result, "ppl": test["ppl"], "acc": test["acc"],
                    "ce": test["ce"]}
             if seed == 0:

@@ -89,7 +89,10 @@ def write_logits_file(teacher: nn.Module, windows: Windows, path: "str | os.Path
     del table
     os.replace(tmp, path)
     meta = {"format": LOGITS_FORMAT, "tokenizer": tokenizer_key, "windows": windows_key, "dtype": dtype}
-    path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
+    meta_path = path.with_suffix(path.suffix + ".json")
+    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")  # per process: ranks may race here
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)
     return path
 
 
