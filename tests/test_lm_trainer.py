@@ -177,3 +177,14 @@ def test_two_processes_match_one_process(corpus, tmp_path):
         state_b = loss_state(tmp_path / "two" / "runs" / b["method"] / "seed0")
         for key in state_a:
             torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-5, atol=0)
+
+
+def test_the_shipped_config_runs(tmp_path):
+    """`thermokd lm --config grimm` (its teacher read from a logits file) with the sizes cut down."""
+    args = ["lm", "--config", "grimm", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *TINY,
+            "--methods", "ce,kd", "--seeds", "1", "--steps", "3", "--batch-size", "4", "--eval-every", "3"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["teacher"]["source"] == "logits" and results["corpus"] == "grimm-tales"
+    assert len(list((tmp_path / "cache" / "lm-teachers").glob("*/*.npy"))) == 1
+    assert [r["method"] for r in results["runs"]] == ["ce", "kd"]
