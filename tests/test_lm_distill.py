@@ -12,10 +12,11 @@ from torch import nn
 
 import thermokd as tk
 from thermokd.cli import main
-from thermokd.lm import (IGNORE, TrainSettings, build_lm, encode_documents, evaluate, lm_logits, load_corpus,
-                         make_labels, make_windows, next_token, sample, split_documents, train_lm, train_tokenizer)
+from thermokd.lm import (IGNORE, build_lm, encode_documents, evaluate, lm_logits, load_corpus, make_labels,
+                         make_windows, next_token, sample, split_documents, train_tokenizer)
 from thermokd.data.shipped import text_datasets_dir
 from thermokd.lm.tokenizer import eos_id
+from thermokd.methods import LM_PRESETS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -190,34 +191,6 @@ def test_causal_shift_scores_each_position_against_the_next_token():
         next_token(logits, labels[:, :2])
 
 
-def test_train_lm_observes_once_per_step_and_repeats_exactly():
-    w = make_windows([list(range(1, 40)), list(range(5, 30))], context=8, pad_id=0)
-    teacher = build_lm("1x16x2", 40, 8, dropout=0.0, seed=0)
-
-    class Counting(tk.DistillationLoss):
-        calls = 0
-
-        def observe(self, output):
-            Counting.calls += 1
-            super().observe(output)
-
-    from thermokd.lm import TeacherLogits
-
-    logits = TeacherLogits(teacher, w, "cpu")
-    settings = TrainSettings(steps=5, batch_size=2, eval_every=2, seed=3)
-    runs = []
-    for _ in range(2):
-        loss_fn = Counting(temperature=tk.temperature.DTS(), ce_weight=0.1, kd_weight=0.9)
-        student = build_lm("1x8x2", 40, 8, dropout=0.1, seed=3)
-        runs.append(train_lm(student, loss_fn, w, w, settings, teacher=logits))
-    assert Counting.calls == 10
-    assert [h["step"] for h in runs[0]["history"]] == [2, 4, 5]
-    assert runs[0]["history"] == runs[1]["history"] and runs[0]["ppl"] == runs[1]["ppl"]
-    assert runs[0]["final"]["tau_teacher_mean"] < 4.0  # DTS moved its T after the optimiser steps
-    with pytest.raises(tk.ThermoKDError, match="no teacher"):
-        train_lm(build_lm("1x8x2", 40, 8), tk.build_loss("kd"), w, w, settings)
-
-
 # ------------------------------------------------------------------------------------------- corpus and tokenizer
 
 
@@ -285,17 +258,17 @@ def test_lm_command_writes_results_and_report(tmp_path, capsys):
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *TINY]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "val perplexity" in printed and "kd@2" in printed
+    assert "test perplexity" in printed and "kd@2" in printed
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["methods"] == ["ce", "kd", "cist", "dts", "kd@2"] and results["seeds"] == [0, 1]
     assert "torch" in results["machine"] and results["wall_seconds"] > 0
     teacher = results["teacher"]
-    assert teacher["cached"] is False and 1.0 < teacher["val_ppl"] < 300 and 0.0 <= teacher["val_acc"] <= 1.0
+    assert teacher["cached"] is False and 1.0 < teacher["val_ppl"] < 300 and 0.0 <= teacher["test_acc"] <= 1.0
     runs = results["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
         (m, s) for m in results["methods"] for s in (0, 1))
     for r in runs:
-        assert 1.0 < r["ppl"] < 300 and 0.0 <= r["acc"] <= 1.0 and r["best_ppl"] <= r["ppl"]
+        assert 1.0 < r["ppl"] < 300 and 0.0 <= r["acc"] <= 1.0 and r["best_val_ppl"] <= r["val_ppl"]
         assert [h["step"] for h in r["history"]] == [3, 6] and r["seconds"] > 0
         assert math.log(r["ppl"]) == pytest.approx(r["ce"])
         if r["method"] == "ce":
@@ -304,6 +277,8 @@ def test_lm_command_writes_results_and_report(tmp_path, capsys):
             assert r["final"]["tau_teacher_mean"] > 0 and r["final"]["tau_teacher_min"] <= r["final"]["tau_teacher_max"]
     kd2 = next(r for r in runs if r["method"] == "kd@2")
     assert kd2["final"]["tau_teacher_mean"] == pytest.approx(2.0)
+    kd = next(r for r in runs if r["method"] == "kd")  # the LM preset, not image classification's τ = 4
+    assert kd["final"]["tau_teacher_mean"] == pytest.approx(LM_PRESETS["kd"]["temperature"]["tau"])
     assert next(r for r in runs if r["method"] == "kd" and r["seed"] == 0)["sample"].startswith("Once upon a time")
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| student: cist |" in report and "## Verdicts (against kd)" in report and "- **dts**:" in report
@@ -319,7 +294,9 @@ def test_lm_command_writes_results_and_report(tmp_path, capsys):
     (["--methods", "kd,nope"], "unknown method 'nope'"),
     (["--methods", "cist@2"], "kd@TAU"),
     (["--corpus", "nonexistent"], "unknown corpus"),
-    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--seeds", "0"], "seeds must be > 0"),
+    (["--set", "teacher.source=cache"], "teacher.source"),
+    (["--set", "train.nope=1"], "unknown field train.nope"),
     (["--student", "2by64"], "model size"),
 ])
 def test_lm_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys, bad, message):
@@ -332,7 +309,7 @@ def test_report_verdicts_claim_a_difference_only_beyond_the_noise():
     from thermokd.lm.report import best_fixed_kd, summarize, verdicts
 
     def runs(method, ppls, accs):
-        return [{"method": method, "seed": i, "ppl": p, "acc": a, "best_ppl": p, "seconds": 1.0, "final": {}}
+        return [{"method": method, "seed": i, "ppl": p, "acc": a, "val_ppl": p, "seconds": 1.0, "final": {}}
                 for i, (p, a) in enumerate(zip(ppls, accs))]
 
     summary = summarize(runs("kd", [100, 102, 98], [0.10, 0.11, 0.12]) + runs("kd@1", [60, 61, 59], [0.17, 0.17, 0.17])
@@ -344,3 +321,27 @@ def test_report_verdicts_claim_a_difference_only_beyond_the_noise():
     assert "perplexity within noise (+1.00, std 2.65)" in v["dts"] and "token accuracy better by 10.00 pp" in v["dts"]
     assert "single seed: no noise estimate" in v["ce"]
     assert best_fixed_kd(summary) == "kd@1" and best_fixed_kd({"kd": summary["kd"]}) is None
+
+
+def test_three_way_split_is_disjoint_seeded_and_carves_validation_from_training():
+    from thermokd.lm.data import split_three
+
+    grimm = load_corpus("grimm-tales")
+    train, val, test = split_three(grimm, 0.1, 0.1, seed=0)
+    assert (len(train), len(val), len(test)) == (44, 5, 5)
+    titles = [{d.title for d in part} for part in (train, val, test)]
+    assert not (titles[0] & titles[1]) and not (titles[0] & titles[2]) and not (titles[1] & titles[2])
+    assert split_three(grimm, 0.1, 0.1, seed=0) == (train, val, test)  # stable
+    assert split_three(grimm, 0.1, 0.1, seed=3)[1] != val
+    # the held-out test documents do not depend on the validation fraction: changing it never moves test
+    assert split_three(grimm, 0.2, 0.1, seed=0)[2] == test
+
+
+def test_best_grid_tau_is_chosen_on_validation_never_on_test():
+    from thermokd.lm.report import best_fixed_kd, summarize
+
+    runs = [{"method": m, "seed": 0, "ppl": test, "acc": 0.1, "val_ppl": val, "seconds": 1.0, "final": {}}
+            for m, val, test in (("kd", 60.0, 50.0), ("kd@2", 55.0, 70.0))]
+    assert best_fixed_kd(summarize(runs)) == "kd@2"
+    shuffled = [{**r, "ppl": t} for r, t in zip(runs, (70.0, 50.0))]  # test figures swapped: the choice stays
+    assert best_fixed_kd(summarize(shuffled)) == "kd@2"

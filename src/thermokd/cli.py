@@ -148,28 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild the report of a compare, sweep, lm or distill folder from its results")
     p.add_argument("folder", type=Path)
 
-    p = sub.add_parser("lm", help="causal-LM distillation on a shipped corpus: a teacher, one student per method "
-                       "and seed; perplexity and token accuracy")
-    p.add_argument("--corpus", default="grimm-tales",
-                   help="grimm-tales, andersen, friends-transcripts, or a .tab/.txt file (default %(default)s)")
-    p.add_argument("--methods", default="ce,kd,kd@1,cist,dts", help="comma-separated method names or kd@TAU "
-                   "(default %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
-    p.add_argument("--steps", type=int, help="student optimiser steps (default 400)")
-    p.add_argument("--teacher-steps", type=int, help="teacher optimiser steps (default 500)")
-    p.add_argument("--teacher", help="teacher size LAYERSxWIDTH[xHEADS] (default 3x192)")
-    p.add_argument("--student", help="student size LAYERSxWIDTH[xHEADS] (default 2x64)")
-    p.add_argument("--vocab-size", type=int, help="byte-level BPE vocabulary (default 1024)")
-    p.add_argument("--context", type=int, help="window length in tokens (default 128)")
-    p.add_argument("--batch-size", type=int, help="windows per step (default 16)")
-    p.add_argument("--lr", type=float, help="student learning rate (default 3e-3)")
-    p.add_argument("--eval-every", type=int, help="validate every N steps (default 100)")
-    p.add_argument("--prompt-tokens", type=int, help="mask the first N tokens of every window as prompt (default 0)")
-    p.add_argument("--max-train-tokens", type=int, help="keep only the first training windows (quick runs)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p = sub.add_parser("lm", help="causal-LM distillation on a corpus (HF Trainer): a teacher, one student per "
+                       "method and seed; perplexity and token accuracy; --resume continues a killed run")
+    p.add_argument("--config", help="LM config file, or a bundled one (grimm, bench); fields: data, teacher, "
+                   "student, train, on_policy, methods, seeds, variants")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. "
+                   "train.steps=200 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="keep finished runs in --out, continue unfinished ones")
+    p.add_argument("--capture-topk", type=Path, metavar="FILE", help="only write the teacher's top-k cache "
+                   "(teacher.k, teacher.capture_tau) of the training windows to FILE, for teacher.source=topk")
+    for flag, key, kind, text in LM_SHORTHANDS:
+        p.add_argument(flag, type=kind, help=f"shorthand for --set {key}=VALUE ({text})")
     p.add_argument("--cache", type=Path, help="teacher and tokenizer cache (default $THERMOKD_CACHE or ~/.cache/thermokd)")
     p.add_argument("--no-progress", action="store_true", help="no per-evaluation progress lines")
-    p.add_argument("--out", type=_out_folder, required=True, help="output folder")
+    p.add_argument("--out", type=_out_folder, help="output folder (required unless --capture-topk)")
     return parser
 
 
@@ -297,25 +289,46 @@ def _report(args) -> None:
     print(f"{args.folder} was written by `thermokd {kind}`; wrote {rebuild_report(args.folder)}")
 
 
-def _lm(args) -> None:
-    import torch
+LM_SHORTHANDS = (("--corpus", "data.corpus", str, "grimm-tales, andersen, friends-transcripts, or a .tab/.txt file"),
+                 ("--methods", "methods", str, "comma-separated method names, kd@TAU or variants"),
+                 ("--seeds", "seeds", int, "seeds 0..N-1"), ("--steps", "train.steps", int, "student steps"),
+                 ("--teacher-steps", "teacher.steps", int, "teacher steps"),
+                 ("--teacher", "teacher.size", str, "LAYERSxWIDTH[xHEADS]"),
+                 ("--student", "student.size", str, "LAYERSxWIDTH[xHEADS]"),
+                 ("--vocab-size", "data.vocab_size", int, "byte-level BPE vocabulary"),
+                 ("--context", "data.context", int, "window length in tokens"),
+                 ("--batch-size", "train.batch_size", int, "global windows per step"),
+                 ("--lr", "train.lr", float, "student learning rate"),
+                 ("--eval-every", "train.eval_every", int, "validate every N steps"),
+                 ("--prompt-tokens", "data.prompt_tokens", int, "first N tokens of every window are prompt"),
+                 ("--max-train-tokens", "data.max_train_tokens", int, "keep only the first training windows"),
+                 ("--device", "train.device", str, "torch device, or auto"))
 
-    from .lm.experiment import LMConfig, parse_methods, run_lm_experiment
+
+def _lm(args) -> None:
+    from .lm.config import load_lm_config
+    from .lm.experiment import capture_teacher_topk, run_lm_experiment
     from .lm.report import summarize
 
-    options = {"corpus": args.corpus, "steps": args.steps, "teacher_steps": args.teacher_steps,
-               "teacher": args.teacher, "student": args.student, "vocab_size": args.vocab_size,
-               "context": args.context, "batch_size": args.batch_size, "lr": args.lr, "eval_every": args.eval_every,
-               "prompt_tokens": args.prompt_tokens, "max_train_tokens": args.max_train_tokens,
-               "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
-    cfg = LMConfig(**{k: v for k, v in options.items() if v is not None})
-    methods = parse_methods(args.methods)
-    if args.seeds < 1:
-        raise ThermoKDError(f"--seeds must be >= 1, got {args.seeds}")
-    results = run_lm_experiment(cfg, methods, list(range(args.seeds)), args.out, args.cache, not args.no_progress)
+    overrides = []
+    for flag, key, _, _ in LM_SHORTHANDS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            text = json.dumps([m.strip() for m in value.split(",") if m.strip()]) if key == "methods" else \
+                json.dumps(value)  # quoted: YAML keeps paths and sizes such as "2x64" as strings
+            overrides.append(f"{key}={text}")
+    cfg = load_lm_config(args.config, overrides + (args.set or []))
+    if args.capture_topk is not None:
+        path = capture_teacher_topk(cfg, args.capture_topk, args.cache)
+        print(f"wrote the teacher's top-{cfg.teacher.k} cache of the training windows to {path}")
+        return
+    if args.out is None:
+        raise ThermoKDError("thermokd lm: --out is required (unless --capture-topk)")
+    results = run_lm_experiment(cfg, args.out, args.cache, args.resume, not args.no_progress)
     teacher = results["teacher"]
-    print(f"\n{'model':20s} {'val perplexity':>16s} {'token accuracy %':>18s}")
-    print(f"{'teacher ' + teacher['size']:20s} {teacher['val_ppl']:16.2f} {100 * teacher['val_acc']:18.2f}")
+    print(f"\n{'model':20s} {'test perplexity':>16s} {'token accuracy %':>18s}")
+    if "test_ppl" in teacher:
+        print(f"{'teacher ' + teacher['size']:20s} {teacher['test_ppl']:16.2f} {100 * teacher['test_acc']:18.2f}")
     for method, s in summarize(results["runs"]).items():
         print(f"{method:20s} {s['ppl_mean']:8.2f} ± {s['ppl_std']:5.2f} {100 * s['acc_mean']:9.2f} ± "
               f"{100 * s['acc_std']:5.2f}")

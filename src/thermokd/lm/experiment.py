@@ -1,11 +1,14 @@
-"""``thermokd lm``: a teacher LM trained on a shipped corpus, distilled into a smaller student with each method
-and seed; validation perplexity and next-token accuracy per run, written to ``results.json`` and ``report.md``."""
+"""``thermokd lm``: a teacher LM trained on a corpus, distilled into a smaller student with each method and seed,
+every run on the Hugging Face Trainer (:mod:`thermokd.lm.trainer`); validation and test perplexity and next-token
+accuracy per run, written to ``results.json`` and ``report.md``. Resumable: finished runs are kept, an unfinished
+one continues from its latest checkpoint."""
 from __future__ import annotations
 
-import dataclasses
 import datetime
+import json
+import os
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,158 +16,211 @@ import torch
 
 from ..errors import ThermoKDError
 from ..loss import DistillationLoss
-from .batches import make_windows
-from .corpus import fingerprint, load_corpus, split_documents
-from .distill import TeacherLogits, TrainSettings, train_lm
+from .config import LMRunConfig
+from .data import LMData, prepare_data, windows_key
+from .evaluate import evaluate
 from .models import build_lm, count_parameters, parse_size
+from .onpolicy import OnPolicy
 from .sample import sample
+from .sources import LogitsFile, TopKFile, capture_topk_file, write_logits_file
 from .teacher import obtain_teacher
-from .tokenizer import encode_documents, eos_id, train_tokenizer, tokenizer_key
+from .trainer import RunSettings, train_run
 
 SAMPLE_PROMPT = "Once upon a time"
 
 
-@dataclass
-class LMConfig:
-    """Everything one ``thermokd lm`` run depends on besides the methods and seeds. The defaults are the demo's
-    (docs/lm.md): with 5 methods × 3 seeds it took 9.9 min on one thread of a busy 2-core machine."""
-
-    corpus: str = "grimm-tales"
-    vocab_size: int = 1024
-    context: int = 128
-    validation_fraction: float = 0.1
-    split_seed: int = 0
-    prompt_tokens: int = 0          # the first N tokens of every window are context only (labels -100)
-    max_train_tokens: "int | None" = None  # keep only the first windows of the training split (quick runs)
-    batch_size: int = 16
-    teacher: str = "3x192"
-    teacher_steps: int = 500
-    teacher_lr: float = 3e-3
-    teacher_dropout: float = 0.1
-    teacher_seed: int = 0
-    student: str = "2x64"
-    steps: int = 400
-    lr: float = 3e-3
-    student_dropout: float = 0.0
-    eval_every: int = 100
-    device: str = "cpu"
-
-    def check(self) -> None:
-        parse_size(self.teacher), parse_size(self.student)
-        for name in ("teacher_steps", "steps", "batch_size", "eval_every", "context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ThermoKDError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.max_train_tokens is not None and self.max_train_tokens < 1:
-            raise ThermoKDError(f"max_train_tokens must be >= 1, got {self.max_train_tokens!r}")
-        try:
-            torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ThermoKDError(f"device {self.device!r} is not usable here: {str(exc).splitlines()[0]}") from None
-
-
-def parse_methods(text: str) -> list[str]:
-    """Comma-separated method names (``thermokd.method_names()``) or ``kd@TAU``, checked (as ``thermokd
-    compare`` checks them, against a config with no variants)."""
-    from ..config import RunConfig
-    from ..experiments.compare import parse_methods as parse_labels
-
-    return parse_labels(text, RunConfig())
-
-
-def method_loss(label: str) -> DistillationLoss:
-    """The loss for a method label: a method name at its defaults, or ``kd@TAU`` (fixed-τ KD)."""
-    from ..config import RunConfig, resolve_method
+def method_loss(cfg: LMRunConfig, label: str) -> DistillationLoss:
+    """The loss for a method label at the LM presets (``build_loss(name, domain="lm")``) with the label's
+    overrides (``kd@TAU``, a variant of ``cfg.variants``)."""
     from ..methods import build_loss
 
-    method = resolve_method(RunConfig(), label)
-    return build_loss(method.name, temperature=method.temperature, weighting=method.weighting, **method.loss)
+    method = cfg.method(label)
+    return build_loss(method.name, domain="lm", temperature=method.temperature, weighting=method.weighting,
+                      **method.loss)
 
 
-def _settings(cfg: LMConfig, steps: int, lr: float, seed: int) -> TrainSettings:
-    return TrainSettings(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=min(cfg.eval_every, steps),
-                         seed=seed)
+def resolve_device(cfg: LMRunConfig) -> tuple[str, str]:
+    """``train.device`` and ``train.mixed_precision`` with ``auto`` resolved: bf16 where the GPU supports it."""
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ThermoKDError(f"device {device!r} is not usable here: {str(exc).splitlines()[0]}") from None
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
+    return device, precision
 
 
-def run_lm_experiment(cfg: LMConfig, methods: list[str], seeds: list[int], out_dir: Path,
-                      cache_dir: "Path | None" = None, progress_bar: bool = True,
-                      echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or load) the teacher, then one student per method × seed with the same window order per seed; write
-    ``out_dir/results.json`` and ``out_dir/report.md``; return the results."""
+def _settings(cfg: LMRunConfig, device: str, precision: str, seed: int, progress_bar: bool, teacher: bool = False
+              ) -> RunSettings:
+    t = cfg.train
+    if teacher:
+        return RunSettings(steps=cfg.teacher.steps, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
+                           weight_decay=t.weight_decay, warmup=t.warmup, grad_clip=t.grad_clip,
+                           eval_every=min(t.eval_every, cfg.teacher.steps), save_every=t.save_every,
+                           seed=cfg.teacher.seed, mixed_precision=precision, device=device, progress_bar=progress_bar)
+    return RunSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
+                       weight_decay=t.weight_decay, warmup=t.warmup, grad_clip=t.grad_clip,
+                       eval_every=min(t.eval_every, t.steps), save_every=t.save_every, seed=seed,
+                       mixed_precision=precision, device=device, progress_bar=progress_bar)
+
+
+def _teacher_spec(cfg: LMRunConfig, data: LMData) -> dict[str, Any]:
+    return {"train_text": data.train_key, "context": cfg.data.context, "prompt_tokens": cfg.data.prompt_tokens,
+            "windows": len(data.train), "size": cfg.teacher.size, "dropout": cfg.teacher.dropout}
+
+
+def _teacher(cfg: LMRunConfig, data: LMData, device: str, precision: str, cache_dir: "Path | None",
+             echo: Callable[[str], None], progress_bar: bool) -> tuple[Any, dict[str, Any]]:
+    """The trained teacher (from the cache, or trained now) and its info."""
+    build = lambda: build_lm(cfg.teacher.size, data.vocab_size, cfg.data.context, cfg.teacher.dropout,  # noqa: E731
+                             cfg.teacher.seed, data.eos)
+    on_eval = (lambda r: echo(f"  teacher step {r['step']}: val ppl {r['val_ppl']:.2f}")) if progress_bar else None
+    teacher, info = obtain_teacher(_teacher_spec(cfg, data), build, data.train, data.val,
+                                   _settings(cfg, device, precision, 0, progress_bar, teacher=True), cache_dir,
+                                   on_eval)
+    test = evaluate(teacher, data.test, device)
+    info.update(size=str(parse_size(cfg.teacher.size)), parameters=count_parameters(teacher), test_ppl=test["ppl"],
+                test_acc=test["acc"], sample=sample(teacher, SAMPLE_PROMPT, tokenizer=data.tokenizer,
+                                                    sampling_temperature=0.8, top_k=40, stop_id=data.eos))
+    origin = "from the cache" if info["cached"] else f"trained in {info['train_seconds']:.0f} s"
+    echo(f"teacher {info['size']} ({info['parameters']:,} parameters, {origin}): val ppl {info['val_ppl']:.2f}, "
+         f"test ppl {info['test_ppl']:.2f}, test token accuracy {info['test_acc']:.4f}")
+    return teacher, info
+
+
+def _default_file(cfg: LMRunConfig, data: LMData, teacher_dir: str, kind: str) -> Path:
+    name = f"{windows_key(data.train)}-{data.tokenizer_key}"
+    if kind == "topk":
+        return Path(teacher_dir) / f"{name}-top{cfg.teacher.k}-tau{cfg.teacher.capture_tau:g}.safetensors"
+    return Path(teacher_dir) / f"{name}-{cfg.teacher.logits_dtype}.npy"
+
+
+def capture_teacher_topk(cfg: LMRunConfig, path: Path, cache_dir: "Path | None" = None,
+                         echo: Callable[[str], None] = print) -> Path:
+    """``thermokd lm --capture-topk FILE``: the teacher's top-k cache of the training windows, for distilling
+    later (elsewhere) with ``teacher.source: topk`` and ``teacher.file: FILE``, without the teacher."""
+    data = prepare_data(cfg.data, cache_dir)
+    device, precision = resolve_device(cfg)
+    teacher, _ = _teacher(cfg, data, device, precision, cache_dir, echo, False)
+    return capture_topk_file(teacher, data.train, path, cfg.teacher.k, data.tokenizer_key, windows_key(data.train),
+                             cfg.teacher.capture_tau, device)
+
+
+def _source(cfg: LMRunConfig, data: LMData, teacher: Any, teacher_dir: "str | None", device: str) -> Any:
+    """The teacher source of ``cfg.teacher.source``; a missing file is written from the teacher first."""
+    kind = cfg.teacher.source
+    if kind == "online":
+        return None
+    path = Path(cfg.teacher.file) if cfg.teacher.file else _default_file(cfg, data, teacher_dir, kind)
+    keys = (data.tokenizer_key, windows_key(data.train))
+    if not path.is_file():
+        if teacher is None:
+            raise ThermoKDError(f"teacher file {path} not found")
+        if kind == "topk":
+            capture_topk_file(teacher, data.train, path, cfg.teacher.k, *keys, cfg.teacher.capture_tau, device)
+        else:
+            write_logits_file(teacher, data.train, path, *keys, cfg.teacher.logits_dtype, device)
+    return TopKFile(path, *keys) if kind == "topk" else LogitsFile(path, *keys)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None" = None, resume: bool = False,
+                      progress_bar: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or load) the teacher, then one student per method × seed with the same window order and
+    initialisation per seed; write ``out_dir/results.json`` and ``out_dir/report.md``; return the results."""
+    from ..files import FolderLock
+
+    with FolderLock(Path(out_dir)):  # one writer per output folder
+        return _run_lm_experiment(cfg, Path(out_dir), cache_dir, resume, progress_bar, echo)
+
+
+def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
+                       echo: Callable[[str], None]) -> dict[str, Any]:
     from ..engine.checkpoint import write_json_atomic
     from ..experiments.compare import machine_description
     from .report import write_report
 
-    cfg.check()
-    if not seeds:
-        raise ThermoKDError("give at least one seed")
-    for label in methods:
-        method_loss(label)  # an unknown label fails now, not after the teacher has trained
+    methods = list(cfg.methods)
+    losses = {label: method_loss(cfg, label) for label in methods}  # an unknown label fails before any training
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device, precision = resolve_device(cfg)
+    data = prepare_data(cfg.data, cache_dir)
+    echo(f"{cfg.data.corpus}: {data.documents['train']} training / {data.documents['val']} validation / "
+         f"{data.documents['test']} test documents, vocabulary {data.vocab_size}, {data.train.num_targets} / "
+         f"{data.val.num_targets} / {data.test.num_targets} scored tokens; windows of {cfg.data.context}")
+    needs_teacher = any(loss.kd_weight for loss in losses.values())
+    file_only = cfg.teacher.source == "topk" and cfg.teacher.file and Path(cfg.teacher.file).is_file()
+    teacher, info = None, {"source": cfg.teacher.source}
+    if needs_teacher and file_only:
+        echo(f"teacher: top-k file {cfg.teacher.file} (the teacher model is not needed)")
+        info.update(size=str(parse_size(cfg.teacher.size)), file=cfg.teacher.file)
+    elif needs_teacher or cfg.teacher.source == "online":
+        teacher, teacher_info = _teacher(cfg, data, device, precision, cache_dir, echo, progress_bar)
+        info.update(teacher_info)
+    source = _source(cfg, data, teacher, info.get("dir"), device) if needs_teacher else None
+    policy = None
+    if cfg.on_policy.fraction:
+        p = cfg.on_policy
+        policy = dict(fraction=p.fraction, prompt_tokens=p.prompt_tokens, new_tokens=p.new_tokens,
+                      sampling_temperature=p.sampling_temperature, top_p=p.top_p, eos_id=data.eos)
 
-    train_docs, val_docs = split_documents(load_corpus(cfg.corpus), cfg.validation_fraction, cfg.split_seed)
-    texts = [d.text for d in train_docs]
-    tok = train_tokenizer(texts, cfg.vocab_size, cache_dir)
-    vocab, end = tok.get_vocab_size(), eos_id(tok)
-    train = make_windows(encode_documents(tok, texts), cfg.context, end, cfg.prompt_tokens)
-    if cfg.max_train_tokens is not None:
-        train = train.head(max(1, cfg.max_train_tokens // cfg.context))
-    val = make_windows(encode_documents(tok, [d.text for d in val_docs]), cfg.context, end, cfg.prompt_tokens)
-    echo(f"{cfg.corpus}: {len(train_docs)} training / {len(val_docs)} validation documents, vocabulary {vocab}, "
-         f"{train.num_targets} / {val.num_targets} scored tokens in {len(train)} / {len(val)} windows of {cfg.context}")
-
-    def progress(who: str) -> "Callable[[dict[str, Any]], None] | None":
-        if not progress_bar:
-            return None
-        return lambda r: echo(f"  {who} step {r['step']}: val ppl {r['val_ppl']:.2f}, acc {r['val_acc']:.4f}")
-
-    spec = {"train_text": fingerprint(train_docs), "tokenizer": tokenizer_key(texts, cfg.vocab_size),
-            "context": cfg.context, "prompt_tokens": cfg.prompt_tokens, "windows": len(train), "size": cfg.teacher,
-            "dropout": cfg.teacher_dropout, "seed": cfg.teacher_seed}
-    build_teacher = lambda: build_lm(cfg.teacher, vocab, cfg.context, cfg.teacher_dropout, cfg.teacher_seed, end)  # noqa: E731
-    teacher_started = time.perf_counter()
-    teacher, info = obtain_teacher(spec, build_teacher, train, val,
-                                   _settings(cfg, cfg.teacher_steps, cfg.teacher_lr, cfg.teacher_seed),
-                                   cfg.device, cache_dir, on_eval=progress("teacher"))
-    info.update(size=str(parse_size(cfg.teacher)), parameters=count_parameters(teacher),
-                sample=sample(teacher, SAMPLE_PROMPT, tokenizer=tok, sampling_temperature=0.8, top_k=40,
-                              stop_id=end))
-    origin = "from the cache" if info["cached"] else f"trained in {info['train_seconds']:.0f} s"
-    echo(f"teacher {info['size']} ({info['parameters']:,} parameters, {origin}): "
-         f"val ppl {info['val_ppl']:.2f}, token accuracy {info['val_acc']:.4f}")
-    teacher_logits = TeacherLogits(teacher, train, cfg.device)
-    setup_seconds = time.perf_counter() - teacher_started  # training or loading, evaluation, logits
-
-    runs = []
-    student_parameters = 0
-    for seed in seeds:
+    runs, student_parameters = [], 0
+    for seed in range(cfg.seeds):
         for label in methods:
-            loss_fn = method_loss(label)  # fresh state (DTS's T, CIST's ρ) for every run
-            if loss_fn.kd_weight:
-                loss_fn.prepare(teacher_logits.calibration_rows())
-            student = build_lm(cfg.student, vocab, cfg.context, cfg.student_dropout, seed, end)
+            run_dir = out_dir / "runs" / label.replace("@", "_at_") / f"seed{seed}"
+            done = run_dir / "result.json"
+            if resume and done.is_file():
+                runs.append(json.loads(done.read_text()))
+                echo(f"  {label:16s} seed {seed}: finished earlier (kept)")
+                continue
+            loss_fn = method_loss(cfg, label)  # fresh state (DTS's T, CIST's ρ) for every run
+            student = build_lm(cfg.student.size, data.vocab_size, cfg.data.context, cfg.student.dropout, seed,
+                               data.eos)
             student_parameters = count_parameters(student)
-            result = train_lm(student, loss_fn, train, val, _settings(cfg, cfg.steps, cfg.lr, seed), cfg.device,
-                              teacher_logits, on_eval=progress(f"{label} seed {seed}"))
-            run = {"method": label, "seed": seed, **result}
-            if seed == seeds[0]:
-                run["sample"] = sample(student, SAMPLE_PROMPT, tokenizer=tok, sampling_temperature=0.8, top_k=40,
-                                       stop_id=end)
-            echo(f"  {label:16s} seed {seed}: val ppl {result['ppl']:.2f}, token accuracy {result['acc']:.4f} "
-                 f"({result['seconds']:.0f} s)")
+            on_eval = ((lambda r, who=f"{label} seed {seed}": echo(
+                f"  {who} step {r['step']}: val ppl {r['val_ppl']:.2f}, acc {r['val_acc']:.4f}"))
+                if progress_bar else None)
+            result = train_run(student, loss_fn, data.train, data.val,
+                               _settings(cfg, device, precision, seed, progress_bar), run_dir,
+                               teacher=teacher if loss_fn.kd_weight and source is None else None,
+                               teacher_source=source if loss_fn.kd_weight else None,
+                               on_policy=OnPolicy(seed=seed, **policy) if policy and loss_fn.kd_weight else None,
+                               resume=resume, on_eval=on_eval)
+            run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
+            test = evaluate(student, data.test, run_device)
+            run = {"method": label, "seed": seed, **result, "ppl": test["ppl"], "acc": test["acc"],
+                   "ce": test["ce"]}
+            if seed == 0:
+                run["sample"] = sample(student, SAMPLE_PROMPT, tokenizer=data.tokenizer, sampling_temperature=0.8,
+                                       top_k=40, stop_id=data.eos)
+            if _is_main():
+                write_json_atomic(done, run)
+                for checkpoint in run_dir.glob("checkpoint-*"):  # they served resumption; the result is written
+                    shutil.rmtree(checkpoint, ignore_errors=True)
+            echo(f"  {label:16s} seed {seed}: val ppl {run['val_ppl']:.2f}, test ppl {run['ppl']:.2f}, test token "
+                 f"accuracy {run['acc']:.4f} ({run['seconds']:.0f} s)")
             runs.append(run)
-    results = {"corpus": cfg.corpus, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-               "machine": machine_description(), "config": dataclasses.asdict(cfg), "methods": methods,
-               "seeds": seeds, "vocab_size": vocab,
-               "data": {"train_documents": len(train_docs), "val_documents": len(val_docs),
-                        "train_windows": len(train), "val_windows": len(val), "train_tokens": train.num_targets,
-                        "val_tokens": val.num_targets},
-               "teacher": {**info, "setup_seconds": setup_seconds,
-                           "logits_precomputed": teacher_logits.precomputed},
-               "student": {"size": str(parse_size(cfg.student)), "parameters": student_parameters},
+    results = {"corpus": cfg.data.corpus, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": machine_description(), "config": cfg.to_dict(), "methods": methods,
+               "seeds": list(range(cfg.seeds)), "vocab_size": data.vocab_size, "device": device,
+               "mixed_precision": precision,
+               "data": {"train_documents": data.documents["train"], "val_documents": data.documents["val"],
+                        "test_documents": data.documents["test"], "train_windows": len(data.train),
+                        "train_tokens": data.train.num_targets, "val_tokens": data.val.num_targets,
+                        "test_tokens": data.test.num_targets},
+               "teacher": info,
+               "student": {"size": str(parse_size(cfg.student.size)), "parameters": student_parameters},
                "runs": runs, "sample_prompt": SAMPLE_PROMPT, "wall_seconds": time.perf_counter() - started}
-    write_json_atomic(out_dir / "results.json", results)
-    write_report(results, out_dir)
+    if _is_main():
+        write_json_atomic(out_dir / "results.json", results)
+        write_report(results, out_dir)
     return results

@@ -13,8 +13,8 @@ from ..experiments.report import _mean_std
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method label, in order of first appearance: ``ppl``/``acc``/``best_ppl`` means and stds, the final
-    mean teacher τ (None for ``ce``), mean training seconds and the number of runs."""
+    """Per method label, in order of first appearance: test ``ppl``/``acc`` and validation ``val_ppl`` means and
+    stds, the final mean teacher τ (None for ``ce``), mean training seconds and the number of runs."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault(run["method"], []).append(run)
@@ -24,7 +24,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         acc, acc_std = _mean_std(r["acc"] for r in group)
         summary[method] = {
             "ppl_mean": ppl, "ppl_std": ppl_std, "acc_mean": acc, "acc_std": acc_std,
-            "best_ppl_mean": _mean_std(r["best_ppl"] for r in group)[0],
+            "val_ppl_mean": _mean_std(r["val_ppl"] for r in group)[0],
             "tau_teacher_mean": _mean_std((r.get("final") or {}).get("tau_teacher_mean") for r in group)[0],
             "seconds": _mean_std(r.get("seconds") for r in group)[0], "n": len(group)}
     return summary
@@ -61,24 +61,29 @@ def verdicts(summary: dict[str, dict[str, Any]], reference: str = "kd") -> dict[
 
 
 def best_fixed_kd(summary: dict[str, dict[str, Any]]) -> "str | None":
-    """The fixed-τ KD label (``kd``, ``kd@TAU``) with the lowest mean perplexity, when at least two ran: "KD at
-    its best grid τ", the baseline every adaptive method must beat (METHODS.md §3)."""
+    """The fixed-τ KD label (``kd``, ``kd@TAU``) with the lowest mean *validation* perplexity, when at least two
+    ran: "KD at its best grid τ", the baseline every adaptive method must beat; never chosen on test."""
     grid = [m for m in summary if m == "kd" or m.startswith("kd@")]
-    return min(grid, key=lambda m: summary[m]["ppl_mean"]) if len(grid) >= 2 else None
+    return min(grid, key=lambda m: summary[m]["val_ppl_mean"]) if len(grid) >= 2 else None
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any], reference: "str | None") -> str:
-    header = ["model / method", "val perplexity", "token accuracy %"]
+    header = ["model / method", "val perplexity", "test perplexity", "test token accuracy %"]
     if reference:
         header += [f"Δ ppl vs {reference}", f"Δ acc vs {reference} (pp)"]
     header += ["final τ^t mean", "s/run", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    row = [f"teacher {teacher.get('size', '?')}", f"{teacher['val_ppl']:.2f}", f"{100 * teacher['val_acc']:.2f}"]
+    if "test_ppl" in teacher:
+        row = [f"teacher {teacher.get('size', '?')}", f"{teacher['val_ppl']:.2f}", f"{teacher['test_ppl']:.2f}",
+               f"{100 * teacher['test_acc']:.2f}"]
+    else:  # distilled from a top-k file: the teacher model was not here
+        row = [f"teacher {teacher.get('size', '?')} (file)", "—", "—", "—"]
     row += ["", ""] if reference else []
     row += ["—", f"{teacher['train_seconds']:.0f}" if teacher.get("train_seconds") else "—", "1 (fixed)"]
     lines.append("| " + " | ".join(row) + " |")
     for method, s in summary.items():
-        row = [f"student: {method}", _spread(s["ppl_mean"], s["ppl_std"], 2), _spread(s["acc_mean"], s["acc_std"], 2, 100)]
+        row = [f"student: {method}", f"{s['val_ppl_mean']:.2f}", _spread(s["ppl_mean"], s["ppl_std"], 2),
+               _spread(s["acc_mean"], s["acc_std"], 2, 100)]
         if reference:
             ref = summary[reference]
             row += (["reference", "reference"] if method == reference else
@@ -94,30 +99,38 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     summary = summarize(results["runs"])
     reference = "kd" if "kd" in summary else (next(iter(summary)) if len(summary) > 1 else None)
     cfg, teacher, data = results["config"], results["teacher"], results["data"]
+    d, t, tr, op = cfg["data"], cfg["teacher"], cfg["train"], cfg["on_policy"]
+    origin = (f"read from the file {teacher['file']} (the model was not here)" if "file" in teacher else
+              f"{teacher.get('parameters', 0):,} parameters, {t['steps']} steps of cross-entropy, lr {t['lr']:g}, "
+              f"dropout {t['dropout']:g} (cache key `{teacher.get('key')}`; "
+              f"{'from the cache' if teacher.get('cached') else 'trained in this run'})")
     lines = [f"# thermokd lm on {results['corpus']}", "",
-             f"- data: {data['train_documents']} training / {data['val_documents']} validation documents (split by "
-             f"document), {data['train_tokens']:,} / {data['val_tokens']:,} scored tokens, byte-level BPE vocabulary "
-             f"{results['vocab_size']}, windows of {cfg['context']} tokens"
-             + (f", first {cfg['prompt_tokens']} tokens of each window masked as prompt" if cfg["prompt_tokens"] else ""),
-             f"- teacher: GPT-2 {teacher['size']} (layers x width x heads), {teacher['parameters']:,} parameters, "
-             f"{cfg['teacher_steps']} steps of cross-entropy, lr {cfg['teacher_lr']:g}, dropout {cfg['teacher_dropout']:g}"
-             f" (cache key `{teacher['key']}`)",
+             f"- data: {data['train_documents']} training / {data['val_documents']} validation / "
+             f"{data['test_documents']} test documents (seeded split by document), {data['train_tokens']:,} / "
+             f"{data['val_tokens']:,} / {data['test_tokens']:,} scored tokens, byte-level BPE vocabulary "
+             f"{results['vocab_size']}, windows of {d['context']} tokens"
+             + (f", first {d['prompt_tokens']} tokens of each window masked as prompt" if d["prompt_tokens"] else ""),
+             f"- teacher: GPT-2 {teacher.get('size', '?')} (layers x width x heads), {origin}; the loss reads it "
+             f"{'online' if t['source'] == 'online' else 'from a ' + t['source'] + ' file'}",
              f"- students: GPT-2 {results['student']['size']}, {results['student']['parameters']:,} parameters, "
-             f"{cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']:g}, the same window order per seed",
-             f"- methods at their library defaults (`kd@TAU`: KD at a fixed τ = TAU): "
-             f"{', '.join(results['methods'])}; seeds "
-             f"{', '.join(str(s) for s in results['seeds'])}",
+             f"{tr['steps']} steps, batch {tr['batch_size']}, lr {tr['lr']:g}, the same window order per seed, on "
+             f"{results.get('device', 'cpu')} (mixed precision: {results.get('mixed_precision', 'no')})"
+             + (f"; on-policy fraction λ = {op['fraction']:g} (prompts of {op['prompt_tokens']}, {op['new_tokens']} "
+                f"sampled tokens at sampling temperature {op['sampling_temperature']:g}, top-p {op['top_p']:g})"
+                if op["fraction"] else ""),
+             f"- methods at their language-model presets (`kd@TAU`: KD at a fixed τ = TAU): "
+             f"{', '.join(results['methods'])}; seeds {', '.join(str(s) for s in results['seeds'])}",
              f"- machine: {results['machine']}", f"- created: {results['created']}",
-             f"- wall time: {results['wall_seconds'] / 60:.1f} min for everything (teacher "
-             f"{'from the cache' if teacher['cached'] else 'trained in this run'})", "",
+             f"- wall time: {results['wall_seconds'] / 60:.1f} min for this invocation", "",
              "## Results", "", markdown_table(summary, teacher, reference), "",
-             "Validation perplexity is exp of the mean next-token cross-entropy of the model itself (τ = 1, never "
-             "the distillation loss), over every scored token of the validation documents; token accuracy is how "
-             "often its most likely next token is the right one. Mean ± sample std (ddof=1) over seeds, after the "
-             "last step. τ^t is the mean teacher temperature over the last evaluation interval.", ""]
-    if "ce" in summary:
-        gap = summary["ce"]["ppl_mean"] - teacher["val_ppl"]
-        lines += [f"The teacher's perplexity is {gap:.2f} below that of the cross-entropy student: "
+             "Perplexity is exp of the mean next-token cross-entropy of the model itself (τ = 1, never the "
+             "distillation loss) over every scored token of the validation or test documents; token accuracy is how "
+             "often its most likely next token is the right one. Test: mean ± sample std (ddof=1) over seeds, after "
+             "the last step; validation: the mean. τ^t is the mean teacher temperature over the last logging "
+             "interval.", ""]
+    if "ce" in summary and "test_ppl" in teacher:
+        gap = summary["ce"]["ppl_mean"] - teacher["test_ppl"]
+        lines += [f"The teacher's test perplexity is {gap:.2f} below that of the cross-entropy student: "
                   + ("there is something to distil." if gap > 0 else "the teacher is no better, so distillation "
                      "has nothing to give here."), ""]
     if reference:
@@ -127,8 +140,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     tuned = best_fixed_kd(summary)
     if tuned is not None and tuned != reference:
         lines += [f"## Verdicts (against KD at its best grid τ, {tuned})", "",
-                  "The τ is picked on the validation tales, which favours KD: a method that beats it has beaten an "
-                  "optimistic baseline.", ""]
+                  "Its τ is picked on the validation documents (never on test).", ""]
         lines += [f"- **{m}**: {v}" for m, v in verdicts(summary, tuned).items() if m != reference]
         lines.append("")
     samples = [("teacher", teacher.get("sample"))] + [(r["method"], r.get("sample")) for r in results["runs"]]

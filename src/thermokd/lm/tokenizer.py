@@ -70,3 +70,9 @@ def encode_documents(tok: "Tokenizer", texts: list[str]) -> list[list[int]]:
     """Token ids of each text followed by ``<|endoftext|>``."""
     end = eos_id(tok)
     return [enc.ids + [end] for enc in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def vocabulary_key(tok: "Tokenizer") -> str:
+    """A short hash of the tokenizer itself (vocabulary and merges): files of per-token teacher outputs record it,
+    so that a file written under another tokenizer is refused rather than misread."""
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()[:16]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ThermoKDError
-from ..functional import as_float32, divergence
+from ..functional import as_float32
 
 FORMAT = "thermokd.topk/1"
 
@@ -124,44 +124,9 @@ def retemper(topk: TopK, tau: "float | Tensor") -> Tensor:
     return torch.log_softmax(torch.cat([cached, rest], dim=-1), dim=-1)
 
 
-def collapse_student(student_logits: Tensor, topk: TopK, tau: "float | Tensor") -> Tensor:
-    """The student's ``log σ(z/τ)`` collapsed onto the cache's ``[k classes, rest]`` buckets: ``[..., k+1]``."""
-    log_q = torch.log_softmax(as_float32(student_logits) / tau, dim=-1)
-    kept = log_q.gather(-1, topk.indices)
-    if topk.k == topk.vocab_size:
-        rest = torch.full_like(kept[..., :1], float("-inf"))
-    else:
-        rest = log_q.scatter(-1, topk.indices, float("-inf")).logsumexp(-1, keepdim=True)
-    return torch.cat([kept, rest], dim=-1)
-
-
-def topk_kd_divergence(student_logits: Tensor, topk: TopK, tau: "float | Tensor",
-                       student_tau: "float | Tensor | None" = None) -> Tensor:
-    """Per-row ``KL(teacher at tau ‖ student at student_tau)`` over the cache's k classes + one rest bucket.
-
-    Shape ``[...]`` (the cache's leading shape). Gradients reach ``student_logits`` only; multiply by
-    ``τ^t·τ^s`` (Hinton's τ²) yourself if you want the usual gradient scale.
-    """
-    if student_logits.shape[:-1] != topk.indices.shape[:-1]:
-        raise ThermoKDError(f"student logits of shape {tuple(student_logits.shape)} do not match the cache's "
-                            f"leading shape {tuple(topk.indices.shape[:-1])}")
-    if student_logits.shape[-1] != topk.vocab_size:
-        raise ThermoKDError(f"student vocabulary size {student_logits.shape[-1]} differs from the cache's "
-                            f"vocab_size {topk.vocab_size}")
-    lead = topk.indices.shape[:-1]
-    tau = _check_tau(tau)
-    _check_tau_shape(tau, lead)
-    student_tau = tau if student_tau is None else _check_tau(student_tau, "student_tau")
-    _check_tau_shape(student_tau, lead, "student_tau")
-    log_p = retemper(topk, tau)
-    log_q = collapse_student(student_logits, topk, student_tau)
-    if topk.k == topk.vocab_size:  # no rest bucket: drop it (avoids −inf − −inf in the gradient)
-        log_p, log_q = log_p[..., :-1], log_q[..., :-1]
-    return divergence(log_p, log_q, "kl")
-
-
-def save_topk(topk: TopK, path: "str | os.PathLike") -> None:
-    """Write a cache to a safetensors file; τ_c and V go in the metadata (indices as int32 when V fits)."""
+def save_topk(topk: TopK, path: "str | os.PathLike", extra: "dict[str, str] | None" = None) -> None:
+    """Write a cache to a safetensors file atomically; τ_c, V and ``extra`` (e.g. the tokenizer's key) go in the
+    metadata (indices as int32 when V fits)."""
     from safetensors.torch import save_file
 
     small = topk.vocab_size <= torch.iinfo(torch.int32).max
@@ -170,12 +135,17 @@ def save_topk(topk: TopK, path: "str | os.PathLike") -> None:
         "log_probs": as_float32(topk.log_probs.detach()).cpu().contiguous(),
         "rest_log_mass": as_float32(topk.rest_log_mass.detach()).cpu().contiguous(),
     }
-    meta = {"format": FORMAT, "capture_tau": repr(topk.capture_tau), "vocab_size": str(topk.vocab_size)}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    meta = {**(extra or {}), "format": FORMAT, "capture_tau": repr(topk.capture_tau),
+            "vocab_size": str(topk.vocab_size)}
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # a reader never sees half a file
 
 
-def load_topk(path: "str | os.PathLike", device: "str | torch.device" = "cpu") -> TopK:
-    """Read a cache written by :func:`save_topk` (safetensors: data only, no code is executed)."""
+def load_topk(path: "str | os.PathLike", device: "str | torch.device" = "cpu", with_metadata: bool = False
+              ) -> "TopK | tuple[TopK, dict[str, str]]":
+    """Read a cache written by :func:`save_topk` (safetensors: data only, no code is executed); with
+    ``with_metadata`` also its metadata."""
     from safetensors import safe_open
 
     try:
@@ -190,4 +160,5 @@ def load_topk(path: "str | os.PathLike", device: "str | torch.device" = "cpu") -
         capture_tau, vocab = float(meta["capture_tau"]), int(meta["vocab_size"])
     except (KeyError, ValueError) as exc:
         raise ThermoKDError(f"{os.fspath(path)!r}: bad capture_tau/vocab_size metadata") from exc
-    return TopK(tensors["indices"].long(), tensors["log_probs"], tensors["rest_log_mass"], capture_tau, vocab)
+    topk = TopK(tensors["indices"].long(), tensors["log_probs"], tensors["rest_log_mass"], capture_tau, vocab)
+    return (topk, meta) if with_metadata else topk

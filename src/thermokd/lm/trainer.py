@@ -1,0 +1,190 @@
+"""One LM training run on the Hugging Face Trainer (``integrations.hf.DistillationTrainer``, on Accelerate):
+the teacher's cross-entropy training and every student run go through :func:`train_run`.
+
+What the LM path adds to the generic trainer (:class:`LMTrainer`): teacher logits from a file
+(:mod:`thermokd.lm.sources`) looked up by window index, on-policy batches (:mod:`thermokd.lm.onpolicy`), and an
+evaluation of validation perplexity every ``eval_every`` steps that goes into the Trainer's log history (so it is
+checkpointed and survives ``--resume``). Resume, DDP (``torchrun``/``accelerate launch``), bf16, exact gradient
+accumulation and the strategy state in checkpoints are the Trainer's and ``DistillationTrainer``'s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..errors import ThermoKDError
+from ..integrations.hf import TEACHER_LOGITS_KEY, DistillationTrainer, save_loss_state
+from ..loss import DistillationLoss
+from .batches import Windows
+from .data import INDEX_KEY, WindowDataset
+from .evaluate import evaluate
+from .onpolicy import OnPolicy, on_policy_batch
+
+@dataclass
+class RunSettings:
+    """Optimisation of one run: AdamW (β 0.9, 0.95), linear warm-up over ``warmup`` of the steps, cosine decay
+    to 10 % of ``lr``; ``batch_size`` is global (processes × per-device batch × ``grad_accum``)."""
+
+    steps: int
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    save_every: int = 100
+    seed: int = 0
+    mixed_precision: str = "no"   # "no" or "bf16"
+    device: str = "cpu"
+    progress_bar: bool = False
+
+    def arguments(self, output_dir: Path, world_size: int) -> TrainingArguments:
+        per_device, left = divmod(self.batch_size, world_size * self.grad_accum)
+        if left or per_device < 1:
+            raise ThermoKDError(f"batch_size {self.batch_size} must be a multiple of processes × grad_accum = "
+                                f"{world_size} × {self.grad_accum}")
+        return TrainingArguments(
+            output_dir=str(output_dir), max_steps=self.steps, per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=self.grad_accum, learning_rate=self.lr, weight_decay=self.weight_decay,
+            adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=self.grad_clip,
+            warmup_steps=max(1, round(self.warmup * self.steps)) if self.warmup else 0,
+            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+            save_strategy="steps", save_steps=self.save_every, save_total_limit=2, logging_steps=self.eval_every,
+            seed=self.seed, data_seed=self.seed, report_to=[], disable_tqdm=not self.progress_bar,
+            use_cpu=self.device == "cpu", bf16=self.mixed_precision == "bf16", remove_unused_columns=False,
+            dataloader_drop_last=True, eval_strategy="no", save_only_model=False)
+
+
+class LMTrainer(DistillationTrainer):
+    """``DistillationTrainer`` for causal LMs on windows: ``teacher_source`` (an object with
+    ``logits(index, device)``, e.g. :class:`~thermokd.lm.sources.TopKFile`) replaces the teacher's forward pass;
+    ``on_policy`` replaces a fraction λ of the micro-batches by the student's own continuations."""
+
+    def __init__(self, *args: Any, teacher_source: Any = None, on_policy: "OnPolicy | None" = None,
+                 **kwargs: Any) -> None:
+        self.teacher_source, self.on_policy = teacher_source, on_policy
+        super().__init__(*args, task="causal-lm", **kwargs)
+
+    def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in super()._model_inputs(batch).items() if k != INDEX_KEY}
+
+    def teacher_logits(self, batch: dict[str, Any], model_inputs: dict[str, Any]) -> "Tensor | None":
+        if self.teacher_source is not None and TEACHER_LOGITS_KEY not in batch:
+            return self.teacher_source.logits(batch[INDEX_KEY], batch["input_ids"].device)
+        return super().teacher_logits(batch, model_inputs)
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        if self.on_policy is None or self.on_policy.fraction == 0.0:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        step = self.state.global_step
+        batches = (self._maybe_on_policy(batch, step, micro) for micro, batch in enumerate(epoch_iterator))
+        return super().get_batch_samples(batches, num_batches, device)
+
+    def _maybe_on_policy(self, batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
+        """The micro-batch itself, or with probability λ the student's continuations of its prompts."""
+        policy = self.on_policy
+        generator = policy.generator(step, micro, self.args.process_index, batch["input_ids"].device)
+        if not policy.chooses(generator):
+            return batch
+        student = self.accelerator.unwrap_model(self.model)
+        return on_policy_batch(student, batch, policy, generator)
+
+
+class _Evaluate(TrainerCallback):
+    """Validation perplexity and accuracy every ``every`` steps and at the end, into the log history."""
+
+    def __init__(self, val: Windows, every: int, on_eval: "Callable[[dict[str, Any]], None] | None") -> None:
+        self.val, self.every, self.on_eval = val, every, on_eval
+        self.seconds = 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        started = time.perf_counter()
+        metrics = evaluate(model, self.val, args.device)
+        self.seconds += time.perf_counter() - started
+        record = {"step": state.global_step, "val_ppl": metrics["ppl"], "val_acc": metrics["acc"],
+                  "val_ce": metrics["ce"]}
+        state.log_history.append(record)
+        if self.on_eval is not None and state.is_world_process_zero:
+            self.on_eval(record)
+
+
+def history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per evaluation: its validation metrics and the training log line of the same step (loss terms,
+    τ and entropy statistics, learning rate)."""
+    logs = {e["step"]: e for e in log_history if "loss" in e and "step" in e}
+    out = []
+    for e in log_history:
+        if "val_ppl" in e:
+            extra = {k: v for k, v in logs.get(e["step"], {}).items() if k not in ("step", "epoch")}
+            out.append({**extra, **e})
+    return out
+
+
+def last_complete_checkpoint(folder: Path) -> "str | None":
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (the Trainer writes it last) is whole: a process
+    killed while writing a checkpoint leaves one without it, or with half of it, and resuming from it would fail."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if _whole_json(p / TRAINER_STATE_NAME)]
+    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def train_run(model: nn.Module, loss_fn: DistillationLoss, train: Windows, val: Windows, settings: RunSettings,
+              output_dir: Path, *, teacher: "nn.Module | None" = None, teacher_source: Any = None,
+              on_policy: "OnPolicy | None" = None, resume: bool = False,
+              calibrate: bool = True, on_eval: "Callable[[dict[str, Any]], None] | None" = None
+              ) -> dict[str, Any]:
+    """Train ``model`` with ``loss_fn`` for ``settings.steps`` optimiser steps in ``output_dir`` (checkpoints every
+    ``save_every`` steps). ``resume``: continue from the latest checkpoint there, if any. Returns the final
+    validation metrics, the evaluation ``history``, the last interval's statistics (``final``) and ``seconds``."""
+    output_dir = Path(output_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if checkpoint is None and output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(output_dir)  # a fresh run never mixes with an older (or half-written) one's checkpoints
+    evaluation = _Evaluate(val, settings.eval_every, on_eval)
+    trainer = LMTrainer(model=model, args=settings.arguments(output_dir, world), teacher_model=teacher,
+                        distillation_loss=loss_fn, train_dataset=WindowDataset(train), teacher_source=teacher_source,
+                        on_policy=on_policy, callbacks=[evaluation])
+    if not settings.progress_bar:  # quiet: no per-log dict lines, no shard-writing bars
+        from transformers import PrinterCallback
+        from transformers.utils import logging as hf_logging
+
+        trainer.remove_callback(PrinterCallback)
+        hf_logging.disable_progress_bar()
+    if calibrate and loss_fn.kd_weight and checkpoint is None:
+        trainer.prepare_loss(max_batches=max(1, 64 // trainer.args.per_device_train_batch_size))
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started - evaluation.seconds
+    if trainer.is_world_process_zero():
+        save_loss_state(loss_fn, str(output_dir))  # the final strategy state (DTS's T, CIST's ρ, CTKD's θ)
+    records = history(trainer.state.log_history)
+    last = records[-1]
+    final = {k: v for k, v in last.items() if k not in ("step", "val_ppl", "val_acc", "val_ce", "learning_rate",
+                                                       "grad_norm")}
+    return {"val_ppl": last["val_ppl"], "val_acc": last["val_acc"], "val_ce": last["val_ce"],
+            "best_val_ppl": min(r["val_ppl"] for r in records), "steps": settings.steps, "history": records,
+            "final": final, "seconds": seconds, "resumed_from": checkpoint, "trainer": trainer}
