@@ -76,6 +76,20 @@ def test_kill_9_then_resume_ends_exactly_as_an_uninterrupted_run(corpus, tmp_pat
             assert torch.equal(a[key], b[key]), (method, key)
 
 
+def test_a_folder_is_continued_only_with_resume_and_the_same_settings(corpus, tmp_path, capsys):
+    steps = ["--methods", "ce", "--seeds", "1", "--steps", "4", "--batch-size", "4", "--eval-every", "4"]
+    assert main(lm_args(corpus, tmp_path, "run", *steps)) == 0
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(lm_args(corpus, tmp_path, "run", *steps)) == 2  # no --resume: refused
+    assert "--resume" in capsys.readouterr().err
+    assert main(lm_args(corpus, tmp_path, "run", *steps, "--lr", "0.5", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.lr" in err
+    assert (tmp_path / "run" / "results.json").read_bytes() == before  # nothing overwritten
+    assert main(lm_args(corpus, tmp_path, "run", *steps, "--resume")) == 0  # same settings: continued
+
+
 def test_config_file_sets_and_shorthands(tmp_path):
     from thermokd.errors import ConfigError
     from thermokd.lm.config import load_lm_config

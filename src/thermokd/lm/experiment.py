@@ -138,7 +138,34 @@ def run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None" 
     from ..files import FolderLock
 
     with FolderLock(Path(out_dir)):  # one writer per output folder
+        check_resumable(cfg, Path(out_dir), resume)
         return _run_lm_experiment(cfg, Path(out_dir), cache_dir, resume, progress_bar, echo)
+
+
+# the sections every run of a folder shares; methods, seeds and variants may grow between invocations
+RUN_SECTIONS = ("data", "teacher", "student", "train", "on_policy")
+
+
+def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
+    """Before anything is written: a folder that holds runs is continued only with ``resume`` and only with the same
+    data, teacher, student, training and on-policy settings (one line naming every changed field otherwise); its
+    ``lm_config.json`` records them."""
+    from ..engine.identity import differences
+    from ..files import read_json, write_json
+
+    path = out_dir / "lm_config.json"
+    requested = {k: v for k, v in cfg.to_dict().items() if k in RUN_SECTIONS}
+    if path.is_file():
+        if not resume:
+            raise ThermoKDError(f"{out_dir} already holds an lm run; pass --resume to continue it or choose another "
+                                "--out")
+        changed = differences({"config": read_json(path, f"delete {path}")}, {"config": requested})
+        if changed:
+            raise ThermoKDError(f"--resume: {out_dir} was made with other settings ({'; '.join(changed)}); use the "
+                                "same settings or another --out")
+    elif _is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, requested)
 
 
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
