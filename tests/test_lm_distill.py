@@ -283,9 +283,10 @@ def test_lm_command_writes_results_and_report(tmp_path, capsys):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| student: cist |" in report and "## Verdicts (against kd)" in report and "- **dts**:" in report
     assert f"| teacher 1x32x2 | {teacher['val_ppl']:.2f} |" in report
-    # a second run finds the teacher in the cache and trains the students the same way
-    assert main(args[:5] + ["--seeds", "1"] + args[7:]) == 0
-    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    # a second run (into another folder) finds the teacher in the cache and trains the students the same way
+    second = [str(tmp_path / "out2") if a == str(tmp_path / "out") else a for a in args]
+    assert main(second[:5] + ["--seeds", "1"] + second[7:]) == 0
+    again = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert again["teacher"]["cached"] is True and again["teacher"]["val_ppl"] == teacher["val_ppl"]
     assert [r["history"] for r in again["runs"]] == [r["history"] for r in runs if r["seed"] == 0]
 

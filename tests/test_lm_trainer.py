@@ -154,7 +154,7 @@ def test_capture_topk_then_distil_without_the_teacher(corpus, tmp_path, capsys):
     assert not (tmp_path / "elsewhere" / "lm-teachers").exists()
     assert all(r["final"]["kd"] > 0 for r in results["runs"])
     # a file from another tokenizer (another vocabulary size): one line, exit 2
-    bad = [a if a != "300" else "320" for a in args]
+    bad = [{"300": "320", str(tmp_path / "out"): str(tmp_path / "out-bad")}.get(a, a) for a in args]
     assert main(bad) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("thermokd: error:") and "another tokenizer" in err and "\n" not in err
