@@ -53,6 +53,35 @@ def _as_strategy(temperature) -> TemperatureStrategy:
     raise ThermoKDError(f"temperature must be a number, a strategy name or a TemperatureStrategy, got {temperature!r}")
 
 
+HeadLike = "nn.Linear | tuple[Tensor, Tensor | None] | Tensor"
+
+
+def _head(head, name: str) -> tuple[Tensor, "Tensor | None"]:
+    """A linear head as (weight ``[V, H]``, bias ``[V]`` or None)."""
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    if isinstance(head, Tensor):
+        weight, bias = head, None
+    elif isinstance(head, (tuple, list)) and len(head) == 2:
+        weight, bias = head
+    else:
+        raise ThermoKDError(f"{name} must be an nn.Linear, a (weight, bias) pair or a weight tensor, got {type(head)}")
+    if weight.dim() != 2 or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ThermoKDError(f"{name}: weight must be [V, H] and bias [V], got {tuple(weight.shape)} and "
+                            f"{None if bias is None else tuple(bias.shape)}")
+    return weight, bias
+
+
+class _NoTeacher:
+    """The teacher of a cross-entropy-only loss: never read, zeros if it is."""
+
+    def __init__(self, vocab: int, device: torch.device) -> None:
+        self.vocab, self.device = vocab, device
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        return torch.zeros(stop - start, self.vocab, device=self.device)
+
+
 def _float32_region(device_type: str):
     """Trainers call the loss inside their mixed-precision region; its maths is float32 by contract, and autocast
     would run any matmul-like op in it (the fused path's heads) in 16 bits."""
@@ -180,6 +209,74 @@ class DistillationLoss(nn.Module):
             zero = s.float().sum()  # 0 over no rows, in float32; masked garbage (inf, NaN, fp16 overflow) never enters
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
         return self._plain(s, t, labels, progress)
+
+    def forward_hidden(self, student_hidden: Tensor, student_head: "HeadLike", teacher_hidden: "Tensor | None" = None,
+                       teacher_head: "HeadLike | None" = None, labels: "Tensor | None" = None, *,
+                       teacher_topk=None, mask: "Tensor | None" = None, progress: "Progress | None" = None,
+                       chunk_size: "int | None" = None) -> LossOutput:
+        """The fused linear-layer loss: ``forward(h_s·W_sᵀ + b_s, h_t·W_tᵀ + b_t, labels)`` without building either
+        model's ``[N, V]`` logits. At most ``chunk_size`` rows of logits per model (default: the loss's
+        ``chunk_size``, else 256) are alive at a time; the gradients reach the student's hidden states and its
+        head's weight and bias. Same value and gradients as the plain path, for every strategy and weighting.
+
+        - ``student_hidden`` ``[..., H]``; a head is an ``nn.Linear``, a ``(weight, bias)`` pair or a weight
+          ``[V, H]``.
+        - the teacher: ``teacher_hidden`` ``[..., H_t]`` with ``teacher_head``, or ``teacher_topk`` (a top-k cache,
+          e.g. ``thermokd.lm.TopK``: cached classes at ``τ_c·log p``, the missing ones equally likely).
+        - ``labels``/``mask`` have the hidden states' leading shape (for a causal LM: already shifted).
+        """
+        with _float32_region(student_hidden.device.type):
+            return self._forward_hidden(student_hidden, student_head, teacher_hidden, teacher_head, labels,
+                                        teacher_topk, mask, progress, chunk_size)
+
+    def _forward_hidden(self, student_hidden: Tensor, student_head: "HeadLike", teacher_hidden: "Tensor | None",
+                        teacher_head: "HeadLike | None", labels: "Tensor | None", teacher_topk, mask: "Tensor | None",
+                        progress: "Progress | None", chunk_size: "int | None") -> LossOutput:
+        weight, bias = _head(student_head, "student_head")
+        if student_hidden.dim() < 2 or student_hidden.shape[-1] != weight.shape[1]:
+            raise ThermoKDError(f"student_hidden {tuple(student_hidden.shape)} must be [..., H] with H = the head's "
+                                f"input size {weight.shape[1]}")
+        lead, vocab = student_hidden.shape[:-1], weight.shape[0]
+        labels, index = self._select(lead, labels, mask)
+        self._check_labels(labels, vocab)
+        if index is not None and labels is not None:
+            labels = labels.index_select(0, index)
+        teacher = self._teacher_rows(lead, vocab, teacher_hidden, teacher_head, teacher_topk, index,
+                                     student_hidden.device)
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        n = hidden.shape[0] if index is None else index.shape[0]
+        if n == 0:  # nothing to learn from; keep the graph so backward() still works
+            zero = hidden[:0].float().sum() + weight[:0].float().sum()
+            return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
+        chunk = chunk_size or self.chunk_size or 256
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
+        student = LinearRows(hidden, weight, bias, index)
+        return self._chunked(Plan(student, teacher, labels, n, chunk, progress))
+
+    def _teacher_rows(self, lead: torch.Size, vocab: int, hidden: "Tensor | None", head: "HeadLike | None", topk,
+                      index: "Tensor | None", device: torch.device):
+        """The teacher as a row source: hidden states and a head, a top-k cache, or (no distillation) none."""
+        if topk is not None:
+            if hidden is not None or head is not None:
+                raise ThermoKDError("give the teacher as teacher_hidden + teacher_head or as teacher_topk, not both")
+            if tuple(topk.indices.shape[:-1]) != tuple(lead) or int(topk.vocab_size) != vocab:
+                raise ThermoKDError(f"teacher_topk covers {tuple(topk.indices.shape[:-1])} rows of a "
+                                    f"{topk.vocab_size}-class vocabulary; the student has {tuple(lead)} rows of {vocab}")
+            k = topk.indices.shape[-1]
+            return TopKRows(topk.indices.reshape(-1, k), topk.log_probs.detach().reshape(-1, k),
+                            topk.rest_log_mass.detach().reshape(-1), float(topk.capture_tau), vocab, index)
+        if hidden is None or head is None:
+            if self.kd_weight:
+                raise ThermoKDError("no teacher: pass teacher_hidden and teacher_head, or teacher_topk "
+                                    "(this loss distils: kd_weight > 0)")
+            return _NoTeacher(vocab, device)
+        weight, bias = _head(head, "teacher_head")
+        if tuple(hidden.shape[:-1]) != tuple(lead) or hidden.shape[-1] != weight.shape[1] or weight.shape[0] != vocab:
+            raise ThermoKDError(f"teacher_hidden {tuple(hidden.shape)} with a [{weight.shape[0]}, {weight.shape[1]}] "
+                                f"head does not match the student's {tuple(lead)} rows of {vocab} classes")
+        return LinearRows(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
+                          None if bias is None else bias.detach(), index)
 
     def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
                ) -> LossOutput:
