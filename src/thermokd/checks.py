@@ -29,13 +29,16 @@ def check_finite(student: Tensor, teacher: Tensor) -> None:
         raise ThermoKDError(f"{who} logits contain NaN or inf")
 
 
-def check_labels(labels: Tensor, num_classes: int, ignore_index: "int | None") -> None:
-    """Raise if a label (other than ``ignore_index``) is outside ``0..num_classes-1``."""
+def check_labels(labels: Tensor, num_classes: int, ignore_index: "int | None", keep: "Tensor | None" = None) -> None:
+    """Raise if a label (other than ``ignore_index``) of a kept row (``keep``: None for all) is outside
+    ``0..num_classes-1``."""
     if not labels.numel():
         return
     bad = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
         bad &= labels != ignore_index
+    if keep is not None:
+        bad &= keep
     allowed = f"0..{num_classes - 1}" + (f", or {ignore_index} to ignore a row" if ignore_index is not None else "")
     if not _assert(~bad.any(), f"thermokd: a label is out of range for {num_classes} classes (allowed: {allowed})"):
         raise ThermoKDError(f"label {labels[bad][0].item()} is out of range for {num_classes} classes "

@@ -149,11 +149,11 @@ class DistillationLoss(nn.Module):
         return self._objective[1]
 
     # -- input handling -------------------------------------------------------------------------------
-    def _select(self, lead: torch.Size, labels: "Tensor | None", mask: "Tensor | None"
+    def _select(self, lead: torch.Size, labels: "Tensor | None", mask: "Tensor | None", num_classes: int
                 ) -> tuple["Tensor | None", "Tensor | None"]:
-        """Flat labels and the positions of the valid rows (None: every row). Finding them is the one read of a
-        device value a step may need (how many rows are valid); with no mask and ``ignore_index=None`` there is
-        nothing to find."""
+        """Flat labels (checked) and the positions of the valid rows (None: every row). Finding them is the one
+        read of a device value a step may need (how many rows are valid); with no mask and ``ignore_index=None``
+        there is nothing to find."""
         keep = None
         if mask is not None:
             if mask.shape != lead:
@@ -163,6 +163,8 @@ class DistillationLoss(nn.Module):
             if labels.shape != lead:
                 raise ThermoKDError(f"labels {tuple(labels.shape)} must match the logits' leading shape {tuple(lead)}")
             labels = labels.reshape(-1).long()
+            if self.check_inputs:  # masked rows may hold anything
+                check_labels(labels, num_classes, self.ignore_index, keep)
             if self.ignore_index is not None:
                 labelled = labels != self.ignore_index
                 keep = labelled if keep is None else keep & labelled
@@ -170,10 +172,6 @@ class DistillationLoss(nn.Module):
             return labels, None
         index = keep.nonzero().squeeze(1)
         return labels, (None if index.shape[0] == keep.shape[0] else index)
-
-    def _check_labels(self, labels: "Tensor | None", num_classes: int) -> None:
-        if self.check_inputs and labels is not None:
-            check_labels(labels, num_classes, self.ignore_index)
 
     # -- the loss -------------------------------------------------------------------------------------
     def forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None" = None, *,
@@ -193,8 +191,7 @@ class DistillationLoss(nn.Module):
         if student_logits.dim() < 2:
             raise ThermoKDError(f"logits need a class axis: expected [..., C], got shape {tuple(student_logits.shape)}")
         num_classes = student_logits.shape[-1]
-        labels, index = self._select(student_logits.shape[:-1], labels, mask)
-        self._check_labels(labels, num_classes)
+        labels, index = self._select(student_logits.shape[:-1], labels, mask, num_classes)
         s, t = student_logits.reshape(-1, num_classes), teacher_logits.detach().reshape(-1, num_classes)
         n = s.shape[0] if index is None else index.shape[0]
         if index is not None:
@@ -237,8 +234,7 @@ class DistillationLoss(nn.Module):
             raise ThermoKDError(f"student_hidden {tuple(student_hidden.shape)} must be [..., H] with H = the head's "
                                 f"input size {weight.shape[1]}")
         lead, vocab = student_hidden.shape[:-1], weight.shape[0]
-        labels, index = self._select(lead, labels, mask)
-        self._check_labels(labels, vocab)
+        labels, index = self._select(lead, labels, mask, vocab)
         if index is not None and labels is not None:
             labels = labels.index_select(0, index)
         teacher = self._teacher_rows(lead, vocab, teacher_hidden, teacher_head, teacher_topk, index,
