@@ -455,3 +455,22 @@ def test_two_processes_match_one_process(tmp_path):
         if name != "cist":
             assert_same_weights(ranks[0]["params"], params(single.model))
             assert_same_weights(ranks[1]["params"], params(single.model))
+
+
+@pytest.mark.parametrize("name", ["kd", "dts"])
+def test_fused_head_trains_like_the_logits_path(tmp_path, name):
+    """fused_head=True (hidden states + output heads, no [B, L, V] logits) takes the same SGD steps."""
+    runs = {}
+    for fused in (False, True):
+        trainer = DistillationTrainer(model=gpt2(0), teacher_model=gpt2(1, init=0.2), distillation_loss=LOSSES[name](),
+                                      fused_head=fused, args=args(tmp_path / str(fused), per_device_train_batch_size=4,
+                                                                  max_steps=2, optim="sgd", learning_rate=0.5,
+                                                                  max_grad_norm=0.0),
+                                      train_dataset=lm_data(8))
+        trainer.train()
+        runs[fused] = trainer
+    assert_same_weights(params(runs[False].model), params(runs[True].model), atol=1e-5)
+    torch.testing.assert_close([e["loss"] for e in train_logs(runs[True])],
+                               [e["loss"] for e in train_logs(runs[False])], rtol=1e-5, atol=1e-6)
+    assert train_logs(runs[True])[-1]["tau_teacher_mean"] == pytest.approx(
+        train_logs(runs[False])[-1]["tau_teacher_mean"], rel=1e-6)

@@ -29,6 +29,12 @@ class LazyStats(Mapping):
         self._host = dict(floats or {})
         self._values: "dict[str, float] | None" = None
 
+    @classmethod
+    def of(cls, values: Mapping) -> "LazyStats":
+        """From a mapping of tensors and floats (e.g. sums kept by a trainer)."""
+        return cls({k: v for k, v in values.items() if isinstance(v, Tensor)},
+                   floats={k: float(v) for k, v in values.items() if not isinstance(v, Tensor)})
+
     def tensors(self) -> dict[str, Tensor]:
         """Every statistic as a 0-d tensor on the device (host floats as CPU tensors); never syncs."""
         if self._pending is not None:
@@ -89,6 +95,11 @@ def add_into(sums: "dict[str, Tensor | float]", stats: Mapping, weight: float = 
     for key, value in values.items():
         value = value.detach() if isinstance(value, Tensor) else value
         sums[key] = sums.get(key, 0.0) + value * weight
+
+
+def host_floats(values: Mapping) -> dict[str, float]:
+    """A mapping of tensors and floats as plain floats, with one transfer (for logs and checkpoints)."""
+    return dict(LazyStats.of(values))
 
 
 def row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, weights: "Tensor | None") -> dict[str, Tensor]:
