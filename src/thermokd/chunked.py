@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .checks import check_finite
 from .errors import ThermoKDError
-from .objective import RowObjective
+from .objective import RowObjective, log_softmax
 from .progress import Progress
 from .rows import Rows
 from .temperature import Temperatures
@@ -350,7 +350,7 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
                     sums["tckd"] = sums["tckd"] + (rd.dkd[0].detach() * scale).sum()
                     sums["nckd"] = sums["nckd"] + (rd.dkd[1].detach() * scale).sum()
             if labels is not None:
-                ce = -torch.log_softmax(s, dim=-1).gather(-1, labels.unsqueeze(-1)).sum()
+                ce = -log_softmax(s, objective.precise).gather(-1, labels.unsqueeze(-1)).sum()
                 objective_sum = objective_sum + ce_weight * ce
                 sums["ce"] = sums["ce"] + ce.detach()
             if not grad_on:

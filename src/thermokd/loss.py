@@ -5,6 +5,7 @@ One call per batch, one extra call (``observe``) after the optimiser step; usabl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -244,7 +245,7 @@ class DistillationLoss(nn.Module):
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = hidden[:0].float().sum() + weight[:0].float().sum()
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
-        chunk = chunk_size or self.chunk_size or 256
+        chunk = chunk_size if chunk_size is not None else (self.chunk_size or 256)
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
         student = LinearRows(hidden, weight, bias, index)
@@ -335,7 +336,7 @@ class DistillationLoss(nn.Module):
                          and strategy.row_local)
             if not one_visit:
                 temps = temperatures_by_chunk(strategy, self.weighting, plan, self.check_inputs)
-        result = sweep(self.objective, plan, kd_coef, self.ce_weight, self.check_inputs, temps, strategy)
+        result = sweep(dataclasses.replace(self.objective, precise=True), plan, kd_coef, self.ce_weight, self.check_inputs, temps, strategy)
         extras: tuple = (None, None, None)
         if temps is not None:
             factor = RowObjective.factor(self.objective.row_scale(temps.tau_t, temps.tau_s, temps.scale),
