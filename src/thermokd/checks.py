@@ -1,6 +1,6 @@
 """Input checks that never read a value back to the host.
 
-Each check queues a device-side assertion (``torch._assert_async``): on the CPU it fails at once and is turned
+The checks queue one device-side assertion (``torch._assert_async``): on the CPU it fails at once and is turned
 into a :class:`ThermoKDError` naming the bad value; on an accelerator it fails when the kernel runs, without
 making the host wait for the device on every step.
 """
@@ -12,34 +12,52 @@ from torch import Tensor
 from .errors import ThermoKDError
 
 
-def _assert(condition: Tensor, message: str) -> bool:
-    """Queue ``assert condition``; False when it failed on the spot (CPU), so the caller can explain it."""
+def check_rows(student: "Tensor | None", teacher: "Tensor | None", labels: "Tensor | None", num_classes: int) -> None:
+    """Raise if the logits hold NaN or inf (their minima and maxima carry any) or a label is outside
+    ``0..num_classes-1``. Give the valid rows only: masked and ignored rows may hold anything."""
+    parts = [torch.aminmax(x.detach()) for x in (student, teacher) if x is not None and x.numel()]
+    conditions = [torch.isfinite(torch.stack([v for pair in parts for v in pair])).all()] if parts else []
+    if labels is not None and labels.numel():
+        low, high = torch.aminmax(labels)
+        conditions.append((low >= 0) & (high < num_classes))
+    if not conditions:
+        return
+    ok = conditions[0] if len(conditions) == 1 else torch.stack(conditions).all()
     try:
-        torch._assert_async(condition, message)
-    except RuntimeError:
-        return False
-    return True
+        torch._assert_async(ok, "thermokd: NaN or inf logits, or a label out of range")
+    except RuntimeError:  # the CPU checked at once: say what was wrong
+        _explain(student, teacher, labels, num_classes)
+        raise
+
+
+def _explain(student, teacher, labels, num_classes: int) -> None:
+    for who, x in (("student", student), ("teacher", teacher)):
+        if x is not None and not torch.isfinite(x).all():
+            raise ThermoKDError(f"{who} logits contain NaN or inf")
+    bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+    raise ThermoKDError(f"label {bad} is out of range for {num_classes} classes (allowed: 0..{num_classes - 1}, "
+                        "or the loss's ignore_index to ignore a row)")
 
 
 def check_finite(student: Tensor, teacher: Tensor) -> None:
-    """Raise if either logits tensor holds NaN or inf (their minima and maxima carry any NaN or inf)."""
-    bounds = torch.stack([*torch.aminmax(student.detach()), *torch.aminmax(teacher.detach())])
-    if not _assert(torch.isfinite(bounds).all(), "thermokd: student or teacher logits contain NaN or inf"):
-        who = "student" if not torch.isfinite(bounds[:2]).all() else "teacher"
-        raise ThermoKDError(f"{who} logits contain NaN or inf")
+    """Raise if either logits tensor holds NaN or inf."""
+    check_rows(student, teacher, None, 0)
 
 
-def check_labels(labels: Tensor, num_classes: int, ignore_index: "int | None", keep: "Tensor | None" = None) -> None:
-    """Raise if a label (other than ``ignore_index``) of a kept row (``keep``: None for all) is outside
-    ``0..num_classes-1``."""
-    if not labels.numel():
+def check_finite_sum(student: Tensor, teacher: Tensor) -> None:
+    """The per-step check of the plain loss, in four small kernels: a finite sum of all logits proves every one
+    finite. (On the CPU a sum that overflowed is re-checked entry by entry; on an accelerator logits summing
+    beyond float32's range, ~3e38, would trip it.)"""
+    if not student.numel():
         return
-    bad = (labels < 0) | (labels >= num_classes)
-    if ignore_index is not None:
-        bad &= labels != ignore_index
-    if keep is not None:
-        bad &= keep
-    allowed = f"0..{num_classes - 1}" + (f", or {ignore_index} to ignore a row" if ignore_index is not None else "")
-    if not _assert(~bad.any(), f"thermokd: a label is out of range for {num_classes} classes (allowed: {allowed})"):
-        raise ThermoKDError(f"label {labels[bad][0].item()} is out of range for {num_classes} classes "
-                            f"(allowed: {allowed})")
+    total = torch.isfinite(student.detach().sum() + teacher.sum())
+    try:
+        torch._assert_async(total, "thermokd: NaN or inf logits")
+    except RuntimeError:
+        _explain(student, teacher, None, 0)
+
+
+def explain_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise the error for labels outside ``0..num_classes-1`` (after a kernel refused them on the CPU)."""
+    if bool(((labels < 0) | (labels >= num_classes)).any()):
+        _explain(None, None, labels, num_classes)

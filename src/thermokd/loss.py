@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import temperature as temperature_mod
 from . import weighting as weighting_mod
-from .checks import check_finite, check_labels
+from .checks import check_finite_sum, check_rows, explain_labels
 from .chunked import LinearRows, LogitRows, Plan, TopKRows, attach, sweep, temperatures_by_chunk
 from .chunked import _columns
 from .errors import ThermoKDError, choice_error
@@ -28,6 +29,7 @@ from .weighting import Weighting
 
 FAMILIES = ("kd", "dkd")
 SCALES = ("product", "none")
+_NO_LABEL = -(2**62)  # F.nll_loss's ignore_index; ignored rows never reach it
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # torch.is_autocast_enabled raises for other types
 
 
@@ -150,11 +152,11 @@ class DistillationLoss(nn.Module):
         return self._objective[1]
 
     # -- input handling -------------------------------------------------------------------------------
-    def _select(self, lead: torch.Size, labels: "Tensor | None", mask: "Tensor | None", num_classes: int
+    def _select(self, lead: torch.Size, labels: "Tensor | None", mask: "Tensor | None"
                 ) -> tuple["Tensor | None", "Tensor | None"]:
-        """Flat labels (checked) and the positions of the valid rows (None: every row). Finding them is the one
-        read of a device value a step may need (how many rows are valid); with no mask and ``ignore_index=None``
-        there is nothing to find."""
+        """The valid rows' flat labels and their positions (None: every row). Finding them is the one read of a
+        device value a step may need (how many rows are valid); with no mask and ``ignore_index=None`` there is
+        nothing to find."""
         keep = None
         if mask is not None:
             if mask.shape != lead:
@@ -164,15 +166,15 @@ class DistillationLoss(nn.Module):
             if labels.shape != lead:
                 raise ThermoKDError(f"labels {tuple(labels.shape)} must match the logits' leading shape {tuple(lead)}")
             labels = labels.reshape(-1).long()
-            if self.check_inputs:  # masked rows may hold anything
-                check_labels(labels, num_classes, self.ignore_index, keep)
             if self.ignore_index is not None:
                 labelled = labels != self.ignore_index
                 keep = labelled if keep is None else keep & labelled
         if keep is None:
             return labels, None
         index = keep.nonzero().squeeze(1)
-        return labels, (None if index.shape[0] == keep.shape[0] else index)
+        if index.shape[0] == keep.shape[0]:
+            return labels, None
+        return (None if labels is None else labels.index_select(0, index)), index
 
     # -- the loss -------------------------------------------------------------------------------------
     def forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None" = None, *,
@@ -192,17 +194,17 @@ class DistillationLoss(nn.Module):
         if student_logits.dim() < 2:
             raise ThermoKDError(f"logits need a class axis: expected [..., C], got shape {tuple(student_logits.shape)}")
         num_classes = student_logits.shape[-1]
-        labels, index = self._select(student_logits.shape[:-1], labels, mask, num_classes)
+        labels, index = self._select(student_logits.shape[:-1], labels, mask)
         s, t = student_logits.reshape(-1, num_classes), teacher_logits.detach().reshape(-1, num_classes)
         n = s.shape[0] if index is None else index.shape[0]
-        if index is not None:
-            labels = labels.index_select(0, index) if labels is not None else None
         if self.chunk_size is not None and n > self.chunk_size:
+            if self.check_inputs:  # the logits are checked chunk by chunk
+                check_rows(None, None, labels, num_classes)
             return self._chunked(Plan(LogitRows(s, index), LogitRows(t, index), labels, n, self.chunk_size, progress))
         if index is not None:
             s, t = s.index_select(0, index), t.index_select(0, index)
-        if self.check_inputs and n:
-            check_finite(s, t)
+        if self.check_inputs:  # labels: the cross-entropy kernel refuses out-of-range ones itself
+            check_finite_sum(s, t)
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = s.float().sum()  # 0 over no rows, in float32; masked garbage (inf, NaN, fp16 overflow) never enters
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
@@ -235,9 +237,9 @@ class DistillationLoss(nn.Module):
             raise ThermoKDError(f"student_hidden {tuple(student_hidden.shape)} must be [..., H] with H = the head's "
                                 f"input size {weight.shape[1]}")
         lead, vocab = student_hidden.shape[:-1], weight.shape[0]
-        labels, index = self._select(lead, labels, mask, vocab)
-        if index is not None and labels is not None:
-            labels = labels.index_select(0, index)
+        labels, index = self._select(lead, labels, mask)
+        if self.check_inputs:
+            check_rows(None, None, labels, vocab)
         teacher = self._teacher_rows(lead, vocab, teacher_hidden, teacher_head, teacher_topk, index,
                                      student_hidden.device)
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -279,10 +281,14 @@ class DistillationLoss(nn.Module):
                ) -> LossOutput:
         rows = Rows(student.float(), teacher.float(), labels, progress)
         terms: dict[str, Tensor] = {}
-        total = rows.student.new_zeros(())
+        total = None
         if labels is not None:
-            terms["ce"] = -rows.student_label_log_prob_graph.mean()
-            total = total + self.ce_weight * terms["ce"]
+            try:  # no label is ignored here (ignored rows were dropped): a label nobody uses as the sentinel
+                terms["ce"] = F.nll_loss(rows.student_log_probs, labels, ignore_index=_NO_LABEL)
+            except (IndexError, RuntimeError):
+                explain_labels(labels, rows.num_classes)
+                raise
+            total = self.ce_weight * terms["ce"]
         elif self.ce_weight and self.kd_weight == 0:
             raise ThermoKDError("a cross-entropy-only loss needs labels")
         tensors: dict[str, Tensor] = {}
@@ -296,19 +302,24 @@ class DistillationLoss(nn.Module):
             per_row, dkd = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s)
             if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
                 kd = torch.dot(per_row, factor)
+            elif factor is not None and factor.dim() == 0:
+                kd = per_row.mean() * factor
             else:
                 kd = (per_row * factor).mean() if factor is not None else per_row.mean()
             if dkd is not None:
                 scale = objective.dkd_scale(tau_t, tau_s)
                 terms["tckd"], terms["nckd"] = (dkd[0] * scale).mean(), (dkd[1] * scale).mean()
             terms["kd"] = kd
-            total = total + self.kd_weight * self._warmup(progress) * kd
+            weighted = (self.kd_weight * self._warmup(progress)) * kd
+            total = weighted if total is None else total + weighted
             tensors.update(temps.stats)
             n = rows.num_rows
 
             def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
                 entropy = RowObjective.teacher_entropy(teacher.float(), tau_t.detach())
                 return row_statistics(tau_t, tau_s, entropy, None if shares is None else shares.detach() * n)
+        if total is None:  # neither term: a zero that still has a graph
+            total = rows.student.sum() * 0.0
         tensors["loss"] = total
         tensors.update(terms)
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(rows.num_rows)}), progress)
