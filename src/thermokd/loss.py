@@ -299,13 +299,16 @@ class DistillationLoss(nn.Module):
             tau_t, tau_s = _columns(self.temperature, temps)
             shares = self._weight_shares(rows) if self.weighting is not None else None
             factor = objective.factor(objective.row_scale(tau_t, tau_s, temps.scale), shares)
-            per_row, dkd = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s)
-            if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
-                kd = torch.dot(per_row, factor)
-            elif factor is not None and factor.dim() == 0:
-                kd = per_row.mean() * factor
+            dkd = None
+            if objective.family == "kd" and (factor is None or factor.dim() == 0):  # one factor for every row
+                kd = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s)
+                kd = kd if factor is None else kd * factor
             else:
-                kd = (per_row * factor).mean() if factor is not None else per_row.mean()
+                per_row, dkd = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s)
+                if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
+                    kd = torch.dot(per_row, factor)
+                else:
+                    kd = (per_row * factor).mean()
             if dkd is not None:
                 scale = objective.dkd_scale(tau_t, tau_s)
                 terms["tckd"], terms["nckd"] = (dkd[0] * scale).mean(), (dkd[1] * scale).mean()

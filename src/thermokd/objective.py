@@ -83,6 +83,14 @@ class RowObjective:
             return RowDivergence((log_p_t.exp() * (log_p_t - log_q)).sum(-1), None)
         return RowDivergence(divergence(log_p_t, log_q, self.divergence), None)
 
+    def mean(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor) -> Tensor:
+        """``mean_i D_i``: for forward KL one reduction over every entry (no per-row sums to keep a graph for)."""
+        if self.family == "kd" and self.divergence == "kl" and self.finite and not self.learnable:
+            log_p_t = log_softmax(teacher / tau_t, self.precise)
+            log_q = log_softmax(student / tau_s, self.precise)
+            return (log_p_t.exp() * (log_p_t - log_q)).sum() / student.shape[0]
+        return self.rows(student, teacher, labels, tau_t, tau_s).per_row.mean()
+
     def row_scale(self, tau_t: Tensor, tau_s: Tensor, strategy_scale: "Tensor | None") -> "Tensor | None":
         """The τ^t·τ^s factor (or the strategy's own), scalar or ``[N]``; None with ``scale="none"``."""
         if self.scale != "product":
