@@ -344,7 +344,7 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
                 weighted = rd.per_row if f is None else rd.per_row * f
                 objective_sum = objective_sum + kd_coef * weighted.sum()
                 sums["kd"] = sums["kd"] + weighted.detach().sum()
-                entropies.append(RowObjective.teacher_entropy(teacher, tt.detach()))
+                entropies.append(rd.entropy)
                 if rd.dkd is not None:
                     scale = objective.dkd_scale(tt, ts)
                     sums["tckd"] = sums["tckd"] + (rd.dkd[0].detach() * scale).sum()

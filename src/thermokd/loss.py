@@ -301,10 +301,10 @@ class DistillationLoss(nn.Module):
             factor = objective.factor(objective.row_scale(tau_t, tau_s, temps.scale), shares)
             dkd = None
             if objective.family == "kd" and (factor is None or factor.dim() == 0):  # one factor for every row
-                kd = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s)
+                kd, entropy = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s)
                 kd = kd if factor is None else kd * factor
             else:
-                per_row, dkd = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s)
+                per_row, dkd, entropy = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s)
                 if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
                     kd = torch.dot(per_row, factor)
                 else:
@@ -318,9 +318,10 @@ class DistillationLoss(nn.Module):
             tensors.update(temps.stats)
             n = rows.num_rows
 
+            taus = tau_t.detach(), tau_s.detach()  # the statistics hold [N] values, never a graph
+
             def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
-                entropy = RowObjective.teacher_entropy(teacher.float(), tau_t.detach())
-                return row_statistics(tau_t, tau_s, entropy, None if shares is None else shares.detach() * n)
+                return row_statistics(*taus, entropy, None if shares is None else shares.detach() * n)
         if total is None:  # neither term: a zero that still has a graph
             total = rows.student.sum() * 0.0
         tensors["loss"] = total

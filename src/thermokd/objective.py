@@ -28,10 +28,18 @@ def log_softmax(x: Tensor, precise: bool = False) -> Tensor:
 
 
 class RowDivergence(NamedTuple):
-    """``per_row``: ``[N]`` divergence before scale and weights; ``dkd``: DKD's unscaled (TCKD, NCKD) rows."""
+    """``per_row``: ``[N]`` divergence before scale and weights; ``dkd``: DKD's unscaled (TCKD, NCKD) rows;
+    ``entropy``: the teacher's soft-label entropy per row ``[N]`` (a statistic, no gradient)."""
 
     per_row: Tensor
     dkd: "tuple[Tensor, Tensor] | None"
+    entropy: Tensor
+
+
+def _entropy(p: Tensor, log_p: Tensor) -> Tensor:
+    """``−Σ p log p`` per row, no gradient: computed with the loss (two kernels) so that the statistics, read
+    later or never, hold ``[N]`` values rather than the teacher's ``[N, C]`` rows."""
+    return (p.detach() * log_p.detach()).sum(-1).neg_()
 
 
 class ClosedFormChunk(NamedTuple):
@@ -76,20 +84,27 @@ class RowObjective:
             if labels is None:
                 raise ThermoKDError("family 'dkd' needs labels: it splits the target class from the others")
             tckd, nckd = dkd_terms(student, teacher, labels, tau_t, tau_s)
-            return RowDivergence(self.dkd_alpha * tckd + self.dkd_beta * nckd, (tckd, nckd))
+            entropy = self.teacher_entropy(teacher, tau_t.detach())
+            return RowDivergence(self.dkd_alpha * tckd + self.dkd_beta * nckd, (tckd, nckd), entropy)
         log_p_t = log_softmax(teacher / tau_t, self.precise)
         log_q = log_softmax(student / tau_s, self.precise)
+        p_t = log_p_t.exp()
+        entropy = _entropy(p_t, log_p_t)
         if self.divergence == "kl" and self.finite:  # finite inputs: log p_t is finite, no 0·∞ to guard
-            return RowDivergence((log_p_t.exp() * (log_p_t - log_q)).sum(-1), None)
-        return RowDivergence(divergence(log_p_t, log_q, self.divergence), None)
+            return RowDivergence((p_t * (log_p_t - log_q)).sum(-1), None, entropy)
+        return RowDivergence(divergence(log_p_t, log_q, self.divergence), None, entropy)
 
-    def mean(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor) -> Tensor:
-        """``mean_i D_i``: for forward KL one reduction over every entry (no per-row sums to keep a graph for)."""
+    def mean(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor
+             ) -> tuple[Tensor, Tensor]:
+        """``mean_i D_i`` and the teacher entropies ``[N]``; forward KL as one reduction over every entry (no
+        per-row sums to keep a graph for)."""
         if self.family == "kd" and self.divergence == "kl" and self.finite and not self.learnable:
             log_p_t = log_softmax(teacher / tau_t, self.precise)
             log_q = log_softmax(student / tau_s, self.precise)
-            return (log_p_t.exp() * (log_p_t - log_q)).sum() / student.shape[0]
-        return self.rows(student, teacher, labels, tau_t, tau_s).per_row.mean()
+            p_t = log_p_t.exp()
+            return (p_t * (log_p_t - log_q)).sum() / student.shape[0], _entropy(p_t, log_p_t)
+        rows = self.rows(student, teacher, labels, tau_t, tau_s)
+        return rows.per_row.mean(), rows.entropy
 
     def row_scale(self, tau_t: Tensor, tau_s: Tensor, strategy_scale: "Tensor | None") -> "Tensor | None":
         """The τ^t·τ^s factor (or the strategy's own), scalar or ``[N]``; None with ``scale="none"``."""
