@@ -203,7 +203,7 @@ def _span(x: "Tensor | None", start: int, stop: int) -> "Tensor | None":
     return x if x is None or x.dim() == 0 else x[start:stop]
 
 
-def _columns(strategy: "TemperatureStrategy", temps: Temperatures) -> tuple[Tensor, Tensor]:
+def tau_columns(strategy: "TemperatureStrategy", temps: Temperatures) -> tuple[Tensor, Tensor]:
     """τ^t, τ^s as float32 scalars or ``[n, 1]``, detached unless the strategy is learnable."""
     out = []
     for tau in (temps.teacher, temps.student):
@@ -242,12 +242,12 @@ def temperatures_by_chunk(strategy: "TemperatureStrategy", weighting: "Weighting
             def temps_of(*_inputs: Tensor, start=start, stop=stop, rows=rows) -> tuple:
                 chunk = Rows(plan.student.rows_with_graph(start, stop), rows.teacher, rows.labels, plan.progress)
                 t = strategy(chunk)
-                return _columns(strategy, t) + (t.scale, t.stats)
+                return tau_columns(strategy, t) + (t.scale, t.stats)
             tau_t, tau_s, scale, chunk_stats = checkpoint(temps_of, *plan.student.inputs(), use_reentrant=False)
         else:
             with torch.no_grad():
                 temps = strategy(rows)
-            tau_t, tau_s = _columns(strategy, temps)
+            tau_t, tau_s = tau_columns(strategy, temps)
             scale, chunk_stats = temps.scale, temps.stats
         taus_t.append(tau_t)
         taus_s.append(tau_s)
@@ -307,7 +307,7 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
             rows = plan.chunk_rows(start, stop, check)
             with torch.no_grad():
                 chunk_temps = strategy(rows)
-            tt, ts = _columns(strategy, chunk_temps)
+            tt, ts = tau_columns(strategy, chunk_temps)
             f = objective.row_scale(tt, ts, chunk_temps.scale)
             chunk_taus_t.append(tt)
             chunk_taus_s.append(ts)

@@ -16,10 +16,10 @@ from torch.nn import functional as F
 from . import temperature as temperature_mod
 from . import weighting as weighting_mod
 from .checks import check_finite_sum, check_rows, explain_labels
-from .chunked import LinearRows, LogitRows, Plan, TopKRows, attach, sweep, temperatures_by_chunk
-from .chunked import _columns
+from .chunked import LinearRows, LogitRows, Plan, attach, sweep, tau_columns, temperatures_by_chunk
 from .errors import ThermoKDError, choice_error
 from .functional import DIVERGENCES
+from .fused import HeadLike, head_parts, teacher_source
 from .objective import RowObjective
 from .progress import Progress, require_progress
 from .rows import Rows
@@ -54,35 +54,6 @@ def _as_strategy(temperature) -> TemperatureStrategy:
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         return Fixed(float(temperature))
     raise ThermoKDError(f"temperature must be a number, a strategy name or a TemperatureStrategy, got {temperature!r}")
-
-
-HeadLike = "nn.Linear | tuple[Tensor, Tensor | None] | Tensor"
-
-
-def _head(head, name: str) -> tuple[Tensor, "Tensor | None"]:
-    """A linear head as (weight ``[V, H]``, bias ``[V]`` or None)."""
-    if isinstance(head, nn.Linear):
-        return head.weight, head.bias
-    if isinstance(head, Tensor):
-        weight, bias = head, None
-    elif isinstance(head, (tuple, list)) and len(head) == 2:
-        weight, bias = head
-    else:
-        raise ThermoKDError(f"{name} must be an nn.Linear, a (weight, bias) pair or a weight tensor, got {type(head)}")
-    if weight.dim() != 2 or (bias is not None and bias.shape != weight.shape[:1]):
-        raise ThermoKDError(f"{name}: weight must be [V, H] and bias [V], got {tuple(weight.shape)} and "
-                            f"{None if bias is None else tuple(bias.shape)}")
-    return weight, bias
-
-
-class _NoTeacher:
-    """The teacher of a cross-entropy-only loss: never read, zeros if it is."""
-
-    def __init__(self, vocab: int, device: torch.device) -> None:
-        self.vocab, self.device = vocab, device
-
-    def rows(self, start: int, stop: int) -> Tensor:
-        return torch.zeros(stop - start, self.vocab, device=self.device)
 
 
 def _float32_region(device_type: str):
@@ -232,7 +203,7 @@ class DistillationLoss(nn.Module):
     def _forward_hidden(self, student_hidden: Tensor, student_head: "HeadLike", teacher_hidden: "Tensor | None",
                         teacher_head: "HeadLike | None", labels: "Tensor | None", teacher_topk, mask: "Tensor | None",
                         progress: "Progress | None", chunk_size: "int | None") -> LossOutput:
-        weight, bias = _head(student_head, "student_head")
+        weight, bias = head_parts(student_head, "student_head")
         if student_hidden.dim() < 2 or student_hidden.shape[-1] != weight.shape[1]:
             raise ThermoKDError(f"student_hidden {tuple(student_hidden.shape)} must be [..., H] with H = the head's "
                                 f"input size {weight.shape[1]}")
@@ -240,8 +211,8 @@ class DistillationLoss(nn.Module):
         labels, index = self._select(lead, labels, mask)
         if self.check_inputs:
             check_rows(None, None, labels, vocab)
-        teacher = self._teacher_rows(lead, vocab, teacher_hidden, teacher_head, teacher_topk, index,
-                                     student_hidden.device)
+        teacher = teacher_source(lead, vocab, teacher_hidden, teacher_head, teacher_topk, index,
+                                 student_hidden.device, distils=bool(self.kd_weight))
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         n = hidden.shape[0] if index is None else index.shape[0]
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
@@ -252,30 +223,6 @@ class DistillationLoss(nn.Module):
             raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
         student = LinearRows(hidden, weight, bias, index)
         return self._chunked(Plan(student, teacher, labels, n, chunk, progress))
-
-    def _teacher_rows(self, lead: torch.Size, vocab: int, hidden: "Tensor | None", head: "HeadLike | None", topk,
-                      index: "Tensor | None", device: torch.device):
-        """The teacher as a row source: hidden states and a head, a top-k cache, or (no distillation) none."""
-        if topk is not None:
-            if hidden is not None or head is not None:
-                raise ThermoKDError("give the teacher as teacher_hidden + teacher_head or as teacher_topk, not both")
-            if tuple(topk.indices.shape[:-1]) != tuple(lead) or int(topk.vocab_size) != vocab:
-                raise ThermoKDError(f"teacher_topk covers {tuple(topk.indices.shape[:-1])} rows of a "
-                                    f"{topk.vocab_size}-class vocabulary; the student has {tuple(lead)} rows of {vocab}")
-            k = topk.indices.shape[-1]
-            return TopKRows(topk.indices.reshape(-1, k), topk.log_probs.detach().reshape(-1, k),
-                            topk.rest_log_mass.detach().reshape(-1), float(topk.capture_tau), vocab, index)
-        if hidden is None or head is None:
-            if self.kd_weight:
-                raise ThermoKDError("no teacher: pass teacher_hidden and teacher_head, or teacher_topk "
-                                    "(this loss distils: kd_weight > 0)")
-            return _NoTeacher(vocab, device)
-        weight, bias = _head(head, "teacher_head")
-        if tuple(hidden.shape[:-1]) != tuple(lead) or hidden.shape[-1] != weight.shape[1] or weight.shape[0] != vocab:
-            raise ThermoKDError(f"teacher_hidden {tuple(hidden.shape)} with a [{weight.shape[0]}, {weight.shape[1]}] "
-                                f"head does not match the student's {tuple(lead)} rows of {vocab} classes")
-        return LinearRows(hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
-                          None if bias is None else bias.detach(), index)
 
     def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
                ) -> LossOutput:
@@ -296,7 +243,7 @@ class DistillationLoss(nn.Module):
         if self.kd_weight:
             objective = self.objective
             temps = self.temperature(rows)
-            tau_t, tau_s = _columns(self.temperature, temps)
+            tau_t, tau_s = tau_columns(self.temperature, temps)
             shares = self._weight_shares(rows) if self.weighting is not None else None
             factor = objective.factor(objective.row_scale(tau_t, tau_s, temps.scale), shares)
             dkd = None
