@@ -246,7 +246,8 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             stats = LazyStats.of(self._mean_over_processes(sums))
-            loss_fn.observe(LossOutput(loss=stats.get_tensor("loss"), stats=stats, progress=progress))
+            loss = stats.get_tensor("loss") if "loss" in stats else torch.tensor(math.nan)  # no valid rows: no loss
+            loss_fn.observe(LossOutput(loss=loss, stats=stats, progress=progress))
             pos.global_step += 1
             pos.step_in_epoch = step + 1
             pos.epoch_steps += 1
