@@ -455,3 +455,44 @@ def test_two_processes_match_one_process(tmp_path):
         if name != "cist":
             assert_same_weights(ranks[0]["params"], params(single.model))
             assert_same_weights(ranks[1]["params"], params(single.model))
+
+
+@pytest.mark.parametrize("name", ["kd", "dts"])
+def test_fused_head_trains_like_the_logits_path(tmp_path, name):
+    """fused_head=True (hidden states + output heads, no [B, L, V] logits) takes the same SGD steps."""
+    runs = {}
+    for fused in (False, True):
+        trainer = DistillationTrainer(model=gpt2(0), teacher_model=gpt2(1, init=0.2), distillation_loss=LOSSES[name](),
+                                      fused_head=fused, args=args(tmp_path / str(fused), per_device_train_batch_size=4,
+                                                                  max_steps=2, optim="sgd", learning_rate=0.5,
+                                                                  max_grad_norm=0.0),
+                                      train_dataset=lm_data(8))
+        trainer.train()
+        runs[fused] = trainer
+    assert_same_weights(params(runs[False].model), params(runs[True].model), atol=1e-5)
+    torch.testing.assert_close([e["loss"] for e in train_logs(runs[True])],
+                               [e["loss"] for e in train_logs(runs[False])], rtol=1e-5, atol=1e-6)
+    assert train_logs(runs[True])[-1]["tau_teacher_mean"] == pytest.approx(
+        train_logs(runs[False])[-1]["tau_teacher_mean"], rel=1e-6)
+
+
+def test_statistics_are_read_only_for_log_lines(tmp_path, monkeypatch):
+    """Micro-batches and DTS's observe keep the statistics on the device; each log line reads its window once."""
+    from thermokd.stats import LazyStats
+
+    reads = []
+    original = LazyStats._floats
+    def counted(self):  # a transfer happens on the first read of a LazyStats only
+        if self._values is None:
+            reads.append(sorted(self._tensors))
+        return original(self)
+
+    monkeypatch.setattr(LazyStats, "_floats", counted)
+    trainer = DistillationTrainer(model=gpt2(0), teacher_model=gpt2(1, init=0.2),
+                                  distillation_loss=tk.DistillationLoss(temperature=DTS()),
+                                  args=args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                            max_steps=4, logging_steps=2),
+                                  train_dataset=lm_data(16))
+    trainer.train()
+    assert len(train_logs(trainer)) == 2 and len(reads) == 2, reads
+    assert float(trainer.distillation_loss.temperature.current) != DTS().t_init  # observe ran, on tensors

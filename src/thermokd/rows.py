@@ -61,14 +61,6 @@ class Rows:
         return self._at_label_or_max(self.teacher_log_probs)
 
     @cached_property
-    def student_label_log_prob_graph(self) -> Tensor:
-        """``log σ(z^s)[y]`` per row, ``[N, 1]``, with gradient (the CE term); needs labels."""
-        return self.student_log_probs.gather(-1, self.label_column)
-
-    @cached_property
     def student_label_log_prob(self) -> Tensor:
-        """``log σ(z^s)[y]`` per row, ``[N, 1]``, detached (``max`` over classes when there are no labels).
-        With labels it is the CE term's gather, detached, so the weights and DTS do not gather again."""
-        if self.labels is None:
-            return self.student_log_probs.detach().amax(-1, keepdim=True)
-        return self.student_label_log_prob_graph.detach()
+        """``log σ(z^s)[y]`` per row, ``[N, 1]``, detached (``max`` over classes when there are no labels)."""
+        return self._at_label_or_max(self.student_log_probs.detach())

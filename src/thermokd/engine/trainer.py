@@ -21,6 +21,7 @@ from ..config import OptimizerConfig, ScheduleConfig
 from ..errors import ThermoKDError
 from ..loss import DistillationLoss, LossOutput
 from ..progress import Progress
+from ..stats import LazyStats, add_into, host_floats
 from .checkpoint import load_latest, save_checkpoint, write_json_atomic
 from .divergence import check_finite_loss, collapse, warn_collapse
 from .metrics import MetricLogger
@@ -111,7 +112,7 @@ class _Position:
     collapse: "dict[str, Any] | None" = None
     history: list[dict[str, Any]] = field(default_factory=list)
     tau_trace: list[list[float]] = field(default_factory=list)
-    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_sums: dict[str, "Tensor | float"] = field(default_factory=dict)  # device tensors until logged or saved
     epoch_steps: int = 0
     epoch_train_time: float = 0.0
     metrics_offset: int = 0
@@ -169,6 +170,7 @@ class Trainer:
         if self.acc.is_main_process:
             tensors = {f"model.{k}": v for k, v in self.inner.state_dict().items()}
             tensors["rng.torch"] = torch.get_rng_state()
+            pos.epoch_sums = host_floats(pos.epoch_sums)
             pos.metrics_offset = self.logger.offset()
             save_checkpoint(self.out_dir / "checkpoints", f"step-{pos.global_step:09d}", tensors,
                             self.optimizer.state_dict(), vars(pos), keep=self.keep, meta=self.run_key)
@@ -250,25 +252,26 @@ class Trainer:
                 with sync:
                     loss, out = self.module(x, t, y, progress)
                     self.acc.backward(loss / loop.grad_accum)
-                for k, v in out.stats.items():
-                    sums[k] = sums.get(k, 0.0) + v / loop.grad_accum
+                add_into(sums, out.stats, 1.0 / loop.grad_accum)  # on the device: a step reads no value back
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            stats = self._mean_over_processes(sums)
-            loss_fn.observe(LossOutput(loss=torch.tensor(stats.get("loss", math.nan)), stats=stats, progress=progress))
+            stats = LazyStats.of(self._mean_over_processes(sums))
+            loss = stats.get_tensor("loss") if "loss" in stats else torch.tensor(math.nan)  # no valid rows: no loss
+            loss_fn.observe(LossOutput(loss=loss, stats=stats, progress=progress))
             pos.global_step += 1
             pos.step_in_epoch = step + 1
             pos.epoch_steps += 1
-            for k, v in stats.items():
-                pos.epoch_sums[k] = pos.epoch_sums.get(k, 0.0) + v
-            if pos.global_step % loop.log_every == 0:
-                check_finite_loss(stats, f"at step {pos.global_step} (epoch {e})", loop.description)
-                if "tau_teacher_mean" in stats:
-                    pos.tau_trace.append([pos.global_step, stats["tau_teacher_mean"], stats["tau_student_mean"]])
-                self.logger.log({"type": "step", "step": pos.global_step, "epoch": e, "lr": lr, **stats})
+            add_into(pos.epoch_sums, stats)
+            if pos.global_step % loop.log_every == 0:  # the statistics are read only here
+                values = dict(stats)
+                check_finite_loss(values, f"at step {pos.global_step} (epoch {e})", loop.description)
+                if "tau_teacher_mean" in values:
+                    pos.tau_trace.append([pos.global_step, values["tau_teacher_mean"], values["tau_student_mean"]])
+                self.logger.log({"type": "step", "step": pos.global_step, "epoch": e, "lr": lr, **values})
+                if bar is not None:
+                    bar.set_postfix(epoch=e, loss=f"{values.get('loss', math.nan):.3f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=e, loss=f"{stats.get('loss', math.nan):.3f}", refresh=False)
             if loop.checkpoint_every and pos.global_step % loop.checkpoint_every == 0 and pos.step_in_epoch < self.steps_per_epoch:
                 pos.epoch_train_time += time.perf_counter() - start
                 start = time.perf_counter()
@@ -276,19 +279,19 @@ class Trainer:
         pos.epoch_train_time += time.perf_counter() - start
         self._end_epoch(pos, lr)
 
-    def _mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
+    def _mean_over_processes(self, stats: dict[str, "Tensor | float"]) -> dict[str, "Tensor | float"]:
         if self.acc.num_processes == 1:
             return stats
         keys = sorted(stats)
-        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=self.acc.device) for k in keys])
         values = self.acc.reduce(values, reduction="mean")
-        return dict(zip(keys, values.tolist()))
+        return dict(zip(keys, values.unbind()))
 
     def _end_epoch(self, pos: _Position, lr: float) -> None:
         test_acc, num_classes = self.evaluate(self.data.test_x, self.data.test_y)
         has_val = self.data.val_x is not None
         val_acc = self.evaluate(self.data.val_x, self.data.val_y)[0] if has_val else None
-        means = {k: v / max(pos.epoch_steps, 1) for k, v in pos.epoch_sums.items()}
+        means = {k: v / max(pos.epoch_steps, 1) for k, v in host_floats(pos.epoch_sums).items()}
         check_finite_loss(means, f"in epoch {pos.epoch} (by step {pos.global_step})", self.loop.description)
         record = {"epoch": pos.epoch, "val_acc": val_acc, "test_acc": test_acc, "train_loss": means.get("loss"),
                   "lr": lr, "train_time": pos.epoch_train_time, **{k: v for k, v in means.items() if k != "loss"}}

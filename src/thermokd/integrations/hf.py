@@ -58,6 +58,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..errors import ThermoKDError, choice_error
 from ..loss import DistillationLoss, LossOutput
+from ..stats import LazyStats, host_floats
 from ..methods import build_loss, method_names
 from ..progress import Progress
 
@@ -172,46 +173,68 @@ def load_loss_state(loss: DistillationLoss, folder: str) -> None:
 
 
 class StatWindow:
-    """Row-weighted means of ``LossOutput.stats`` over several micro-batches; ``*_min``/``*_max`` keep extremes."""
+    """Row-weighted means of ``LossOutput.stats`` over several micro-batches; ``*_min``/``*_max`` keep extremes.
+    Values stay device tensors (no sync per micro-batch) until :meth:`means` is read for a log line."""
 
     def __init__(self) -> None:
         self.rows = 0.0
-        self.sums: dict[str, list[float]] = {}  # key -> [Σ value·rows, Σ rows]
-        self.extremes: dict[str, float] = {}
+        self.sums: dict[str, list] = {}  # key -> [Σ value·rows, Σ rows]
+        self.extremes: dict[str, "Tensor | float"] = {}
 
     def add(self, stats: Mapping[str, float]) -> None:
-        rows = float(stats.get("rows", 0.0))
+        values = stats.device_values() if isinstance(stats, LazyStats) else stats
+        rows = float(values.get("rows", 0.0))  # a host float: known without reading the device
         if rows <= 0:  # nothing was measured on a batch without valid rows
             return
         self.rows += rows
-        for key, value in stats.items():
+        for key, value in values.items():
             if key == "rows":
                 continue
+            value = value.detach() if isinstance(value, Tensor) else float(value)
             if key.endswith(("_min", "_max")):
-                self._extreme(key, float(value))
+                self._extreme(key, value)
             else:
                 acc = self.sums.setdefault(key, [0.0, 0.0])
-                acc[0] += float(value) * rows
+                acc[0] = acc[0] + value * rows
                 acc[1] += rows
 
     def merge(self, other: "StatWindow") -> None:
         self.rows += other.rows
         for key, (total, rows) in other.sums.items():
             acc = self.sums.setdefault(key, [0.0, 0.0])
-            acc[0] += total
+            acc[0] = acc[0] + total
             acc[1] += rows
         for key, value in other.extremes.items():
             self._extreme(key, value)
 
-    def _extreme(self, key: str, value: float) -> None:
-        pick = min if key.endswith("_min") else max
-        self.extremes[key] = pick(self.extremes.get(key, value), value)
+    def _extreme(self, key: str, value: "Tensor | float") -> None:
+        old = self.extremes.get(key)
+        if old is None:
+            self.extremes[key] = value
+        elif isinstance(old, Tensor) or isinstance(value, Tensor):
+            device = (value if isinstance(value, Tensor) else old).device
+            pick = torch.minimum if key.endswith("_min") else torch.maximum
+            self.extremes[key] = pick(torch.as_tensor(old, device=device), torch.as_tensor(value, device=device))
+        else:
+            self.extremes[key] = min(old, value) if key.endswith("_min") else max(old, value)
 
-    def means(self) -> dict[str, float]:
+    def device_means(self) -> LazyStats:
+        """The window's statistics without reading the device (DTS's ``observe`` uses them as tensors)."""
         out = {key: total / rows for key, (total, rows) in self.sums.items()}
         out.update(self.extremes)
         out["rows"] = self.rows
-        return out
+        return LazyStats.of(out)
+
+    def means(self) -> dict[str, float]:
+        return dict(self.device_means())
+
+    def on_host(self) -> "StatWindow":
+        """A copy holding floats (one transfer), for gathering over processes."""
+        window = StatWindow()
+        window.rows, window.extremes = self.rows, dict(host_floats(self.extremes))
+        sums = host_floats({key: total for key, (total, _) in self.sums.items()})
+        window.sums = {key: [sums[key], rows] for key, (_, rows) in self.sums.items()}
+        return window
 
 
 class _OptimizerStepHooks(TrainerCallback):
@@ -238,6 +261,9 @@ class DistillationTrainer(Trainer):
       ``"token-classification"``.
     - ``teacher_logits_fn(teacher, inputs) -> logits``: replaces the teacher's forward pass (``inputs``: the batch
       without ``labels``); its logits must be shaped like the student's.
+    - ``fused_head``: causal LMs, one process: compute the loss from both models' last hidden states and output
+      heads (``DistillationLoss.forward_hidden``) instead of their ``[B, L, V]`` logits; the same loss and
+      gradients with a fraction of the memory at large vocabularies.
     - every other keyword (``train_dataset``, ``data_collator``, ``callbacks``, ...) goes to ``Trainer``.
     """
 
@@ -246,7 +272,7 @@ class DistillationTrainer(Trainer):
     def __init__(self, model: "nn.Module | None" = None, args: "transformers.TrainingArguments | None" = None, *,
                  teacher_model: "nn.Module | None" = None, distillation_loss: "DistillationLoss | str | None" = None,
                  task: str = "auto", teacher_logits_fn: "Callable[[nn.Module | None, dict], Tensor] | None" = None,
-                 **trainer_kwargs: Any) -> None:
+                 fused_head: bool = False, **trainer_kwargs: Any) -> None:
         if "loss_is_scaled_for_ga" not in vars(Trainer):
             raise ThermoKDError(f"DistillationTrainer needs a transformers Trainer with loss_is_scaled_for_ga "
                                 f"(transformers 5); found transformers {transformers.__version__}")
@@ -265,6 +291,10 @@ class DistillationTrainer(Trainer):
         self.task = detect_task(self.model) if task == "auto" else task
         self.teacher_model = self._freeze(teacher_model)
         self.teacher_logits_fn = teacher_logits_fn
+        self.fused_head = bool(fused_head)
+        if self.fused_head and (self.task != "causal-lm" or teacher_logits_fn is not None or self.args.world_size > 1):
+            raise ThermoKDError("fused_head=True needs task='causal-lm', a teacher_model (no teacher_logits_fn) and "
+                                "one process: it runs both models' base and output head itself")
         self.distillation_loss.to(self.args.device)
         self._check_output_sizes()
         self._check_given_optimizer()
@@ -370,19 +400,39 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: "Tensor | int | None" = None) -> "Tensor | tuple[Tensor, Any]":
         model_inputs = self._model_inputs(inputs)
-        outputs = model(**model_inputs)  # without labels: no Hugging Face loss
-        student = _logits(outputs)
-        teacher = self.teacher_logits(inputs, model_inputs)
-        _check_same_shape(student, teacher, self.task)
         labels, mask = self.loss_targets(inputs)
         progress = self.progress()
-        out = self.distillation_loss(student, teacher, labels, mask=mask, progress=progress)
+        if self.fused_head:
+            outputs, out = self._fused_loss(model, model_inputs, labels, mask, progress)
+        else:
+            outputs = model(**model_inputs)  # without labels: no Hugging Face loss
+            student = _logits(outputs)
+            teacher = self.teacher_logits(inputs, model_inputs)
+            _check_same_shape(student, teacher, self.task)
+            out = self.distillation_loss(student, teacher, labels, mask=mask, progress=progress)
         loss = out.loss
         if model.training:  # evaluation reports the plain batch mean and leaves the statistics alone
             self._step_window.add(out.stats)
             self._step_progress = progress
-            loss = self._scale_for_accumulation(loss, out.stats.get("rows", 0.0), num_items_in_batch)
+            loss = self._scale_for_accumulation(loss, out.stats.device_values().get("rows", 0.0), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model: nn.Module, model_inputs: Mapping[str, Any], labels: "Tensor | None",
+                    mask: "Tensor | None", progress: Progress) -> tuple[Any, LossOutput]:
+        """``fused_head=True``: the last hidden states of both models' base (``model.base_model``) and their output
+        heads go to :meth:`DistillationLoss.forward_hidden`, so no ``[B, L, V]`` logits are built."""
+        outputs = model.base_model(**model_inputs)
+        teacher_head = None
+        if self.teacher_model is not None:
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_hidden = self.teacher_model.base_model(**model_inputs)[0]
+            teacher_head = self.teacher_model.get_output_embeddings()
+        elif self.distillation_loss.kd_weight:
+            raise ThermoKDError("fused_head=True needs teacher_model")
+        out = self.distillation_loss.forward_hidden(
+            outputs[0], model.get_output_embeddings(), teacher_hidden if teacher_head is not None else None,
+            teacher_head, labels, mask=mask, progress=progress)
+        return outputs, out
 
     def _counts_all_processes(self) -> bool:
         return bool(self.args.average_tokens_across_devices) and self.args.world_size > 1
@@ -425,7 +475,7 @@ class DistillationTrainer(Trainer):
         from accelerate.utils import gather_object
 
         merged = StatWindow()
-        for part in gather_object([window]):
+        for part in gather_object([window.on_host()]):
             merged.merge(part)
         return merged
 
@@ -436,9 +486,9 @@ class DistillationTrainer(Trainer):
         self._log_window.merge(window)
         if self._step_progress is None:
             return
-        stats = window.means()
-        self.distillation_loss.observe(LossOutput(loss=torch.tensor(stats.get("loss", math.nan)), stats=stats,
-                                                  progress=self._step_progress))
+        stats = window.device_means()
+        loss = stats.get_tensor("loss") if "loss" in stats else torch.tensor(math.nan)
+        self.distillation_loss.observe(LossOutput(loss=loss, stats=stats, progress=self._step_progress))
         self._step_progress = None
         self._share_rank0_state()
 

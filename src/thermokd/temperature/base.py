@@ -39,6 +39,9 @@ class TemperatureStrategy(nn.Module):
 
     name: ClassVar[str] = ""
     learnable: ClassVar[bool] = False
+    #: τ of a row depends on that row (and the strategy's state) only, never on the other rows of the batch: a
+    #: chunked or fused loss may then compute it chunk by chunk in the same visit as the loss
+    row_local: ClassVar[bool] = False
 
     def forward(self, rows: Rows) -> Temperatures:  # pragma: no cover - abstract
         raise NotImplementedError

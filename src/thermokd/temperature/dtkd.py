@@ -17,6 +17,7 @@ class DTKD(TemperatureStrategy):
     """
 
     name = "dtkd"
+    row_local = True
 
     def __init__(self, tau: float = 4.0, tau_min: float = 0.5, tau_max: float = 20.0, eps: float = 1e-6) -> None:
         super().__init__()

@@ -5,22 +5,25 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from ..errors import ThermoKDError
 from ..progress import require_progress
 from ..rows import Rows
+from ..stats import stat_tensor
 from .base import Temperatures, TemperatureStrategy, check_bounds, check_positive, register
 
 if TYPE_CHECKING:
     from ..loss import LossOutput
 
 
-def dts_multiplier(ce_gap: float) -> float:
-    """``mult`` of the DTS rule from ``ΔL = CE(teacher) − CE(student)`` (negative while the student lags)."""
-    s = ce_gap / (ce_gap + 1.0 + 1e-4)
-    if s <= 1.0:
-        return 1.0
-    return s if s <= 2.0 else 1.35
+def dts_multiplier(ce_gap: "float | Tensor") -> "float | Tensor":
+    """``mult`` of the DTS rule from ``ΔL = CE(teacher) − CE(student)`` (negative while the student lags); a
+    tensor gap gives a tensor, computed on its device (no read back to the host)."""
+    gap = torch.as_tensor(ce_gap, dtype=torch.float64 if not isinstance(ce_gap, Tensor) else None)
+    s = gap / (gap + 1.0 + 1e-4)
+    mult = torch.where(s <= 1.0, torch.ones_like(s), torch.where(s <= 2.0, s, torch.full_like(s, 1.35)))
+    return mult if isinstance(ce_gap, Tensor) else float(mult)
 
 
 @register("dts")
@@ -32,6 +35,7 @@ class DTS(TemperatureStrategy):
     """
 
     name = "dts"
+    row_local = True
 
     def __init__(self, t_init: float = 4.0, t_min: float = 2.0, t_max: float = 4.0, momentum: float = 0.9,
                  k: float = 1.0) -> None:
@@ -47,25 +51,31 @@ class DTS(TemperatureStrategy):
         if rows.labels is None:
             raise ThermoKDError("DTS needs labels: its update reads the teacher-student cross-entropy gap")
         require_progress(rows.progress, "DTS")
-        tau = self.current.to(rows.teacher.device)
+        tau = self.current.to(rows.teacher.device, copy=True)  # a snapshot: observe() moves the buffer in place
         with torch.no_grad():
             stats = {"dts_ce_teacher": -rows.teacher_label_log_prob.mean(),
                      "dts_ce_student": -rows.student_label_log_prob.mean()}
         return Temperatures(teacher=tau, student=tau, stats=stats)
 
-    def target(self, ce_gap: float, epoch: int, total_epochs: int) -> float:
-        """``T_tgt`` for ``ΔL`` at a 0-based epoch (DTS uses the 1-based ``e = epoch + 1``)."""
+    def target(self, ce_gap: "float | Tensor", epoch: int, total_epochs: int) -> "float | Tensor":
+        """``T_tgt`` for ``ΔL`` at a 0-based epoch (DTS uses the 1-based ``e = epoch + 1``); a tensor gap gives a
+        tensor on its device."""
         cosf = 0.5 * (1.0 + math.cos(self.k * math.pi * (epoch + 1) / total_epochs))
-        return min(max(self.t_init * cosf * dts_multiplier(ce_gap), self.t_min), self.t_max)
+        t_tgt = (self.t_init * cosf * dts_multiplier(ce_gap))
+        if isinstance(t_tgt, Tensor):
+            return t_tgt.clamp(self.t_min, self.t_max)
+        return min(max(t_tgt, self.t_min), self.t_max)
 
     @torch.no_grad()
     def observe(self, output: "LossOutput") -> None:
+        """Move T on the device: the gap stays a tensor, so a training step never waits for the device here."""
         if "dts_ce_teacher" not in output.stats:
             return  # a batch with no valid rows carries no gap
         p = require_progress(output.progress, "DTS")
-        gap = output.stats["dts_ce_teacher"] - output.stats["dts_ce_student"]
+        device = self.current.device
+        gap = stat_tensor(output.stats, "dts_ce_teacher", device) - stat_tensor(output.stats, "dts_ce_student", device)
         t_tgt = self.target(gap, p.epoch, p.total_epochs)
-        self.current.mul_(self.momentum).add_((1.0 - self.momentum) * t_tgt)
+        self.current.mul_(self.momentum).add_(t_tgt.to(self.current.dtype), alpha=1.0 - self.momentum)
 
     def extra_repr(self) -> str:
         return f"T={float(self.current):.4g}, t_init={self.t_init:g}, t_min={self.t_min:g}, t_max={self.t_max:g}"

@@ -12,6 +12,7 @@ class Fixed(TemperatureStrategy):
     """One τ for teacher and student, all samples (default 4, the CIFAR convention)."""
 
     name = "fixed"
+    row_local = True
 
     def __init__(self, tau: float = 4.0) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ class Scheduled(TemperatureStrategy):
     """
 
     name = "scheduled"
+    row_local = True
 
     def __init__(self, start: float = 4.0, end: float = 1.0, kind: str = "cosine", warmup: float = 0.0,
                  warmup_from: "float | None" = None, milestones: Sequence[float] = (0.5,), by: str = "step") -> None:
