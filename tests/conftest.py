@@ -1,5 +1,5 @@
-"""Shared test pieces: the formulas of METHODS.md written by hand in plain float64 torch (never the library's
-helpers), so the library is checked against the spec rather than against itself."""
+"""Shared test pieces: the formulas of docs/methods.md written by hand in plain float64 torch (never the library's
+helpers), so the library is checked against the formulas rather than against itself."""
 from __future__ import annotations
 
 import types

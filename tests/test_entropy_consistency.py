@@ -1,4 +1,4 @@
-"""METHODS.md §1 and §5: CIST makes the teacher's soft-label entropy more even across samples than one fixed τ of
+"""docs/methods.md, CIST and "Entropy-targeted τ": CIST makes the teacher's soft-label entropy more even across samples than one fixed τ of
 the same mean entropy, and the entropy-targeted τ makes it (nearly) constant wherever the target is reachable.
 
 Measured on synthetic 100-class logits whose scale *and* shape vary per row (``thermokd.synthetic``) and on the
@@ -21,7 +21,7 @@ from thermokd.temperature import CIST, EntropyTarget
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 RATIOS = (2.0, 3.0, 4.0, 5.0, 8.0)
-# METHODS.md §1, synthetic 100-class logits: std(H) under fixed τ / under CIST, at matched mean entropy
+# the expected column of docs/methods.md (CIST, entropy consistency): std(H) under fixed τ / under CIST
 QUOTED = {2.0: "< 2x", 3.0: "~4x", 4.0: "~17x", 5.0: "~7x", 8.0: "< 2x"}
 WIDE = {"tau_min": 1e-3, "tau_max": 1e3}  # so that clamping never decides a temperature
 TARGETS = (0.2, 0.5, 0.8)  # EntropyTarget(target=h): H* = h·log C
@@ -66,7 +66,7 @@ def entropy_target_spread(logits: torch.Tensor, strategy: EntropyTarget) -> tupl
     entropy = soft_label_entropy(logits, tau)
     reachable = ((soft_label_entropy(logits, strategy.tau_min) <= target)
                  & (soft_label_entropy(logits, strategy.tau_max) >= target))
-    # the others take the nearer bound (METHODS.md §5)
+    # the others take the nearer bound (docs/methods.md, "Entropy-targeted τ")
     at_bound = torch.isclose(tau[~reachable], torch.tensor(strategy.tau_min)) | torch.isclose(
         tau[~reachable], torch.tensor(strategy.tau_max))
     assert at_bound.all()
@@ -79,7 +79,7 @@ def print_tables(title: str, rows: list[Comparison], targets: list[tuple[float, 
     log_c = math.log(rows[0].num_classes)
     print(f"\n{title}\n")
     print("| CIST ρ | mean H (nats) | H / log C | std H, CIST | matched fixed τ | std H, fixed | ratio |"
-          + (" METHODS.md |" if quoted else ""))
+          + (" expected |" if quoted else ""))
     print("|---|---|---|---|---|---|---|" + ("---|" if quoted else ""))
     for r in rows:
         extra = f" {'' if r.auto else quoted.get(r.rho, '')} |" if quoted else ""
@@ -124,7 +124,7 @@ def test_cist_evens_out_entropy_on_synthetic_logits(synthetic):
     rows, _ = synthetic
     ratio = {r.rho: r.ratio for r in rows if not r.auto}
     assert all(r.ratio > 1 for r in rows), [(r.label, r.ratio) for r in rows]
-    # the regime METHODS.md describes: the gain peaks at moderate ρ and fades at both ends, where the soft
+    # the regime docs/methods.md describes: the gain peaks at moderate ρ and fades at both ends, where the soft
     # labels are near-uniform (small ρ) or near one-hot (large ρ) whatever τ does
     peak = max(ratio[3.0], ratio[4.0], ratio[5.0])
     assert peak > ratio[2.0] and peak > ratio[8.0]

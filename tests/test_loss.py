@@ -1,5 +1,5 @@
-"""DistillationLoss as a whole: per-sample weights (§1, ER-KD), the full CIST loss, DKD (§4), masks and per-token
-logits, and the statistics DESIGN.md promises."""
+"""DistillationLoss as a whole: per-sample weights (CIST, ER-KD), the full CIST loss, DKD, masks and per-token
+logits, and the statistics docs/design.md promises."""
 from __future__ import annotations
 
 import math

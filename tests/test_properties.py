@@ -1,6 +1,6 @@
 """Property tests (hypothesis) over every ready-made method (``thermokd.method_names()``) and every divergence.
 
-What METHODS.md and DESIGN.md promise for all of them:
+What docs/methods.md and docs/design.md promise for all of them:
 - shift invariance: a per-row constant added to the teacher and/or student logits changes neither the loss nor
   the statistics (every rule reads centred quantities; CTKD-instance is left out on purpose: its MLP reads the
   raw logits, as in the authors' code, so its temperature is not shift invariant);
@@ -191,7 +191,7 @@ def _plogp_diff(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def _divergence64(log_p: torch.Tensor, log_q: torch.Tensor, kind: str) -> torch.Tensor:
-    """METHODS.md §0 by hand, per row, float64."""
+    """docs/methods.md, "The loss", by hand, per row, float64."""
     if kind == "kl":
         return _plogp_diff(log_p, log_q)
     if kind == "reverse_kl":
@@ -220,7 +220,7 @@ def _dkd64(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau_t, tau_s, alph
 
 
 def _frozen_reference(loss_fn: tk.DistillationLoss, s32: torch.Tensor, t: torch.Tensor, y):
-    """The loss of METHODS.md with τ^t, τ^s and w computed first, under no_grad, by the strategy and the
+    """The loss of docs/methods.md with τ^t, τ^s and w computed first, under no_grad, by the strategy and the
     weighting, then used as constants; returns (loss, gradient w.r.t. the student logits, noise floors), float64.
     """
     temps = loss_fn.temperature.temperatures(s32, t, y, PROGRESS)

@@ -1,5 +1,5 @@
-"""Temperature strategies against METHODS.md: CIST (§1), DTS (§2), CTKD, logit standardisation and DTKD (§4),
-the entropy target (§5) and the schedules (§6)."""
+"""Temperature strategies against docs/methods.md: CIST, DTS, CTKD, logit standardisation, DTKD, the entropy
+target and the schedules."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Synthetic teacher logits whose *scale* and *shape* vary from row to row, for entropy diagnostics and benchmarks.
 
-A single global τ gives soft labels of uneven entropy because rows differ in logit scale (METHODS.md §1);
+A single global τ gives soft labels of uneven entropy because rows differ in logit scale (docs/methods.md, CIST);
 CIST's ratio rule removes the scale, not the shape. These logits vary both, so they show what each rule
 equalises and what it cannot.
 """

@@ -1,4 +1,4 @@
-"""Data and weights that Python packages ship (DATA.md): found on disk, never downloaded."""
+"""Data and weights that Python packages ship (docs/data.md): found on disk, never downloaded."""
 from __future__ import annotations
 
 import importlib.util

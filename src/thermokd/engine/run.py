@@ -67,7 +67,7 @@ class Experiment:
                                     input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
         except TypeError as exc:
             raise ThermoKDError(f"bad model_args for {name!r}: {exc}") from None
-        if len(shape) == 3 and name != "mlp":  # measured faster for convolutions on the CPU (DATA.md)
+        if len(shape) == 3 and name != "mlp":  # faster for convolutions on the CPU (docs/data.md)
             model = model.to(memory_format=torch.channels_last)
         return model
 

@@ -1,14 +1,14 @@
 """``thermokd recommend``: propose a fixed τ (and a CIST ``tau0``) from the teacher alone, then optionally check
 the proposal against short KD students on a τ grid.
 
-The rule is **thermokd's heuristic, not a published method**. It turns the temperature study's finding (METHODS.md
-§3: the best fixed τ moves with the optimiser and the training budget, and set-ups shift it through the entropy of
-the teacher's tempered outputs) into one number that needs no student training:
+The rule is **thermokd's heuristic, not a published method**. It turns the temperature study's finding (the best
+fixed τ moves with the optimiser and the training budget, and set-ups shift it through the entropy of the teacher's
+tempered outputs; docs/methods.md, "The temperature study") into one number that needs no student training:
 
 1. Take the teacher's logits on the plain (unaugmented) training inputs, the soft labels a student distils from.
 2. Choose a target for the *mean normalised soft-label entropy* H/log C over those samples. The base target is
    0.5: halfway between one-hot labels (0, nothing beyond the hard label) and uniform ones (1, no information),
-   and the default of the entropy-targeted strategy (METHODS.md §5), so both tools aim at the same point.
+   and the default of the entropy-targeted strategy (docs/methods.md), so both tools aim at the same point.
 3. Adjust the target for the set-up (the adjustment is part of the output, so users see why):
    - AdamW: no adjustment (the study finds AdamW comparatively insensitive to τ);
    - SGD: ``+0.05`` per doubling of the student's epochs above 20 and ``−0.05`` per halving below, capped at
@@ -63,7 +63,8 @@ def target_adjustment(optimizer: str, epochs: int) -> dict[str, Any]:
         raise ThermoKDError(f"the student budget must be >= 1 epoch, got {epochs}")
     if optimizer == "adamw":
         return {"optimizer": optimizer, "epochs": epochs, "shift": 0.0,
-                "reason": "AdamW is comparatively insensitive to τ (METHODS.md §3): no adjustment",
+                "reason": "AdamW is comparatively insensitive to τ (the temperature study, docs/methods.md): "
+                          "no adjustment",
                 "caveat": ADAMW_CAVEAT}
     if optimizer != "sgd":
         raise ThermoKDError(f"unknown optimiser {optimizer!r}; expected one of: adamw, sgd")

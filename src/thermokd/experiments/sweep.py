@@ -1,6 +1,6 @@
 """``thermokd sweep``: fixed-τ KD over a grid of τ × optimiser × budget × seeds, plus adaptive methods, with
 one teacher and its logit cache; each adaptive method is judged against KD at its *best* grid τ under the same
-optimiser, budget and seeds (METHODS.md §3). Resumable: a finished cell is never re-run."""
+optimiser, budget and seeds (docs/methods.md, "The temperature study"). Resumable: a finished cell is never re-run."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,6 @@
 """CIST: Consistently Informative Soft-label Temperature (Luong et al., arXiv 2605.20357).
 
-The rule's forms and constants are reconstructed (METHODS.md §1): the paper states the principle (hold the
+The rule's forms and constants are reconstructed (docs/methods.md, CIST): the paper states the principle (hold the
 ratio of the max logit to τ fixed across samples, separately for teacher and student), not a formula. The
 student rules other than ``ratio``, the "max" variants and the scale variants are ours (docs/methods.md).
 """
