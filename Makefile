@@ -82,7 +82,9 @@ bench-text-tuned: $(STAMP)
 	$(VENV)/bin/thermokd compare --config 20newsgroups --methods ce,kd,cist,dts,entropy-target --seeds 3 --tune 12 \
 		--out benchmarks/results/20newsgroups-tuned --no-progress
 
+# lint first (ruff, configured in pyproject.toml), so CI fails on a lint error before spending minutes on tests
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow"
 
 test-slow: $(STAMP)

@@ -9,8 +9,8 @@ distillation matters more). Last-epoch accuracy, no epoch selection.
     OMP_NUM_THREADS=1 python benchmarks/cist_variants.py               # round 1: 12 variants, 3 seeds (~5 min)
     OMP_NUM_THREADS=1 python benchmarks/cist_variants.py --round 2 --seeds 5   # round 2: finalists (~5 min)
 
-Times are on one thread of the shared 2-core machine this was written on. Prints one table per set-up; paired Δ are per seed (same initialisation and
-data order for every method), mean ± half-width of a 95 % t-interval.
+Times are on one thread of the shared 2-core machine this was written on. Prints one table per set-up; paired Δ
+are per seed (same initialisation and data order for every method), mean ± half-width of a 95 % t-interval.
 """
 from __future__ import annotations
 

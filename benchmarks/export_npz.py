@@ -41,7 +41,8 @@ def main() -> None:
                         y_train=bundle.train.y[tr].numpy(), x_test=raw(bundle.test.x[te], bundle.mean, bundle.std),
                         y_test=bundle.test.y[te].numpy(), x_val=raw(bundle.val.x, bundle.mean, bundle.std),
                         y_val=bundle.val.y.numpy())
-    print(f"wrote {args.out}: {len(bundle.train.y[tr])} train / {len(bundle.val.y)} val / {len(bundle.test.y[te])} test, "
+    print(f"wrote {args.out}: {len(bundle.train.y[tr])} train / {len(bundle.val.y)} val / "
+          f"{len(bundle.test.y[te])} test, "
           f"{bundle.num_classes} classes, inputs {tuple(bundle.train.x.shape[1:])}")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -102,7 +102,8 @@ def main() -> None:
         large = shape[1] > 1000
         rounds, block = (args.large_rounds, 1) if large else (args.rounds, args.block)
         result = measure(shape, rounds, block, methods)
-        print(f"\nlogits {list(shape)}: hand-written Hinton KD forward+backward {result['hinton_seconds'] * 1e3:.3f} ms "
+        print(f"\nlogits {list(shape)}: hand-written Hinton KD forward+backward "
+              f"{result['hinton_seconds'] * 1e3:.3f} ms "
               f"(median of {rounds} rounds x {block} calls, {args.threads} threads, torch {torch.__version__}); "
               "thermokd's time relative to it (ratio of medians; in brackets, the quartiles of the per-round ratios):")
         for m in methods:

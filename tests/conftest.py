@@ -2,9 +2,8 @@
 helpers), so the library is checked against the formulas rather than against itself."""
 from __future__ import annotations
 
-import types
-
 import os
+import types
 
 import pytest
 import torch

@@ -65,7 +65,8 @@ def test_other_divergences_and_an_explicit_mask(divergence):
     out_c, (g_c,) = _run(chunked, student, teacher, labels, mask=mask)
     torch.testing.assert_close(out_c.loss, out_p.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_c, g_p, rtol=1e-4, atol=1e-6)
-    assert g_c[1, 2:5].abs().max() == 0 and g_c[0, :4].abs().max() == 0 and g_c[2, -3:].abs().max() == 0  # masked rows get no gradient
+    # masked rows get no gradient
+    assert g_c[1, 2:5].abs().max() == 0 and g_c[0, :4].abs().max() == 0 and g_c[2, -3:].abs().max() == 0
 
 
 def test_without_labels_and_in_bfloat16():
@@ -85,7 +86,7 @@ def test_cist_calibrates_on_the_whole_batch_and_dts_continues_identically():
     _run(chunked, student, teacher, labels)
     assert float(chunked.temperature.ratio) == pytest.approx(float(plain.temperature.ratio), rel=1e-6)
     plain, chunked = _pair("dts", 3)
-    for step in range(3):
+    for _ in range(3):
         for loss in (plain, chunked):
             out, _ = _run(loss, student, teacher, labels)
             loss.observe(out)

@@ -31,7 +31,8 @@ def test_compare_writes_results_report_and_plots(tmp_path, cache):
     assert results["methods"] == ["ce", "kd", "cist"] and results["seeds"] == [0, 1]
     assert 0.5 < results["teacher"]["test_acc"] <= 1.0
     runs = results["runs"]
-    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in ["ce", "kd", "cist"] for s in [0, 1])
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in ["ce", "kd", "cist"]
+                                                                     for s in [0, 1])
     for r in runs:
         assert 0.0 <= r["best_acc"] <= 1.0 and 0.0 <= r["last_acc"] <= 1.0 and 0.0 <= r["best_val_acc"] <= 1.0
         assert r["wall_time_per_epoch"] > 0 and len(r["history"]) == 1
@@ -107,10 +108,13 @@ def test_bad_input_gives_one_line_errors(tmp_path, cache):
     assert "mnist-ish" in msg and "digits" in msg
     msg = _error(["distill", "--config", str(cfg), "--set", "train.epohcs=3", "--out", out], cache, tmp_path)
     assert "train.epohcs" in msg and "epochs" in msg
-    msg = _error(["distill", "--config", str(cfg), "--set", "train.optimizer.name=rmsprop", "--out", out], cache, tmp_path)
+    msg = _error(["distill", "--config", str(cfg), "--set", "train.optimizer.name=rmsprop", "--out", out], cache,
+                 tmp_path)
     assert "rmsprop" in msg and "sgd" in msg and "adamw" in msg
-    assert "--methods" in _error(["compare", "--config", str(cfg), "--methods", "kd,magic", "--out", out], cache, tmp_path)
-    assert "no-such.yaml" in _error(["distill", "--config", str(tmp_path / "no-such.yaml"), "--out", out], cache, tmp_path)
+    assert "--methods" in _error(["compare", "--config", str(cfg), "--methods", "kd,magic", "--out", out], cache,
+                                 tmp_path)
+    assert "no-such.yaml" in _error(["distill", "--config", str(tmp_path / "no-such.yaml"), "--out", out], cache,
+                                    tmp_path)
     assert "--out" in _error(["distill", "--config", str(cfg)], cache, tmp_path)
 
 

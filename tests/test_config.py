@@ -43,7 +43,8 @@ def test_cifar100_configs_follow_the_standard_protocol(path):
 
 def test_overrides_apply_with_the_right_types():
     cfg = load_config(DIGITS, ["train.epochs=3", "train.optimizer.lr=1e-3", "method.temperature={tau: 2}",
-                               "teacher.optimizer.lr=1", "data.name=npz:/tmp/x.npz", "train.schedule.milestones=[2, 4]"])
+                               "teacher.optimizer.lr=1", "data.name=npz:/tmp/x.npz",
+                               "train.schedule.milestones=[2, 4]"])
     assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
     assert cfg.train.optimizer.lr == 1e-3 and type(cfg.train.optimizer.lr) is float
     assert cfg.method.temperature == {"tau": 2}

@@ -61,7 +61,8 @@ def test_npz_test_split_follows_the_train_layout(tmp_path):
 
 def test_column_labels_are_accepted_and_matrices_refused(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 3))
-    b = load_data(_npz(tmp_path / "a.npz", x, y_train=(np.arange(6) % 3)[:, None], y_test=np.array([[0], [1], [2]])), val_fraction=0.0)
+    b = load_data(_npz(tmp_path / "a.npz", x, y_train=(np.arange(6) % 3)[:, None], y_test=np.array([[0], [1], [2]])),
+                  val_fraction=0.0)
     assert b.train.y.shape == (6,) and b.num_classes == 3
     with pytest.raises(ThermoKDError, match=r"train labels must be a vector of class ids, got shape \(6, 3\)"):
         load_data(_npz(tmp_path / "b.npz", x, y_train=np.eye(3)[np.arange(6) % 3]), val_fraction=0.0)
@@ -102,7 +103,8 @@ def test_relative_paths_resolve_against_root(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     _npz(tmp_path / "sub" / "d.npz", np.zeros((6, 2)))
     assert len(load_data("npz:sub/d.npz", val_fraction=0.0, root=tmp_path).train) == 6
-    assert len(load_data(f"npz:{tmp_path / 'sub' / 'd.npz'}", val_fraction=0.0, root="/elsewhere").train) == 6  # absolute wins
+    absolute = f"npz:{tmp_path / 'sub' / 'd.npz'}"
+    assert len(load_data(absolute, val_fraction=0.0, root="/elsewhere").train) == 6  # an absolute path wins
     monkeypatch.chdir(tmp_path / "sub")
     assert len(load_data("npz:d.npz", val_fraction=0.0).train) == 6
     with pytest.raises(ThermoKDError, match="npz file not found: .*other/d.npz"):

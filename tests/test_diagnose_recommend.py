@@ -11,7 +11,7 @@ import torch
 from thermokd import ThermoKDError
 from thermokd.config import load_config
 from thermokd.engine.run import Experiment
-from thermokd.experiments.diagnose import (expected_calibration_error, nll, nll_optimal_tau, run_diagnose)
+from thermokd.experiments.diagnose import expected_calibration_error, nll, nll_optimal_tau, run_diagnose
 from thermokd.experiments.recommend import recommend, target_adjustment, verify
 
 from engine_helpers import write_config

@@ -1,5 +1,6 @@
-"""docs/methods.md, CIST and "Entropy-targeted τ": CIST makes the teacher's soft-label entropy more even across samples than one fixed τ of
-the same mean entropy, and the entropy-targeted τ makes it (nearly) constant wherever the target is reachable.
+"""docs/methods.md, CIST and "Entropy-targeted τ": CIST makes the teacher's soft-label entropy more even across
+samples than one fixed τ of the same mean entropy, and the entropy-targeted τ makes it (nearly) constant wherever
+the target is reachable.
 
 Measured on synthetic 100-class logits whose scale *and* shape vary per row (``thermokd.synthetic``) and on the
 test logits of a small MLP trained on scikit-learn's digits. ``pytest -s`` prints the measured tables.

@@ -1,4 +1,5 @@
-"""docs/methods.md, "The loss": the shared pieces (divergences, Hinton KD, the total loss, entropy, centred max, float32 maths)."""
+"""docs/methods.md, "The loss": the shared pieces (divergences, Hinton KD, the total loss, entropy, centred max,
+float32 maths)."""
 from __future__ import annotations
 
 import math

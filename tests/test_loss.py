@@ -42,8 +42,8 @@ def test_confidence_difficulty_weights(hand, assert_close, alpha, beta, labelled
     assert got.mean().item() == pytest.approx(1.0, rel=1e-6)
     if alpha == 0 and beta == 0:
         assert_close(got, torch.ones(24))
-    loss = tk.DistillationLoss(Fixed(4.0), weighting=ConfidenceDifficulty(alpha=alpha, beta=beta, **SPEC_WEIGHTS), ce_weight=0,
-                               kd_weight=1)
+    weighting = ConfidenceDifficulty(alpha=alpha, beta=beta, **SPEC_WEIGHTS)
+    loss = tk.DistillationLoss(Fixed(4.0), weighting=weighting, ce_weight=0, kd_weight=1)
     out = loss(s, t, y)
     assert_close(out.loss, hand.kd(s, t, 4.0, weights=want), rtol=2e-4)
     assert out.stats["weight_std"] == pytest.approx(want.std(correction=0).item(), rel=1e-4, abs=1e-7)
@@ -252,7 +252,8 @@ def test_dkd_with_per_sample_temperatures(hand, assert_close):
     tau_s = (hand.centred_max(s) / 1.5).clamp(0.5, 20.0)
     tckd, nckd = _mdistiller_dkd(s, t, y, tau_t, tau_s)
     scale = (tau_t * tau_s).squeeze(-1)
-    loss = tk.DistillationLoss(CIST(ratio=1.5, student="ratio"), family="dkd", ce_weight=0.0, kd_weight=1.0, dkd_warmup=0)
+    loss = tk.DistillationLoss(CIST(ratio=1.5, student="ratio"), family="dkd", ce_weight=0.0, kd_weight=1.0,
+                               dkd_warmup=0)
     out = loss(s, t, y)
     assert_close(out.terms["tckd"], (scale * tckd).mean())
     assert_close(out.terms["nckd"], (scale * nckd).mean())

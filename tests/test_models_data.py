@@ -460,7 +460,7 @@ def test_cifar_missing_pieces(tmp_path):
         load_data(f"cifar100:{folder}", val_fraction=0.0)
 
 
-# ---------------------------------------------------------------------------------------------------------- Fashion-MNIST
+# ------------------------------------------------------------------------------------------------ Fashion-MNIST
 
 @pytest.mark.skipif(not formats.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_fashion_mnist_loads():
@@ -492,7 +492,7 @@ def test_unknown_data_spec_lists_accepted(spec):
         assert accepted in str(err.value)
 
 
-# ---------------------------------------------------------------------------------------------------------- augmentation
+# ------------------------------------------------------------------------------------------------- augmentation
 
 def _images(n=16, shape=(1, 28, 28), seed=0):
     return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))

@@ -115,7 +115,10 @@ def near_tvd_kink(loss_fn: tk.DistillationLoss, student: torch.Tensor, teacher: 
     if loss_fn.divergence != "tvd" or not loss_fn.kd_weight:
         return False
     temps = loss_fn.temperature.temperatures(student, teacher, labels, PROGRESS)
-    col = (lambda x: x.reshape(-1, 1) if x.dim() else x)
+
+    def col(x):
+        return x.reshape(-1, 1) if x.dim() else x
+
     p = torch.softmax(teacher.double() / col(temps.teacher).double(), -1)
     q = torch.softmax(student.double() / col(temps.student).double(), -1)
     return bool(((p - q).abs() < 1e-3).any())
@@ -225,7 +228,10 @@ def _frozen_reference(loss_fn: tk.DistillationLoss, s32: torch.Tensor, t: torch.
     """
     temps = loss_fn.temperature.temperatures(s32, t, y, PROGRESS)
     assert not temps.teacher.requires_grad and not temps.student.requires_grad
-    col = (lambda x: x.double().reshape(-1, 1) if x.dim() else x.double())
+
+    def col(x):
+        return x.double().reshape(-1, 1) if x.dim() else x.double()
+
     tau_t, tau_s = col(temps.teacher), col(temps.student)
     w = None
     if loss_fn.weighting is not None:

@@ -54,7 +54,10 @@ def _results(seeds=(0, 1)) -> dict:
 def test_summarize_by_hand():
     s = summarize(_results()["runs"])
     assert list(s) == ["ce", "kd", "cist"]
-    sd2 = lambda a, b: abs(a - b) / math.sqrt(2)  # sample std (ddof=1) of two values
+
+    def sd2(a, b):  # sample std (ddof=1) of two values
+        return abs(a - b) / math.sqrt(2)
+
     assert s["ce"]["best_mean"] == pytest.approx(0.81)
     assert s["ce"]["best_std"] == pytest.approx(sd2(0.80, 0.82))
     assert s["ce"]["last_mean"] == pytest.approx(0.795)

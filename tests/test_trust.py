@@ -347,7 +347,8 @@ def test_report_recognises_each_kind_of_folder(world, tmp_path, capsys):
     captured = capsys.readouterr()
     # an lm folder gets the lm report, or (results too thin to rebuild it) one line, never a compare report
     assert (code == 0 and "`thermokd lm`" in captured.out) or \
-        (code == 2 and len(captured.err.strip().splitlines()) == 1 and (lm / "report.md").read_text() == "the LM report")
+        (code == 2 and len(captured.err.strip().splitlines()) == 1
+         and (lm / "report.md").read_text() == "the LM report")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _cli("report", empty) == 2 and "cannot tell what wrote" in capsys.readouterr().err
@@ -461,7 +462,8 @@ def test_random_yaml_never_escapes_the_config_parser(tmp_path, raw, text):
 
 
 def _valid_files(folder: Path) -> dict[str, bytes]:
-    save_tensors(folder / "v.safetensors", {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.int64)})
+    save_tensors(folder / "v.safetensors",
+                 {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.int64)})
     _npz(folder / "v.npz")
     return {"safetensors": (folder / "v.safetensors").read_bytes(), "npz": (folder / "v.npz").read_bytes()}
 

@@ -78,7 +78,8 @@ def test_a_strategy_declares_knobs_that_tune_adds_when_named(monkeypatch, tmp_pa
 
 def test_tpe_finds_the_optimum_of_a_synthetic_curve(tmp_path):
     calls: list = []
-    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=30, seed=1), train_fn=synthetic(calls), echo=lambda s: None)
+    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=30, seed=1), train_fn=synthetic(calls),
+                      echo=lambda s: None)
     assert abs(math.log(result.params["temperature.tau"] / PEAK_TAU)) < math.log(1.25)
     assert result.summary["complete"] + result.summary["pruned"] == 30
     assert result.summary["pruned"] > 0 and len(calls) < 30 * 4  # Hyperband stopped poor settings early

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", default="sgd,adamw", help="sgd and/or adamw (default %(default)s)")
     p.add_argument("--budgets", default="5,20", help="training lengths in epochs (default %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
-    p.add_argument("--methods", default="cist,dts", help="adaptive methods to compare with the best KD (default %(default)s)")
+    p.add_argument("--methods", default="cist,dts",
+                   help="adaptive methods to compare with the best KD (default %(default)s)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs")
     _rerun_changed(p)
 
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(teacher.k, teacher.capture_tau) of the training windows to FILE, for teacher.source=topk")
     for flag, key, kind, text in LM_SHORTHANDS:
         p.add_argument(flag, type=kind, help=f"shorthand for --set {key}=VALUE ({text})")
-    p.add_argument("--cache", type=Path, help="teacher and tokenizer cache (default $THERMOKD_CACHE or ~/.cache/thermokd)")
+    p.add_argument("--cache", type=Path,
+                   help="teacher and tokenizer cache (default $THERMOKD_CACHE or ~/.cache/thermokd)")
     p.add_argument("--no-progress", action="store_true", help="no per-evaluation progress lines")
     p.add_argument("--out", type=_out_folder, help="output folder (required unless --capture-topk)")
     return parser
@@ -264,7 +266,8 @@ def _recommend(args) -> None:
     cfg = load_run_config(args)
     grid = parse_floats(args.grid, "--grid")
     proposal = recommend(cfg, args.cache, args.target, grid=grid, progress_bar=not args.no_progress)
-    print(f"proposed tau = {proposal['tau']:g} (exact {proposal['tau_exact']:.3g}), CIST tau0 = {proposal['cist_tau0']:g}; "
+    print(f"proposed tau = {proposal['tau']:g} (exact {proposal['tau_exact']:.3g}), "
+          f"CIST tau0 = {proposal['cist_tau0']:g}; "
           f"target mean normalised entropy {proposal['target']:.2f}")
     if args.verify:
         if args.seeds < 1:

@@ -283,7 +283,8 @@ class DistillationLoss(nn.Module):
         w, kind = self.weighting, type(self.weighting)
         # the usual two-step weighting: no module call, no ×N then ÷N. A subclass that changes ``forward``, or
         # ``finish`` without a matching ``shares``, is used through its own ``forward``
-        if kind.forward is Weighting.forward and (kind.finish is Weighting.finish or kind.shares is not Weighting.shares):
+        if kind.forward is Weighting.forward and (kind.finish is Weighting.finish
+                                                  or kind.shares is not Weighting.shares):
             return w.shares(w.log_unnormalised(rows))
         return w(rows).reshape(-1) / rows.num_rows
 
@@ -301,7 +302,8 @@ class DistillationLoss(nn.Module):
                          and strategy.row_local)
             if not one_visit:
                 temps = temperatures_by_chunk(strategy, self.weighting, plan, self.check_inputs)
-        result = sweep(dataclasses.replace(self.objective, precise=True), plan, kd_coef, self.ce_weight, self.check_inputs, temps, strategy)
+        result = sweep(dataclasses.replace(self.objective, precise=True), plan, kd_coef, self.ce_weight,
+                       self.check_inputs, temps, strategy)
         extras: tuple = (None, None, None)
         if temps is not None:
             factor = RowObjective.factor(self.objective.row_scale(temps.tau_t, temps.tau_s, temps.scale),

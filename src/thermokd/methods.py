@@ -1,7 +1,8 @@
 """Ready-made losses for the method names used on the command line and in configs."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ThermoKDError, choice_error
 from .loss import DistillationLoss

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .errors import ThermoKDError
 
@@ -31,7 +31,7 @@ class FloatRange:
         return [float(f"{self.low + (self.high - self.low) * i / (points - 1):.6g}") for i in range(points)]
 
 
-Knob = Union[FloatRange, list]
+Knob = FloatRange | list
 TAU = FloatRange(1.0, 16.0, log=True)
 
 # the temperature knobs of every method (paper defaults sit inside each range); CE has none

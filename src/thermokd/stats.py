@@ -7,8 +7,7 @@ into floats with one transfer the first time a value is read.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor

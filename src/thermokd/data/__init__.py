@@ -7,8 +7,8 @@ from ..errors import ThermoKDError
 from .augment import AUGMENTATIONS, make_augment, random_crop, random_flip
 from .bundle import DataBundle, Split, make_bundle
 from .cache import default_cache_dir
-from .split import DEFAULT_VAL_FRACTION, stratified_indices, student_subset, with_validation
 from .formats import cifar, digits, fashion_mnist, idx_folder, npz_file, read_idx
+from .split import DEFAULT_VAL_FRACTION, stratified_indices, student_subset, with_validation
 from .text import DEFAULT_MAX_LEN, TEXT_SETS, is_text_spec, read_tab, tab_files, text_dataset
 
 DATA_SPECS = ("digits", "fashion-mnist", "idx:DIR", "npz:FILE", "cifar10:DIR", "cifar100:DIR", *TEXT_SETS,

@@ -1,7 +1,7 @@
 """Seeded, batched augmentation in plain torch: random pad-and-crop and horizontal flip."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import ThermoKDError
-from .bundle import DataBundle, Split
 from ..files import FORMAT, cached_tensors, digest, save_tensors
+from .bundle import DataBundle, Split
 from .cache import default_cache_dir
 from .shipped import minilm_dir, text_datasets_dir
 

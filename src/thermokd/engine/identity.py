@@ -26,7 +26,7 @@ def data_digest(bundle: Any) -> str:
     parts: list[Any] = [FORMAT]
     for f in dataclasses.fields(bundle):
         value = getattr(bundle, f.name)
-        if hasattr(value, "x") and isinstance(getattr(value, "x"), Tensor):
+        if hasattr(value, "x") and isinstance(value.x, Tensor):
             parts += [f.name, value.x, value.y]
         elif f.name in ("num_classes", "vocab_size", "pad_id"):
             parts.append(f"{f.name}={value}")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..diagnostics import soft_label_report
 from ..errors import ThermoKDError
+from ..files import FolderLock, digest, read_json
 from ..methods import build_loss
 from ..progress import Progress
-from ..files import FolderLock, digest, read_json
 from .identity import check_same_run, data_digest, run_identity
 from .teacher import cached_view_logits, obtain_teacher, save_weights, teacher_dir, teacher_key
 from .trainer import EpochData, LoopConfig, Trainer, predict, save_json
@@ -109,8 +109,9 @@ class Experiment:
 
     def teacher(self, accelerator, cache_dir: "Path | None", progress_bar: bool = True,
                 echo: "Callable[[str], None] | None" = None) -> tuple[nn.Module, dict]:
-        teacher, info = obtain_teacher(self.cfg, self.build_model, self.fresh_data(self.cfg.teacher.seed, student=False),
-                                       accelerator, self.data_digest, cache_dir, progress_bar, echo)
+        data = self.fresh_data(self.cfg.teacher.seed, student=False)
+        teacher, info = obtain_teacher(self.cfg, self.build_model, data, accelerator, self.data_digest, cache_dir,
+                                       progress_bar, echo)
         if info["test_logits"].shape[-1] != self.bundle.num_classes:
             raise ThermoKDError(f"the teacher predicts {info['test_logits'].shape[-1]} classes but the data "
                                 f"{self.cfg.data.name!r} has {self.bundle.num_classes}")
@@ -191,7 +192,8 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
     t = cfg.train
     loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
                       schedule=t.schedule, grad_accum=t.grad_accum, checkpoint_every=t.checkpoint_every,
-                      log_every=t.log_every, eval_batch_size=t.eval_batch_size, progress_bar=progress_bar and t.progress_bar,
+                      log_every=t.log_every, eval_batch_size=t.eval_batch_size,
+                      progress_bar=progress_bar and t.progress_bar,
                       description=f"{cfg.method.name} seed {t.seed}")
     if accelerator.is_main_process and not existing:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a log left by a run killed before its first checkpoint

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,8 +13,8 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data.cache import default_cache_dir
 from ..errors import ThermoKDError
-from ..methods import build_loss
 from ..files import FORMAT, FolderLock, cached_tensors, load_tensors, path_digest, save_tensors, write_json
+from ..methods import build_loss
 from .features import cache_frozen_features, caches_features
 from .trainer import EpochData, LoopConfig, Trainer, predict
 
@@ -157,5 +158,5 @@ def cached_view_logits(teacher: nn.Module, views: list[Tensor], path: Path, key:
                             "again to recompute it")
     logits = [predict(teacher, v, device, batch_size) for v in views]
     if is_main:
-        save_tensors(path, {f"view{i}": l for i, l in enumerate(logits)}, key=key)
+        save_tensors(path, {f"view{i}": view for i, view in enumerate(logits)}, key=key)
     return logits

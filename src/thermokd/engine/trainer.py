@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +158,8 @@ class Trainer:
                 p.requires_grad_(False)
         if out_dir is not None and accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
-        self.logger = MetricLogger(out_dir / "metrics.jsonl", enabled=out_dir is not None and accelerator.is_main_process)
+        self.logger = MetricLogger(out_dir / "metrics.jsonl",
+                                   enabled=out_dir is not None and accelerator.is_main_process)
 
     # -- state ------------------------------------------------------------------------------------------
     @property
@@ -272,7 +274,8 @@ class Trainer:
                     bar.set_postfix(epoch=e, loss=f"{values.get('loss', math.nan):.3f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if loop.checkpoint_every and pos.global_step % loop.checkpoint_every == 0 and pos.step_in_epoch < self.steps_per_epoch:
+            if (loop.checkpoint_every and pos.global_step % loop.checkpoint_every == 0
+                    and pos.step_in_epoch < self.steps_per_epoch):
                 pos.epoch_train_time += time.perf_counter() - start
                 start = time.perf_counter()
                 self._save(pos)

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from ..config import RunConfig, resolve_method
+from ..engine.divergence import describe_collapse
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
-from ..engine.divergence import describe_collapse
 from ..errors import ThermoKDError
 from ..files import FolderLock
 

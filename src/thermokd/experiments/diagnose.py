@@ -103,7 +103,6 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = ECE_B
     correct = (pred == labels).float()
     # bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 cannot occur after a softmax
     index = (torch.ceil(conf * bins).long() - 1).clamp_(0, bins - 1)
-    n = torch.bincount(index, minlength=bins).float()
     acc_sum = torch.bincount(index, weights=correct, minlength=bins)
     conf_sum = torch.bincount(index, weights=conf, minlength=bins)
     return float((acc_sum - conf_sum).abs().sum() / max(labels.numel(), 1))
@@ -329,7 +328,8 @@ def plot_entropy_vs_tau(results: dict, path: Path) -> Path:
     xs = [p["tau"] for p in curve]
     ax.plot(xs, [p["mean"] for p in curve], color="black", label="fixed τ: mean")
     ax.fill_between(xs, [max(p["mean"] - p["std"], 0.0) for p in curve],
-                    [min(p["mean"] + p["std"], 1.0) for p in curve], color="grey", alpha=0.25, linewidth=0, label="fixed τ: ± 1 std across samples")
+                    [min(p["mean"] + p["std"], 1.0) for p in curve], color="grey", alpha=0.25, linewidth=0,
+                    label="fixed τ: ± 1 std across samples")
     fixed = [e for e in results["strategies"] if e["kind"] == "fixed"]
     ax.errorbar([e["tau"] for e in fixed], [e["report"]["normalised_entropy"]["mean"] for e in fixed],
                 yerr=_clipped_std([e["report"]["normalised_entropy"] for e in fixed]), fmt="o", color="black",

@@ -30,8 +30,9 @@ import copy
 import datetime
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import RunConfig
 from ..diagnostics import matched_fixed_tau, soft_label_report

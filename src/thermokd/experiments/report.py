@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import ThermoKDError
 from .evidence import evidence_lines
@@ -197,7 +198,8 @@ def plot_accuracy_curves(results: dict, path: Path) -> Path:
         mean = acc.mean(0)
         std = acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(length)
         epochs = np.arange(1, length + 1)
-        ax.plot(epochs, mean, color=colours[method], label=f"{method} (n={len(acc)})", marker="." if length < 30 else None)
+        ax.plot(epochs, mean, color=colours[method], label=f"{method} (n={len(acc)})",
+                marker="." if length < 30 else None)
         ax.fill_between(epochs, mean - std, mean + std, color=colours[method], alpha=0.2, linewidth=0)
         drawn = True
     if drawn:
@@ -339,7 +341,7 @@ def write_report(results: dict, out_dir: Path, title: "str | None" = None) -> Pa
               "temperature.", ""]
     if best_kd is not None:
         lines += ["## KD's temperature grid", "", "| τ | run | val acc % | test acc % |", "|---:|---|---:|---:|"]
-        for label, tau in sorted(((l, t) for l, t in grid.items() if l in summary), key=lambda lt: lt[1]):
+        for label, tau in sorted(((k, t) for k, t in grid.items() if k in summary), key=lambda kt: kt[1]):
             mark = " **(best)**" if label == best_kd else ""
             s = summary[label]
             lines.append(f"| {tau:g} | {label}{mark} | {_pct(s.get('val_mean'), s.get('val_std'))} | "

@@ -85,7 +85,8 @@ def _run_sweep(cfg: RunConfig, out_dir: Path, plan: dict, folders: dict, taus, o
         echo(f"  {opt:5s} {epochs:3d} epochs  {label:15s} seed {seed}: best {result['best_acc']:.4f}"
              + ("  (finished earlier, same config)" if result.get("reused") else ""))
         cells.append({"optimizer": opt, "epochs": epochs, "seed": seed, "label": label, "method": method.name,
-                      "tau": method.temperature.get("tau") if label.startswith("kd@") else None, "best_acc": result["best_acc"], "last_acc": result["last_acc"],
+                      "tau": method.temperature.get("tau") if label.startswith("kd@") else None,
+                      "best_acc": result["best_acc"], "last_acc": result["last_acc"],
                       "best_val_acc": result.get("best_val_acc"),
                       "final": result["final"], "teacher_entropy": result["teacher_entropy"],
                       "wall_time_per_epoch": result["wall_time_per_epoch"]})
@@ -122,7 +123,7 @@ def write_sweep_report(results: dict, out_dir: Path) -> Path:
              "epochs", "",
              "Best-epoch top-1 accuracy, mean ± std over seeds. Each adaptive method is compared with KD at its best "
              "grid τ under the same optimiser and budget.", ""]
-    for name, group in results["groups"].items():
+    for group in results["groups"].values():
         s = group["summary"]
         lines += [f"## {group['optimizer']}, {group['epochs']} epochs: best KD τ = {group['best_tau']:g}", "",
                   "| method | test acc % at best val epoch | last acc % |", "|---|---:|---:|"]
@@ -144,7 +145,7 @@ def plot_accuracy_vs_tau(results: dict, path: Path) -> Path:
     fig = _figure(7.5, 4.5)
     ax = fig.add_subplot()
     taus = results["taus"]
-    for name, group in results["groups"].items():
+    for group in results["groups"].values():
         rows = [group["summary"].get(kd_label(t)) for t in taus]
         xs = [t for t, r in zip(taus, rows) if r]
         ax.errorbar(xs, [100 * r["best_mean"] for r in rows if r], yerr=[100 * r["best_std"] for r in rows if r],

@@ -12,14 +12,14 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import MethodConfig, RunConfig, TuneConfig
 from ..errors import ThermoKDError
-from ..spaces import (FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob,
-                      space_to_json)
+from ..spaces import FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob, space_to_json
 
 # (method section, trial folder, per-epoch callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
 TrainFn = Callable[[MethodConfig, Path, Callable[[dict[str, Any]], None]], dict[str, Any]]

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import transformers
@@ -58,9 +59,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..errors import ThermoKDError, choice_error
 from ..loss import DistillationLoss, LossOutput
-from ..stats import LazyStats, host_floats
 from ..methods import build_loss, method_names
 from ..progress import Progress
+from ..stats import LazyStats, host_floats
 
 TASKS = ("auto", "causal-lm", "sequence-classification", "token-classification")
 LOSS_STATE_NAME = "thermokd_loss.safetensors"

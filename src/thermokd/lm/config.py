@@ -1,8 +1,8 @@
 """``thermokd lm`` configs: a YAML file of six sections validated into dataclasses, ``--set section.field=value``
 overrides, and every error naming the field (the same machinery as :mod:`thermokd.config`).
 
-A complete example ships as ``thermokd/configs/lm/grimm.yaml`` (``--config grimm``); every field has a default, so an empty file is the
-demonstration's set-up.
+A complete example ships as ``thermokd/configs/lm/grimm.yaml`` (``--config grimm``); every field has a default, so
+an empty file is the demonstration's set-up.
 """
 from __future__ import annotations
 

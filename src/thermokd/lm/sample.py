@@ -2,7 +2,8 @@
 setting from the distillation loss's τ, which this module never reads or changes (METHODS.md §6)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn

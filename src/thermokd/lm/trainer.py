@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from .batches import Windows
 from .data import INDEX_KEY, WindowDataset
 from .evaluate import evaluate
 from .onpolicy import OnPolicy, on_policy_batch
+
 
 @dataclass
 class RunSettings:

@@ -12,8 +12,8 @@ logits that students distil from all cost a few milliseconds per batch instead o
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -1,7 +1,7 @@
 """Small models: an MLP (any input, flattened) and a compact CNN."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 

@@ -1,7 +1,7 @@
 """Entropy-targeted temperature (ours): solve per row for the τ whose soft label has a target entropy.
 
-The exact version of CIST's principle (docs/methods.md, "Entropy-targeted τ"): where CIST's closed-form ratio rule only roughly
-equalises soft-label entropy across samples, this solves ``H(σ(z_i/τ_i)) = H*`` for each row.
+The exact version of CIST's principle (docs/methods.md, "Entropy-targeted τ"): where CIST's closed-form ratio rule
+only roughly equalises soft-label entropy across samples, this solves ``H(σ(z_i/τ_i)) = H*`` for each row.
 """
 from __future__ import annotations
 
