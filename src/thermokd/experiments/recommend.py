@@ -21,8 +21,8 @@ tempered outputs; docs/methods.md, "The temperature study") into one number that
    get about the proposed sharpness on average, with a more even entropy across samples.
 
 ``verify`` measures how far the proposal is from the best τ of a grid with short KD students: the honest check of a
-heuristic, and the gap to report. Check it especially with AdamW: on the bundled digits set-up thermokd measured
-AdamW students preferring τ=1, not the insensitivity the study reports, so the AdamW proposal carries a caveat.
+heuristic, and the gap to report. Check it especially with AdamW: the proposal carries a caveat because AdamW
+students on digits did not show the insensitivity the study reports (docs/methods.md, "The temperature study").
 """
 from __future__ import annotations
 

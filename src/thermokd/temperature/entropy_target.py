@@ -77,8 +77,7 @@ class EntropyTarget(TemperatureStrategy):
     the student to the same entropy).
 
     Why ``"teacher"`` by default: with the other two rules a freshly initialised student (near-zero logits) gets
-    τ^s at its lower bound, its soft labels become near one-hot, and on the digits demo the student reached only
-    10-37 % in all 4 runs (chance is 10 %); sharing the teacher's τ trained normally (see docs/methods.md)."""
+    τ^s at its lower bound and near one-hot soft labels, and fails to train (the runs are in docs/methods.md)."""
 
     name = "entropy-target"
     row_local = True
