@@ -9,6 +9,11 @@ import pytest
 import torch
 from hypothesis import settings
 
+# every test runs offline: transformers and huggingface_hub read these when first imported, and the CLI processes
+# the tests start inherit them, so nothing can reach for a model hub (set here once, before any test module loads)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 # CI draws the same examples on every run (the ones verified before submitting); locally, examples stay random
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):

@@ -29,12 +29,12 @@ def write_config(path: Path, **sections) -> Path:
 
 
 def env(cache: Path) -> dict:
-    e = dict(os.environ, THERMOKD_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    e = dict(os.environ, THERMOKD_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")  # offline: conftest.py
     e.pop("CUDA_VISIBLE_DEVICES", None)
     return e
 
 
-def thermokd(*args, cache: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args, cache: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh process."""
     proc = subprocess.run([sys.executable, "-m", "thermokd.cli", *map(str, args)], env=env(cache),
                           capture_output=True, text=True, timeout=timeout)

@@ -13,7 +13,7 @@ import torch
 from thermokd import method_names
 from thermokd.cli import main
 
-from engine_helpers import env, thermokd, write_config
+from engine_helpers import env, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
 def test_compare_writes_results_report_and_plots(tmp_path, cache):
     cfg = write_config(tmp_path / "c.yaml")
     out = tmp_path / "cmp"
-    proc = thermokd("compare", "--config", cfg, "--methods", "ce,kd,cist", "--seeds", "2", "--epochs", "1",
+    proc = run_cli("compare", "--config", cfg, "--methods", "ce,kd,cist", "--seeds", "2", "--epochs", "1",
                     "--out", out, cache=cache)
     assert "cist" in proc.stdout and "test @ best val" in proc.stdout
     results = json.loads((out / "results.json").read_text())
@@ -45,7 +45,7 @@ def test_compare_writes_results_report_and_plots(tmp_path, cache):
     for name in ("report.md", "accuracy_curves.png", "tau_traces.png", "entropy_histograms.png"):
         assert (out / name).is_file()
     # a second compare reuses every finished run (and the teacher)
-    again = thermokd("compare", "--config", cfg, "--methods", "ce,kd,cist", "--seeds", "2", "--epochs", "1",
+    again = run_cli("compare", "--config", cfg, "--methods", "ce,kd,cist", "--seeds", "2", "--epochs", "1",
                      "--out", out, cache=cache)
     assert json.loads((out / "results.json").read_text())["runs"] == runs and "teacher" in again.stdout
 
@@ -60,7 +60,7 @@ def test_compare_runs_the_configs_compare_section(tmp_path, cache):
                       "variants": {"cist-plain": {"name": "cist", "weighting": {"alpha": 0, "beta": 0}}}}
     cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "cmp"
-    thermokd("compare", "--config", cfg, "--epochs", "1", "--out", out, cache=cache)
+    run_cli("compare", "--config", cfg, "--epochs", "1", "--out", out, cache=cache)
     results = json.loads((out / "results.json").read_text())
     assert results["methods"] == ["kd@1", "kd", "cist-plain"] and results["seeds"] == [0]
     assert results["kd_grid"] == {"kd@1": 1.0, "kd": 4.0}
@@ -73,7 +73,7 @@ def test_compare_runs_the_configs_compare_section(tmp_path, cache):
     best = max(("kd@1", "kd"), key=lambda label: by_label[label]["best_val_acc"])  # chosen on validation
     assert f"KD at its best grid τ is `{best}`" in (out / "report.md").read_text()
     # --methods on the command line still wins over the config's list
-    thermokd("compare", "--config", cfg, "--epochs", "1", "--methods", "kd@1", "--out", tmp_path / "one", cache=cache)
+    run_cli("compare", "--config", cfg, "--epochs", "1", "--methods", "kd@1", "--out", tmp_path / "one", cache=cache)
     assert json.loads((tmp_path / "one" / "results.json").read_text())["methods"] == ["kd@1"]
 
 
@@ -93,7 +93,7 @@ def test_distill_with_each_strategy(tmp_path, cache, method, monkeypatch, capsys
 
 
 def _error(args, cache, tmp_path) -> str:
-    proc = thermokd(*args, cache=cache, check=False)
+    proc = run_cli(*args, cache=cache, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("thermokd: error:"), proc.stderr
@@ -120,7 +120,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, cache):
 
 def test_teacher_student_class_mismatch(tmp_path, cache):
     cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
-    thermokd("distill", "--config", cfg, "--out", tmp_path / "ten", cache=cache)
+    run_cli("distill", "--config", cfg, "--out", tmp_path / "ten", cache=cache)
     teacher = next((cache / "teachers").glob("*/teacher.safetensors"))
     rng = np.random.default_rng(0)  # a 5-class data set of the same 8x8 shape
     np.savez(tmp_path / "five.npz", x_train=rng.random((100, 8, 8)), y_train=np.arange(100) % 5,
@@ -133,9 +133,9 @@ def test_teacher_student_class_mismatch(tmp_path, cache):
 def test_existing_output_needs_resume(tmp_path, cache):
     cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
     out = tmp_path / "run"
-    thermokd("distill", "--config", cfg, "--out", out, cache=cache)
+    run_cli("distill", "--config", cfg, "--out", out, cache=cache)
     assert "--resume" in _error(["distill", "--config", str(cfg), "--out", str(out)], cache, tmp_path)
-    done = thermokd("distill", "--config", cfg, "--out", out, "--resume", cache=cache)
+    done = run_cli("distill", "--config", cfg, "--out", out, "--resume", cache=cache)
     assert "at the best validation epoch" in done.stdout
 
 
@@ -147,9 +147,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, cache):
     order. The MLP student has no batch norm, so the runs differ only by rounding: the first step's loss agrees to
     1e-5 and, after the rounding compounds over two epochs, accuracy within 3 test samples of 360."""
     cfg = write_config(tmp_path / "c.yaml", method={"name": "dts"}, train={"epochs": 2, "batch_size": 64})
-    thermokd("train-teacher", "--config", cfg, cache=cache)
+    run_cli("train-teacher", "--config", cfg, cache=cache)
     single = tmp_path / "single"
-    thermokd("distill", "--config", cfg, "--out", single, cache=cache)
+    run_cli("distill", "--config", cfg, "--out", single, cache=cache)
     torchrun = str(__import__("pathlib").Path(sys.executable).parent / "torchrun")
     ddp = tmp_path / "ddp"
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "thermokd.cli", "distill",
@@ -170,7 +170,7 @@ def test_sweep_reports_best_tau_and_skips_finished_cells(tmp_path, cache):
     out = tmp_path / "sweep"
     args = ["sweep", "--config", cfg, "--taus", "1,4", "--optimizers", "sgd,adamw", "--budgets", "1",
             "--seeds", "1", "--methods", "cist", "--out", out]
-    first = thermokd(*args, cache=cache)
+    first = run_cli(*args, cache=cache)
     sweep = json.loads((out / "sweep.json").read_text())
     assert len(sweep["cells"]) == 2 * 3  # 2 optimisers x (2 taus + 1 method)
     for group in sweep["groups"].values():
@@ -181,7 +181,7 @@ def test_sweep_reports_best_tau_and_skips_finished_cells(tmp_path, cache):
     for name in ("sweep.md", "accuracy_vs_tau.png", "heatmap.png"):
         assert (out / name).is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
-    again = thermokd(*args, cache=cache)
+    again = run_cli(*args, cache=cache)
     assert again.stdout.count("finished earlier") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
 
@@ -202,7 +202,7 @@ def test_sweep_on_an_npz_file_written_by_the_export_script(tmp_path, cache):
     assert torch.equal(exported.test.y, original.test.y) and torch.equal(exported.val.y, original.val.y)
     cfg = write_config(tmp_path / "c.yaml")
     out = tmp_path / "sweep"
-    thermokd("sweep", "--config", cfg, "--data", f"npz:{npz}", "--taus", "2,8", "--optimizers", "sgd",
+    run_cli("sweep", "--config", cfg, "--data", f"npz:{npz}", "--taus", "2,8", "--optimizers", "sgd",
              "--budgets", "1", "--seeds", "1", "--methods", "dts", "--out", out, cache=cache)
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["data"] == f"npz:{npz}" and len(sweep["cells"]) == 3
@@ -211,10 +211,10 @@ def test_sweep_on_an_npz_file_written_by_the_export_script(tmp_path, cache):
 
 def test_diagnose_and_recommend_commands(tmp_path, cache):
     cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
-    proc = thermokd("diagnose", "--config", cfg, "--taus", "1,4", "--methods", "cist", "--out", tmp_path / "d",
+    proc = run_cli("diagnose", "--config", cfg, "--taus", "1,4", "--methods", "cist", "--out", tmp_path / "d",
                     cache=cache)
     assert "ECE" in proc.stdout and (tmp_path / "d" / "diagnose.md").is_file()
-    proc = thermokd("recommend", "--config", cfg, "--verify", "--grid", "1,4", "--epochs", "1", "--out",
+    proc = run_cli("recommend", "--config", cfg, "--verify", "--grid", "1,4", "--epochs", "1", "--out",
                     tmp_path / "r", cache=cache)
     assert "proposed tau" in proc.stdout and "grid's best tau" in proc.stdout
     assert json.loads((tmp_path / "r" / "recommend.json").read_text())["verification"]["best_tau"] in (1.0, 4.0)

@@ -23,7 +23,6 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnose")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("THERMOKD_CACHE", str(root / "cache"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
         yield load_config(write_config(root / "c.yaml")), root
 
 

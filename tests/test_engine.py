@@ -19,7 +19,7 @@ from thermokd.engine import checkpoint as ckpt
 from thermokd.engine.metrics import read_metrics
 from thermokd.files import digest
 
-from engine_helpers import env, thermokd, without_times, write_config
+from engine_helpers import env, run_cli, without_times, write_config
 
 
 def _run_killed_then_resumed(cfg: Path, out: Path, cache: Path) -> None:
@@ -35,7 +35,7 @@ def _run_killed_then_resumed(cfg: Path, out: Path, cache: Path) -> None:
     proc.wait()
     assert not (out / "result.json").exists()
     killed_at = json.loads(latest.read_text())["name"]
-    thermokd("distill", "--config", cfg, "--out", out, "--resume", cache=cache)
+    run_cli("distill", "--config", cfg, "--out", out, "--resume", cache=cache)
     return killed_at
 
 
@@ -45,8 +45,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, method):
     # many short epochs with mid-epoch checkpoints, so the kill lands inside an epoch
     cfg = write_config(tmp_path / "c.yaml", method={"name": method},
                        train={"epochs": 12, "checkpoint_every": 5, "batch_size": 32})
-    thermokd("train-teacher", "--config", cfg, cache=cache)
-    thermokd("distill", "--config", cfg, "--out", tmp_path / "straight", cache=cache)
+    run_cli("train-teacher", "--config", cfg, cache=cache)
+    run_cli("distill", "--config", cfg, "--out", tmp_path / "straight", cache=cache)
     killed_at = _run_killed_then_resumed(cfg, tmp_path / "resumed", cache)
     a, b = tmp_path / "straight", tmp_path / "resumed"
     wa, wb = load_file(str(a / "student.safetensors")), load_file(str(b / "student.safetensors"))
@@ -122,12 +122,12 @@ def test_tampered_checkpoint_through_the_cli(tmp_path):
     cache = tmp_path / "cache"
     cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
     out = tmp_path / "run"
-    thermokd("distill", "--config", cfg, "--out", out, cache=cache)
+    run_cli("distill", "--config", cfg, "--out", out, cache=cache)
     (out / "result.json").unlink()  # pretend it never finished
     name = json.loads((out / "checkpoints" / "latest.json").read_text())["name"]
     marker = tmp_path / "pwned"
     _plant_exploit(out / "checkpoints" / name, marker)
-    proc = thermokd("distill", "--config", cfg, "--out", out, "--resume", cache=cache, check=False)
+    proc = run_cli("distill", "--config", cfg, "--out", out, "--resume", cache=cache, check=False)
     assert proc.returncode == 2 and "refusing to load checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr and not marker.exists()
 
@@ -135,15 +135,15 @@ def test_tampered_checkpoint_through_the_cli(tmp_path):
 def test_teacher_is_trained_once_and_reused(tmp_path):
     cache = tmp_path / "cache"
     cfg = write_config(tmp_path / "c.yaml", train={"epochs": 1})
-    first = thermokd("train-teacher", "--config", cfg, cache=cache)
+    first = run_cli("train-teacher", "--config", cfg, cache=cache)
     teachers = list((cache / "teachers").iterdir())
     assert len(teachers) == 1 and (teachers[0] / "teacher.safetensors").is_file()
     stamp = (teachers[0] / "teacher.safetensors").stat().st_mtime_ns
-    second = thermokd("train-teacher", "--config", cfg, cache=cache)
+    second = run_cli("train-teacher", "--config", cfg, cache=cache)
     assert (teachers[0] / "teacher.safetensors").stat().st_mtime_ns == stamp
     assert first.stdout.split("test accuracy")[1].split(";")[0] == second.stdout.split("test accuracy")[1].split(";")[0]
     # a different teacher config gets its own entry
-    thermokd("train-teacher", "--config", cfg, "--set", "teacher.epochs=1", cache=cache)
+    run_cli("train-teacher", "--config", cfg, "--set", "teacher.epochs=1", cache=cache)
     assert len(list((cache / "teachers").iterdir())) == 2
 
 
@@ -154,7 +154,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     runs = {}
     for accum in (1, 2):
         cfg = write_config(tmp_path / f"c{accum}.yaml", train={"epochs": 1, "grad_accum": accum, "batch_size": 64})
-        thermokd("distill", "--config", cfg, "--out", tmp_path / f"a{accum}", cache=cache)
+        run_cli("distill", "--config", cfg, "--out", tmp_path / f"a{accum}", cache=cache)
         runs[accum] = load_file(str(tmp_path / f"a{accum}" / "student.safetensors"))
         runs[f"m{accum}"] = read_metrics(tmp_path / f"a{accum}" / "metrics.jsonl")
     for k in runs[1]:
@@ -165,7 +165,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 def test_bf16_mixed_precision_runs_on_the_cpu(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", method={"name": "cist"}, train={"epochs": 1, "mixed_precision": "bf16"})
-    thermokd("distill", "--config", cfg, "--out", tmp_path / "bf16", cache=tmp_path / "cache")
+    run_cli("distill", "--config", cfg, "--out", tmp_path / "bf16", cache=tmp_path / "cache")
     result = json.loads((tmp_path / "bf16" / "result.json").read_text())
     assert 0.0 <= result["last_acc"] <= 1.0
     assert all(v == v for v in result["final"].values())  # no NaN statistics

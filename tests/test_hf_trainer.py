@@ -11,8 +11,6 @@ import sys
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 from transformers import (BertConfig, BertForSequenceClassification, BertForTokenClassification,  # noqa: E402
                           GPT2Config, GPT2LMHeadModel, TrainingArguments)

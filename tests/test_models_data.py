@@ -4,7 +4,6 @@ the tests build themselves."""
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import struct
 
@@ -12,14 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import thermokd  # noqa: E402
-from thermokd.data import (AUGMENTATIONS, DATA_SPECS, load_data, make_augment, random_crop,  # noqa: E402
-                           random_flip)
-from thermokd.data import formats  # noqa: E402
-from thermokd.models import MODEL_NAMES, TEXT_MODELS, build_model  # noqa: E402
+import thermokd
+from thermokd.data import AUGMENTATIONS, DATA_SPECS, formats, load_data, make_augment, random_crop, random_flip
+from thermokd.models import MODEL_NAMES, TEXT_MODELS, build_model
 
 ThermoKDError = thermokd.ThermoKDError
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 from pathlib import Path
 
@@ -20,10 +19,7 @@ from thermokd.data.shipped import minilm_dir, text_datasets_dir
 from thermokd.models import build_model
 from thermokd.models.pretrained import FeatureMemo, PretrainedTextClassifier
 
-from engine_helpers import thermokd
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from engine_helpers import run_cli
 
 TOPICS = {"pets": "cat dog fur paw bark purr", "space": "star moon orbit rocket comet", "food": "bread cheese soup"}
 FILLER = "the a of on and is".split()
@@ -353,7 +349,7 @@ def test_compare_command_on_tiny_text(tiny, tmp_path):
     config = tmp_path / "text.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny)))
     out = tmp_path / "cmp"
-    proc = thermokd("compare", "--config", config, "--methods", "ce,kd,cist", "--seeds", "1", "--out", out,
+    proc = run_cli("compare", "--config", config, "--methods", "ce,kd,cist", "--seeds", "1", "--out", out,
                     "--no-progress", cache=cache)
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["ce", "kd", "cist"] and "teacher minilm" in proc.stdout
