@@ -11,7 +11,8 @@ import torch
 import thermokd as tk
 from thermokd.lm import build_lm, capture_topk, make_windows
 from thermokd.lm.data import INDEX_KEY
-from thermokd.lm.sources import LogitsFile, TopKFile, capture_topk_file, topk_dense_logits, write_logits_file
+from thermokd.lm.sources import (LogitsFile, TopKFile, capture_topk_file, topk_dense_logits,
+                                 write_logits_file)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -32,7 +32,6 @@ from .data import INDEX_KEY, WindowDataset
 from .evaluate import evaluate
 from .onpolicy import OnPolicy, on_policy_batch
 
-
 @dataclass
 class RunSettings:
     """Optimisation of one run: AdamW (β 0.9, 0.95), linear warm-up over ``warmup`` of the steps, cosine decay
