@@ -1,5 +1,6 @@
 """Text generation from a causal LM. Its ``sampling_temperature`` only shapes generation: it is a different
-setting from the distillation loss's τ, which this module never reads or changes (docs/methods.md, "Sampling temperature is not the loss's τ")."""
+setting from the distillation loss's τ, which this module never reads or changes (docs/methods.md, "Sampling
+temperature is not the loss's τ")."""
 from __future__ import annotations
 
 from collections.abc import Sequence
