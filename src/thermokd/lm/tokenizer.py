@@ -53,7 +53,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024, cache_dir: "Path |
         raise ThermoKDError("cannot train a tokenizer on no text")
     path = (cache_dir or default_cache_dir()) / "tokenizers" / f"{tokenizer_key(texts, vocab_size)}.json"
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception:  # noqa: BLE001 - the tokenizers library reports a damaged file as a bare Exception
+            raise ThermoKDError(f"{path} is damaged (not a readable tokenizer); delete the cache entry {path} and "
+                                "run again to train it anew") from None
     tok = _train(texts, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
