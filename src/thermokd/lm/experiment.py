@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ThermoKDError
-from ..files import FolderLock, read_json
+from ..files import FolderLock, read_json, write_json
 from ..loss import DistillationLoss
 from .config import LMRunConfig
 from .data import LMData, prepare_data, windows_key
@@ -158,24 +158,32 @@ RUN_SECTIONS = ("data", "teacher", "student", "train", "on_policy")
 def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
     """Before anything is written: a folder that holds runs is continued only with ``resume`` and only with the same
     data, teacher, student, training and on-policy settings (one line naming every changed field otherwise); its
-    ``lm_config.json`` records them."""
+    ``lm_config.json`` (:func:`record_settings`) records them."""
     from ..engine.identity import differences
-    from ..files import read_json, write_json
 
     if not _is_main():
         return  # rank 0 checks (and writes lm_config.json, which the other ranks could otherwise see and refuse)
     path = out_dir / "lm_config.json"
-    requested = {k: v for k, v in cfg.to_dict().items() if k in RUN_SECTIONS}
     if path.is_file():
         if not resume:
             raise ThermoKDError(f"{out_dir} already holds an lm run; pass --resume to continue it or choose another "
                                 "--out")
-        changed = differences({"config": read_json(path, f"delete {path}")}, {"config": requested})
+        changed = differences({"config": read_json(path, f"delete {path}")}, {"config": _run_settings(cfg)})
         if changed:
             raise ThermoKDError(f"--resume: {out_dir} was made with other settings ({'; '.join(changed)}); use the "
                                 "same settings or another --out")
-    else:
-        write_json(path, requested)
+
+
+def _run_settings(cfg: LMRunConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k in RUN_SECTIONS}
+
+
+def record_settings(cfg: LMRunConfig, out_dir: Path) -> None:
+    """Write ``lm_config.json`` once the teacher and its file are ready, just before the first run: a command that
+    stops earlier (a damaged cache entry, a foreign teacher file) leaves the folder as it was."""
+    path = out_dir / "lm_config.json"
+    if _is_main() and not path.is_file():
+        write_json(path, _run_settings(cfg))
 
 
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
@@ -210,6 +218,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
         policy = dict(fraction=p.fraction, prompt_tokens=p.prompt_tokens, new_tokens=p.new_tokens,
                       sampling_temperature=p.sampling_temperature, top_p=p.top_p, eos_id=data.eos)
 
+    record_settings(cfg, out_dir)
     runs, student_parameters = [], 0
     for seed in range(cfg.seeds):
         for label in methods:
