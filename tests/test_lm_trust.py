@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,8 +15,10 @@ import torch
 
 from thermokd import ThermoKDError
 from thermokd.cli import main
-from thermokd.files import LOCK_NAME
 from thermokd.lm import build_lm, load_corpus, make_windows
+
+from test_trust import _flip_last_byte as _flip  # noqa: E402
+from test_trust import _one, _snapshot, _truncate, hold_lock  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,30 +30,6 @@ TINY = ["--teacher", "1x32x2", "--student", "1x16x2", "--vocab-size", "300", "--
 
 def _lm(corpus: Path, cache: Path, out: Path, *extra) -> list[str]:
     return ["lm", "--corpus", str(corpus), "--cache", str(cache), "--out", str(out), *TINY, *map(str, extra)]
-
-
-def _snapshot(*folders: Path) -> dict[str, bytes]:
-    out = {}
-    for folder in folders:
-        if folder.is_dir():
-            out.update({str(f): f.read_bytes() for f in sorted(folder.rglob("*"))
-                        if f.is_file() and f.name != LOCK_NAME})
-    return out
-
-
-def _flip(path: Path, where: float = 0.9) -> None:
-    data = bytearray(path.read_bytes())
-    data[int(len(data) * where)] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _one(folder: Path, pattern: str) -> Path:
-    (found,) = folder.glob(pattern)
-    return found
 
 
 def _edit_json(path: Path, **changes) -> None:
@@ -183,11 +159,7 @@ def test_a_second_process_waits_for_the_teacher_being_trained(tmp_path):
     spec = {"what": "a test teacher"}
     full = {**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}}
     folder = teacher_folder(full, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from thermokd.files import FolderLock\n"
-        f"with FolderLock({str(folder)!r}, wait=True):\n    print('held', flush=True); time.sleep(1.5)")],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock(folder)  # another process training this teacher
     said: list[str] = []
     build = lambda: build_lm("1x16x2", 40, 12, dropout=0.0, seed=0)  # noqa: E731
     started = time.monotonic()
@@ -245,7 +217,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(ch
     for name in ("model.safetensors", "thermokd_loss.safetensors"):
         folder = tmp_path / name
         shutil.copytree(run, folder)
-        _flip(folder / "checkpoint-8" / name, 0.5)
+        _flip(folder / "checkpoint-8" / name)
         said: list[str] = []
         model = build_lm("1x16x2", 40, 12, dropout=0.0, seed=0)
         result = train_run(model, tk.build_loss("dts"), windows, windows, settings, folder, resume=True,
