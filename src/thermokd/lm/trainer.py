@@ -103,6 +103,7 @@ class LMTrainer(DistillationTrainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its files (its own RNG state) by now
         if self.args.should_save:  # after every file of the checkpoint: its manifest marks it complete
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if folder.is_dir():
