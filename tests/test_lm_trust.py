@@ -291,3 +291,19 @@ def test_damaged_lm_files_never_escape_the_loaders(lm_files, tmp_path, name, edi
             assert "\n" not in str(exc)
         else:  # only a change the checksum cannot see may pass: in the JSON sidecar, a field it does not cover
             assert name == "t.npy.json"
+
+
+def test_damaged_result_of_a_finished_run_is_one_line_under_resume(base, tmp_path, capsys):
+    root, corpus = base
+    shutil.copytree(root / "cache", tmp_path / "cache")
+    shutil.copytree(root / "logits", tmp_path / "out")
+    result = _one(tmp_path / "out", "runs/kd/seed0/result.json")
+    result.write_bytes(b"{\"method\": ")  # cut short by hand
+    before = _snapshot(tmp_path / "out")
+    capsys.readouterr()
+    argv = _lm(corpus, tmp_path / "cache", tmp_path / "out", "--set", "teacher.source=logits", "--set", "teacher.k=8",
+               "--resume")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{result} is damaged" in err and f"delete {result}" in err
+    assert _snapshot(tmp_path / "out") == before
