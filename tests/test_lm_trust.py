@@ -95,7 +95,9 @@ TABLE = [
     ("truncated top-k file", _cache_row("lm-teachers/*/*-top8-*.safetensors", _truncate, "topk"), "damaged"),
     ("top-k file for other windows", _foreign_topk, "other training windows"),
     ("top-k file of another k", _renamed_topk, "k=8"),
-    ("damaged cached tokenizer", _cache_row("tokenizers/*.json", lambda p: p.write_text("{")), "tokenizer"),
+    ("damaged cached tokenizer", _cache_row("tokenizers/*.json", lambda p: p.write_text("{")), "tokenizers"),
+    ("edited cached tokenizer", _cache_row("tokenizers/*.json", lambda p: _edit_json(
+        p, tokenizer=json.loads(p.read_text())["tokenizer"].replace('"a"', '"b"', 1))), "checksum"),
 ]
 
 
