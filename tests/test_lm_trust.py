@@ -137,7 +137,7 @@ def test_the_teacher_key_covers_what_determines_the_teacher():
     assert base == key() and len({base, *others}) == len(others) + 1
 
 
-def test_changed_corpus_at_the_same_path_trains_a_new_teacher(base, tmp_path, capsys):
+def test_changed_corpus_at_the_same_path_trains_a_new_teacher_and_refuses_resume(base, tmp_path, capsys):
     root, corpus = base
     mine = tmp_path / "tales.txt"
     shutil.copy(corpus, mine)
@@ -146,6 +146,10 @@ def test_changed_corpus_at_the_same_path_trains_a_new_teacher(base, tmp_path, ca
     assert main(_lm(mine, tmp_path / "cache", tmp_path / "a")) == 0
     assert "from the cache" in capsys.readouterr().out
     mine.write_text(mine.read_text(encoding="utf-8").replace("king", "queen"), encoding="utf-8")
+    before = _snapshot(tmp_path / "a")
+    assert main(_lm(mine, tmp_path / "cache", tmp_path / "a", "--resume")) == 2  # same path, other content
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data content: digest" in err and _snapshot(tmp_path / "a") == before
     assert main(_lm(mine, tmp_path / "cache", tmp_path / "b")) == 0
     assert "trained in" in capsys.readouterr().out
     keys = [json.loads((tmp_path / run / "results.json").read_text())["teacher"]["key"] for run in "ab"]

@@ -168,14 +168,29 @@ def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
         if not resume:
             raise ThermoKDError(f"{out_dir} already holds an lm run; pass --resume to continue it or choose another "
                                 "--out")
-        changed = differences({"config": read_json(path, f"delete {path}")}, {"config": _run_settings(cfg)})
+        recorded = read_json(path, f"delete {path}")
+        if not isinstance(recorded, dict):
+            raise ThermoKDError(f"{path} is damaged (not a mapping of settings); delete {path}")
+        corpus = recorded.pop(CORPUS_DIGEST, None)  # absent in folders from before it was recorded: not compared
+        changed = differences({"config": recorded, "data": corpus},
+                              {"config": _run_settings(cfg), "data": corpus and _corpus_digest(cfg)})
         if changed:
             raise ThermoKDError(f"--resume: {out_dir} was made with other settings ({'; '.join(changed)}); use the "
                                 "same settings or another --out")
 
 
+CORPUS_DIGEST = "corpus_digest"  # lm_config.json also records the corpus file's content, not only its path
+
+
 def _run_settings(cfg: LMRunConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k in RUN_SECTIONS}
+
+
+def _corpus_digest(cfg: LMRunConfig) -> str:
+    from ..files import path_digest
+    from .corpus import corpus_file
+
+    return path_digest(corpus_file(cfg.data.corpus)[0])
 
 
 def record_settings(cfg: LMRunConfig, out_dir: Path) -> None:
@@ -183,7 +198,7 @@ def record_settings(cfg: LMRunConfig, out_dir: Path) -> None:
     stops earlier (a damaged cache entry, a foreign teacher file) leaves the folder as it was."""
     path = out_dir / "lm_config.json"
     if _is_main() and not path.is_file():
-        write_json(path, _run_settings(cfg))
+        write_json(path, {**_run_settings(cfg), CORPUS_DIGEST: _corpus_digest(cfg)})
 
 
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
