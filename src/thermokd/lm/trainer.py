@@ -157,10 +157,10 @@ def checkpoint_damage(checkpoint: Path) -> "str | None":
     """Why a checkpoint with a manifest cannot be resumed from (a file missing, or not matching its digest), or
     None when every file is as it was written."""
     try:
-        manifest = read_json(checkpoint / MANIFEST_NAME)
-        files = manifest["files"]
-        assert isinstance(files, dict) and TRAINER_STATE_NAME in files
-    except (ThermoKDError, KeyError, TypeError, AssertionError):
+        files = read_json(checkpoint / MANIFEST_NAME)["files"]
+    except (ThermoKDError, KeyError, TypeError, IndexError):
+        files = None
+    if not isinstance(files, dict) or TRAINER_STATE_NAME not in files:
         return f"{MANIFEST_NAME} is damaged"
     for name, expected in files.items():
         path = checkpoint / str(name)
