@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ from thermokd.data.shipped import text_datasets_dir
 from thermokd.lm.tokenizer import eos_id
 from thermokd.methods import LM_PRESETS
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 B, L, V = 3, 7, 11
 PROGRESS = tk.Progress(step=3, total_steps=10, epoch=1, total_epochs=4)

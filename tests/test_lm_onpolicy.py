@@ -14,8 +14,6 @@ from thermokd.lm.onpolicy import _next_token
 from thermokd.lm.trainer import RunSettings, train_run
 from thermokd.methods import LM_PRESETS
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB, CONTEXT = 40, 24
 

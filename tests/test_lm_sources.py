@@ -14,8 +14,6 @@ from thermokd.lm.data import INDEX_KEY
 from thermokd.lm.sources import (LogitsFile, TopKFile, capture_topk_file, topk_dense_logits,
                                  write_logits_file)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from test_lm_topk import lm_logits  # noqa: E402  (peaked, long-tailed LM-like rows, V = 1000)
 
 PROGRESS = tk.Progress(step=0, total_steps=10, epoch=0, total_epochs=1)

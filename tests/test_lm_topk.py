@@ -134,13 +134,13 @@ def test_load_rejects_foreign_or_corrupt_files(tmp_path):
 
     other = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(2)}, str(other))
-    with pytest.raises(tk.ThermoKDError, match="not a thermokd top-k cache"):
+    with pytest.raises(tk.ThermoKDError, match="carries no thermokd checksum"):
         load_topk(other)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 5)
-    with pytest.raises(tk.ThermoKDError, match="cannot read"):
+    with pytest.raises(tk.ThermoKDError, match="is damaged"):
         load_topk(junk)
-    with pytest.raises(tk.ThermoKDError, match="cannot read"):
+    with pytest.raises(tk.ThermoKDError, match="is missing"):
         load_topk(tmp_path / "missing.safetensors")
 
 

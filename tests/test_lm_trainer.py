@@ -18,8 +18,6 @@ import thermokd as tk
 from thermokd.cli import main
 from thermokd.lm import load_corpus
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TINY = ["--teacher", "1x32x2", "--student", "1x16x2", "--vocab-size", "300", "--context", "32",
         "--teacher-steps", "8", "--max-train-tokens", "2048", "--no-progress"]

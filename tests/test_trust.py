@@ -497,13 +497,19 @@ def test_identity_compares_data_by_content_not_path():
     assert differences(ident("x", "d", 0.05), ident("x", "d", 0.1)) == ["train.optimizer.lr: 0.05 -> 0.1"]
 
 
-def test_a_waiting_lock_takes_over_when_the_holder_leaves(tmp_path):
-    """The teacher cache's lock waits (and says so) instead of failing; a process re-enters a lock it holds."""
+def hold_lock(folder: Path, seconds: float = 1.5) -> subprocess.Popen:
+    """Another process that holds ``folder``'s lock for ``seconds`` (returned once it holds it)."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time; from thermokd.files import FolderLock\n"
-        f"with FolderLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(1.5)")],
+        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True); time.sleep({seconds})")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_waiting_lock_takes_over_when_the_holder_leaves(tmp_path):
+    """The teacher cache's lock waits (and says so) instead of failing; a process re-enters a lock it holds."""
+    holder = hold_lock(tmp_path)
     said: list[str] = []
     started = time.monotonic()
     with FolderLock(tmp_path, wait=True, echo=said.append):

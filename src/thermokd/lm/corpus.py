@@ -113,9 +113,8 @@ def _documents_from_txt(path: Path) -> list[Document]:
     return [Document(f"paragraph {i}", p) for i, p in enumerate(parts) if p]
 
 
-def load_corpus(name: str) -> list[Document]:
-    """The documents of a shipped corpus (``grimm-tales``, ``andersen``, ``friends-transcripts``) or of a
-    ``.tab``/``.txt`` file given by path, in file order."""
+def corpus_file(name: str) -> "tuple[Path, CorpusSpec]":
+    """The file a corpus name or path stands for, and how to read it."""
     if name in CORPORA:
         path, spec = text_datasets_dir() / CORPORA[name].file, CORPORA[name]
         if not path.is_file():
@@ -125,6 +124,13 @@ def load_corpus(name: str) -> list[Document]:
         if path.suffix not in (".tab", ".txt") or not path.is_file():
             raise ThermoKDError(f"unknown corpus {name!r}; expected one of: {', '.join(corpus_names())}, "
                                 "or the path of an existing .tab or .txt file")
+    return path, spec
+
+
+def load_corpus(name: str) -> list[Document]:
+    """The documents of a shipped corpus (``grimm-tales``, ``andersen``, ``friends-transcripts``) or of a
+    ``.tab``/``.txt`` file given by path, in file order."""
+    path, spec = corpus_file(name)
     docs = _documents_from_tab(path, spec) if path.suffix == ".tab" else _documents_from_txt(path)
     if not docs:
         raise ThermoKDError(f"corpus {name!r} has no non-empty documents")

@@ -5,17 +5,18 @@ one continues from its latest checkpoint."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ThermoKDError
+from ..files import FolderLock, read_json, write_json
 from ..loss import DistillationLoss
 from .config import LMRunConfig
 from .data import LMData, prepare_data, windows_key
@@ -70,8 +71,11 @@ def _settings(cfg: LMRunConfig, device: str, precision: str, seed: int, progress
 
 
 def _teacher_spec(cfg: LMRunConfig, data: LMData) -> dict[str, Any]:
-    return {"train_text": data.train_key, "context": cfg.data.context, "prompt_tokens": cfg.data.prompt_tokens,
-            "windows": len(data.train), "size": cfg.teacher.size, "dropout": cfg.teacher.dropout}
+    """What determines the teacher besides its optimisation: the training text's content, the tokenizer itself (its
+    vocabulary and merges), the training windows' token ids, the model and its initialisation seed."""
+    return {"train_text": data.train_key, "tokenizer": data.tokenizer_key, "windows": windows_key(data.train),
+            "context": cfg.data.context, "prompt_tokens": cfg.data.prompt_tokens, "size": cfg.teacher.size,
+            "dropout": cfg.teacher.dropout, "seed": cfg.teacher.seed}
 
 
 def _teacher(cfg: LMRunConfig, data: LMData, device: str, precision: str, cache_dir: "Path | None",
@@ -82,7 +86,7 @@ def _teacher(cfg: LMRunConfig, data: LMData, device: str, precision: str, cache_
     on_eval = (lambda r: echo(f"  teacher step {r['step']}: val ppl {r['val_ppl']:.2f}")) if progress_bar else None
     teacher, info = obtain_teacher(_teacher_spec(cfg, data), build, data.train, data.val,
                                    _settings(cfg, device, precision, 0, progress_bar, teacher=True), cache_dir,
-                                   on_eval)
+                                   on_eval, echo)
     test = evaluate(teacher, data.test, device)
     info.update(size=str(parse_size(cfg.teacher.size)), parameters=count_parameters(teacher), test_ppl=test["ppl"],
                 test_acc=test["acc"], sample=sample(teacher, SAMPLE_PROMPT, tokenizer=data.tokenizer,
@@ -118,14 +122,21 @@ def _source(cfg: LMRunConfig, data: LMData, teacher: Any, teacher_dir: "str | No
         return None
     path = Path(cfg.teacher.file) if cfg.teacher.file else _default_file(cfg, data, teacher_dir, kind)
     keys = (data.tokenizer_key, windows_key(data.train))
-    if not path.is_file():
-        if teacher is None:
-            raise ThermoKDError(f"teacher file {path} not found")
-        if kind == "topk":
-            capture_topk_file(teacher, data.train, path, cfg.teacher.k, *keys, cfg.teacher.capture_tau, device)
-        else:
-            write_logits_file(teacher, data.train, path, *keys, cfg.teacher.logits_dtype, device)
-    return TopKFile(path, *keys) if kind == "topk" else LogitsFile(path, *keys)
+    # a file in the teacher's cache entry is written by one process; another that needs it waits, then reads it
+    lock = FolderLock(path.parent, "teacher cache entry", wait=True) if not cfg.teacher.file else nullcontext()
+    with lock:
+        if not path.is_file():
+            if teacher is None:
+                raise ThermoKDError(f"teacher file {path} not found")
+            if kind == "topk":
+                capture_topk_file(teacher, data.train, path, cfg.teacher.k, *keys, cfg.teacher.capture_tau, device)
+            else:
+                write_logits_file(teacher, data.train, path, *keys, cfg.teacher.logits_dtype, device)
+    if kind == "topk" and cfg.teacher.file:  # a given file brings its own k and capture τ
+        return TopKFile(path, *keys)
+    if kind == "topk":
+        return TopKFile(path, *keys, k=cfg.teacher.k, capture_tau=cfg.teacher.capture_tau)
+    return LogitsFile(path, *keys)
 
 
 def _is_main() -> bool:
@@ -136,8 +147,6 @@ def run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None" 
                       progress_bar: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or load) the teacher, then one student per method × seed with the same window order and
     initialisation per seed; write ``out_dir/results.json`` and ``out_dir/report.md``; return the results."""
-    from ..files import FolderLock
-
     with FolderLock(Path(out_dir)):  # one writer per output folder
         check_resumable(cfg, Path(out_dir), resume)
         return _run_lm_experiment(cfg, Path(out_dir), cache_dir, resume, progress_bar, echo)
@@ -150,23 +159,47 @@ RUN_SECTIONS = ("data", "teacher", "student", "train", "on_policy")
 def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
     """Before anything is written: a folder that holds runs is continued only with ``resume`` and only with the same
     data, teacher, student, training and on-policy settings (one line naming every changed field otherwise); its
-    ``lm_config.json`` records them."""
+    ``lm_config.json`` (:func:`record_settings`) records them."""
     from ..engine.identity import differences
-    from ..files import read_json, write_json
 
+    if not _is_main():
+        return  # rank 0 checks (and writes lm_config.json, which the other ranks could otherwise see and refuse)
     path = out_dir / "lm_config.json"
-    requested = {k: v for k, v in cfg.to_dict().items() if k in RUN_SECTIONS}
     if path.is_file():
         if not resume:
             raise ThermoKDError(f"{out_dir} already holds an lm run; pass --resume to continue it or choose another "
                                 "--out")
-        changed = differences({"config": read_json(path, f"delete {path}")}, {"config": requested})
+        recorded = read_json(path, f"delete {path}")
+        if not isinstance(recorded, dict):
+            raise ThermoKDError(f"{path} is damaged (not a mapping of settings); delete {path}")
+        corpus = recorded.pop(CORPUS_DIGEST, None)  # absent in folders from before it was recorded: not compared
+        changed = differences({"config": recorded, "data": corpus},
+                              {"config": _run_settings(cfg), "data": corpus and _corpus_digest(cfg)})
         if changed:
             raise ThermoKDError(f"--resume: {out_dir} was made with other settings ({'; '.join(changed)}); use the "
                                 "same settings or another --out")
-    elif _is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(path, requested)
+
+
+CORPUS_DIGEST = "corpus_digest"  # lm_config.json also records the corpus file's content, not only its path
+
+
+def _run_settings(cfg: LMRunConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k in RUN_SECTIONS}
+
+
+def _corpus_digest(cfg: LMRunConfig) -> str:
+    from ..files import path_digest
+    from .corpus import corpus_file
+
+    return path_digest(corpus_file(cfg.data.corpus)[0])
+
+
+def record_settings(cfg: LMRunConfig, out_dir: Path) -> None:
+    """Write ``lm_config.json`` once the teacher and its file are ready, just before the first run: a command that
+    stops earlier (a damaged cache entry, a foreign teacher file) leaves the folder as it was."""
+    path = out_dir / "lm_config.json"
+    if _is_main() and not path.is_file():
+        write_json(path, {**_run_settings(cfg), CORPUS_DIGEST: _corpus_digest(cfg)})
 
 
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
@@ -201,13 +234,14 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
         policy = dict(fraction=p.fraction, prompt_tokens=p.prompt_tokens, new_tokens=p.new_tokens,
                       sampling_temperature=p.sampling_temperature, top_p=p.top_p, eos_id=data.eos)
 
+    record_settings(cfg, out_dir)
     runs, student_parameters = [], 0
     for seed in range(cfg.seeds):
         for label in methods:
             run_dir = out_dir / "runs" / label.replace("@", "_at_") / f"seed{seed}"
             done = run_dir / "result.json"
             if resume and done.is_file():
-                runs.append(json.loads(done.read_text()))
+                runs.append(read_json(done, f"delete {done} to run it again"))
                 echo(f"  {label:16s} seed {seed}: finished earlier (kept)")
                 continue
             loss_fn = method_loss(cfg, label)  # fresh state (DTS's T, CIST's ρ) for every run
@@ -222,7 +256,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                                teacher=teacher if loss_fn.kd_weight and source is None else None,
                                teacher_source=source if loss_fn.kd_weight else None,
                                on_policy=OnPolicy(seed=seed, **policy) if policy and loss_fn.kd_weight else None,
-                               resume=resume, on_eval=on_eval)
+                               resume=resume, on_eval=on_eval, echo=echo)
             run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
             test = evaluate(student, data.test, run_device)
             run = {"method": label, "seed": seed, **result, "ppl": test["ppl"], "acc": test["acc"],

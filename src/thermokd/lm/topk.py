@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import ThermoKDError
 from ..functional import as_float32
 
-FORMAT = "thermokd.topk/1"
+FORMAT = "thermokd.topk/2"  # /2: written by the file layer, with a checksum
 
 
 @dataclass
@@ -124,10 +124,11 @@ def retemper(topk: TopK, tau: "float | Tensor") -> Tensor:
     return torch.log_softmax(torch.cat([cached, rest], dim=-1), dim=-1)
 
 
-def save_topk(topk: TopK, path: "str | os.PathLike", extra: "dict[str, str] | None" = None) -> None:
-    """Write a cache to a safetensors file atomically; τ_c, V and ``extra`` (e.g. the tokenizer's key) go in the
-    metadata (indices as int32 when V fits)."""
-    from safetensors.torch import save_file
+def save_topk(topk: TopK, path: "str | os.PathLike", extra: "dict[str, str] | None" = None,
+              key: "str | None" = None) -> None:
+    """Write a cache to a safetensors file atomically, with its checksum (and the ``key`` it was made for); τ_c, V
+    and ``extra`` (e.g. the tokenizer's key) go in the metadata (indices as int32 when V fits)."""
+    from ..files import save_tensors
 
     small = topk.vocab_size <= torch.iinfo(torch.int32).max
     tensors = {
@@ -137,28 +138,23 @@ def save_topk(topk: TopK, path: "str | os.PathLike", extra: "dict[str, str] | No
     }
     meta = {**(extra or {}), "format": FORMAT, "capture_tau": repr(topk.capture_tau),
             "vocab_size": str(topk.vocab_size)}
-    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # a reader never sees half a file
+    save_tensors(path, tensors, meta, key=key)
 
 
 def load_topk(path: "str | os.PathLike", device: "str | torch.device" = "cpu", with_metadata: bool = False
               ) -> "TopK | tuple[TopK, dict[str, str]]":
-    """Read a cache written by :func:`save_topk` (safetensors: data only, no code is executed); with
-    ``with_metadata`` also its metadata."""
-    from safetensors import safe_open
+    """Read a cache written by :func:`save_topk` (safetensors: data only, no code is executed), verified against
+    the checksum it records; with ``with_metadata`` also its metadata."""
+    from ..files import load_tensors
 
-    try:
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' SafetensorError for a corrupt file
-        raise ThermoKDError(f"cannot read top-k cache {os.fspath(path)!r}: {exc}") from exc
+    remedy = f"delete {os.fspath(path)} and capture it again"
+    tensors, meta = load_tensors(path, remedy=remedy)
     if meta.get("format") != FORMAT or {"indices", "log_probs", "rest_log_mass"} - tensors.keys():
         raise ThermoKDError(f"{os.fspath(path)!r} is not a thermokd top-k cache (format {FORMAT!r})")
     try:
         capture_tau, vocab = float(meta["capture_tau"]), int(meta["vocab_size"])
-    except (KeyError, ValueError) as exc:
-        raise ThermoKDError(f"{os.fspath(path)!r}: bad capture_tau/vocab_size metadata") from exc
-    topk = TopK(tensors["indices"].long(), tensors["log_probs"], tensors["rest_log_mass"], capture_tau, vocab)
+        topk = TopK(tensors["indices"].long().to(device), tensors["log_probs"].to(device),
+                    tensors["rest_log_mass"].to(device), capture_tau, vocab)
+    except (KeyError, ValueError, ThermoKDError) as exc:
+        raise ThermoKDError(f"{os.fspath(path)!r}: bad top-k cache ({str(exc).splitlines()[0]}); {remedy}") from None
     return (topk, meta) if with_metadata else topk

@@ -9,7 +9,6 @@ accumulation and the strategy state in checkpoints are the Trainer's and ``Disti
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ThermoKDError
+from ..files import path_digest, read_json, write_json
 from ..integrations.hf import TEACHER_LOGITS_KEY, DistillationTrainer, save_loss_state
 from ..loss import DistillationLoss
 from .batches import Windows
@@ -102,6 +102,14 @@ class LMTrainer(DistillationTrainer):
         student = self.accelerator.unwrap_model(self.model)
         return on_policy_batch(student, batch, policy, generator)
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its files (its own RNG state) by now
+        if self.args.should_save:  # after every file of the checkpoint: its manifest marks it complete
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if folder.is_dir():
+                write_manifest(folder)
+
 
 class _Evaluate(TrainerCallback):
     """Validation perplexity and accuracy every ``every`` steps and at the end, into the log history."""
@@ -135,34 +143,79 @@ def history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def last_complete_checkpoint(folder: Path) -> "str | None":
-    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (the Trainer writes it last) is whole: a process
-    killed while writing a checkpoint leaves one without it, or with half of it, and resuming from it would fail."""
+MANIFEST_NAME = "thermokd_manifest.json"  # written last into a checkpoint: the digest of every file in it
+
+
+def write_manifest(checkpoint: Path) -> Path:
+    """Record the content digest of every file of a finished checkpoint (model, optimizer, scheduler, RNG, trainer
+    and loss state) in ``thermokd_manifest.json``, written last: its presence marks the checkpoint complete."""
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    return write_json(checkpoint / MANIFEST_NAME,
+                      {"files": {str(f.relative_to(checkpoint)): path_digest(f) for f in files}})
+
+
+def checkpoint_damage(checkpoint: Path) -> "str | None":
+    """Why a checkpoint with a manifest cannot be resumed from (a file missing, or not matching its digest), or
+    None when every file is as it was written."""
+    try:
+        files = read_json(checkpoint / MANIFEST_NAME)["files"]
+    except (ThermoKDError, KeyError, TypeError, IndexError):
+        files = None
+    if not isinstance(files, dict) or TRAINER_STATE_NAME not in files:
+        return f"{MANIFEST_NAME} is damaged"
+    for name, expected in files.items():
+        path = checkpoint / str(name)
+        if not path.is_file() or not path.resolve().is_relative_to(checkpoint.resolve()):
+            return f"{name} is missing"
+        try:
+            if path_digest(path) != expected:
+                return f"{name} does not match its checksum"
+        except ThermoKDError:
+            return f"{name} cannot be read"
+    return None
+
+
+def last_complete_checkpoint(folder: Path, echo: "Callable[[str], None] | None" = None) -> "str | None":
+    """The newest ``checkpoint-N`` that is complete and undamaged. One without a manifest (the last file written) is
+    the remains of a process killed while writing it and is passed over; one whose files do not match their
+    digests is passed over with a message saying so, and when no good checkpoint is left the run stops with a
+    one-line error rather than starting over."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if _whole_json(p / TRAINER_STATE_NAME)]
-    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
-
-
-def _whole_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+    steps = {}
+    for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        try:
+            steps[p] = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+    damaged: list[str] = []
+    for checkpoint in sorted(steps, key=steps.get, reverse=True):
+        if not (checkpoint / MANIFEST_NAME).is_file():
+            continue  # never finished: the process was killed while writing it
+        why = checkpoint_damage(checkpoint)
+        if why is None:
+            if damaged and echo is not None:
+                echo(f"  resuming from {checkpoint.name} (the newer {'; '.join(damaged)})")
+            return str(checkpoint)
+        damaged.append(f"{checkpoint.name} is damaged: {why}")
+    if damaged:
+        raise ThermoKDError(f"no undamaged checkpoint to resume in {folder} ({'; '.join(damaged)}); delete {folder} "
+                            "to start this run over")
+    return None
 
 
 def train_run(model: nn.Module, loss_fn: DistillationLoss, train: Windows, val: Windows, settings: RunSettings,
               output_dir: Path, *, teacher: "nn.Module | None" = None, teacher_source: Any = None,
               on_policy: "OnPolicy | None" = None, resume: bool = False,
-              calibrate: bool = True, on_eval: "Callable[[dict[str, Any]], None] | None" = None
-              ) -> dict[str, Any]:
+              calibrate: bool = True, on_eval: "Callable[[dict[str, Any]], None] | None" = None,
+              echo: "Callable[[str], None] | None" = None) -> dict[str, Any]:
     """Train ``model`` with ``loss_fn`` for ``settings.steps`` optimiser steps in ``output_dir`` (checkpoints every
-    ``save_every`` steps). ``resume``: continue from the latest checkpoint there, if any. Returns the final
+    ``save_every`` steps). ``resume``: continue from the latest undamaged checkpoint there, if any (``echo`` says
+    when a damaged newer one is passed over). Returns the final
     validation metrics, the evaluation ``history``, the last interval's statistics (``final``) and ``seconds``."""
     output_dir = Path(output_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    checkpoint = last_complete_checkpoint(output_dir, echo) if resume else None
     if checkpoint is None and output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(output_dir)  # a fresh run never mixes with an older (or half-written) one's checkpoints
     evaluation = _Evaluate(val, settings.eval_every, on_eval)
