@@ -3,7 +3,6 @@ runs without gradient and is seeded, its sampling temperature never reaches the 
 distillation."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ float16 within its rounding) and the top-k file re-tempered through Distillation
 tolerances; files written under another tokenizer or for other windows are refused."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ damaged or foreign file ends `thermokd lm` in one line on stderr, exit 2, with n
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
