@@ -63,7 +63,7 @@ tune-demo: $(STAMP)
 # benchmarks above, plus the set-up where distillation should matter (a 3,000-image student). Long and resumable;
 # never part of `make test`.
 bench-digits-tuned: $(STAMP)
-	$(VENV)/bin/thermokd compare --config digits --methods ce,kd,dkd,cist,dts,ctkd,lskd,entropy-target --seeds 5 \
+	$(VENV)/bin/thermokd compare --config digits --methods ce,kd,dkd,cist,dts,ctkd,lskd,dtkd,entropy-target --seeds 5 \
 		--tune 12 --out benchmarks/results/digits-tuned --no-progress
 
 bench-vision-tuned: $(STAMP) data
