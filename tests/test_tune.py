@@ -86,6 +86,7 @@ def test_tpe_finds_the_optimum_of_a_synthetic_curve(tmp_path):
     assert yaml.safe_load((tmp_path / "best.yaml").read_text())["method"]["temperature"]["tau"] == \
         result.params["temperature.tau"]
     assert (tmp_path / "tune_vs_knob.png").is_file() and "| trial | state |" in (tmp_path / "tune.md").read_text()
+    assert str(tmp_path) not in (tmp_path / "tune.json").read_text()  # the default study is recorded relatively
 
 
 def test_grid_sampler_runs_each_point_once_and_picks_the_best(tmp_path):

@@ -203,7 +203,9 @@ def tune_method(cfg: RunConfig, method: MethodConfig, label: str, out_dir: Path,
         # ThermoKDError in a trial (e.g. a diverging setting) fails that trial, not the study
         study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,),
                        callbacks=[MaxTrialsCallback(budget, states=states), progress])
-    result = summarize_study(study, label, method, space, tune, budget, time.time() - started, redact(url))
+    # the default study lives beside tune.json: record it relative to the folder, not this machine's absolute path
+    shown = redact(url) if tune.storage else "sqlite:///study.db (in this folder)"
+    result = summarize_study(study, label, method, space, tune, budget, time.time() - started, shown)
     write_outputs(cfg, result, out_dir)
     return result
 
