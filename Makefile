@@ -77,6 +77,8 @@ bench-vision-few: $(STAMP) data
 # README's evidence table starts from (measured: 23 min on one thread, teacher included).
 bench-vision-mlp: $(STAMP) data
 	$(VENV)/bin/thermokd compare --config fashion_mnist_mlp --out benchmarks/results/fashion-mnist-mlp --no-progress
+	$(VENV)/bin/thermokd compare --config fashion_mnist_mlp --set data.student_train_size=1000 \
+		--out benchmarks/results/fashion-mnist-mlp-1k --no-progress
 
 bench-text-tuned: $(STAMP)
 	$(VENV)/bin/thermokd compare --config 20newsgroups --methods ce,kd,cist,dts,entropy-target --seeds 3 --tune 12 \
