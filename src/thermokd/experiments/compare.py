@@ -68,10 +68,11 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
         raise ThermoKDError(f"compare with tuning needs >= 3 seeds for its paired intervals, got {len(seeds)}")
     with FolderLock(out_dir):
         folders = {(label, seed): out_dir / "runs" / f"{label}-seed{seed}" for seed in seeds for label in methods}
+        chosen = {label: resolve_method(cfg, label) for label in methods}
         if not (rerun_changed or tuning):  # with tuning, the runs' settings are known (and checked) after it
-            chosen = {label: resolve_method(cfg, label) for label in methods}
             check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
-        return _run_compare(cfg, methods, seeds, out_dir, folders, cache_dir, progress_bar, echo, rerun_changed)
+        return _run_compare(cfg, methods, seeds, out_dir, folders, chosen, tuning, cache_dir, progress_bar, echo,
+                            rerun_changed)
 
 
 def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -> RunConfig:
@@ -81,13 +82,12 @@ def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -
 
 
 def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path, folders: dict,
-                 cache_dir: "Path | None", progress_bar: bool, echo, rerun_changed: bool) -> dict[str, Any]:
+                 chosen: dict[str, Any], tuning: bool, cache_dir: "Path | None", progress_bar: bool, echo,
+                 rerun_changed: bool) -> dict[str, Any]:
     from .report import write_report
 
-    tuning = cfg.compare.tune.trials > 0
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
-    chosen = {label: resolve_method(cfg, label) for label in methods}
     tuned: dict[str, Any] = {}
     if tuning:
         chosen, tuned = tune_all(cfg, methods, out_dir / "tune", (accelerator, experiment, teacher), cache_dir,

@@ -4,6 +4,7 @@ accuracy per run, written to ``results.json`` and ``report.md``. Resumable: fini
 one continues from its latest checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import shutil
@@ -58,16 +59,17 @@ def resolve_device(cfg: LMRunConfig) -> tuple[str, str]:
 
 def _settings(cfg: LMRunConfig, device: str, precision: str, seed: int, progress_bar: bool, teacher: bool = False
               ) -> RunSettings:
+    """A student's run settings from ``train``; the teacher's take its own steps, batch, lr and seed from
+    ``teacher`` (no accumulation) and everything else from ``train``."""
     t = cfg.train
-    if teacher:
-        return RunSettings(steps=cfg.teacher.steps, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
+    settings = RunSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
                            weight_decay=t.weight_decay, warmup=t.warmup, grad_clip=t.grad_clip,
-                           eval_every=min(t.eval_every, cfg.teacher.steps), save_every=t.save_every,
-                           seed=cfg.teacher.seed, mixed_precision=precision, device=device, progress_bar=progress_bar)
-    return RunSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
-                       weight_decay=t.weight_decay, warmup=t.warmup, grad_clip=t.grad_clip,
-                       eval_every=min(t.eval_every, t.steps), save_every=t.save_every, seed=seed,
-                       mixed_precision=precision, device=device, progress_bar=progress_bar)
+                           eval_every=t.eval_every, save_every=t.save_every, seed=seed, mixed_precision=precision,
+                           device=device, progress_bar=progress_bar)
+    if teacher:
+        settings = dataclasses.replace(settings, steps=cfg.teacher.steps, batch_size=cfg.teacher.batch_size,
+                                       grad_accum=1, lr=cfg.teacher.lr, seed=cfg.teacher.seed)
+    return dataclasses.replace(settings, eval_every=min(t.eval_every, settings.steps))
 
 
 def _teacher_spec(cfg: LMRunConfig, data: LMData) -> dict[str, Any]:
