@@ -101,7 +101,9 @@ def check_bounds(tau_min: float, tau_max: float) -> tuple[float, float]:
 
 
 def scalar(value: float, like: Tensor) -> Tensor:
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    """``value`` as a float32 0-d tensor on ``like``'s device, made by a fill kernel (``torch.tensor(value,
+    device=...)`` copies from the host, which waits for the device on CUDA)."""
+    return torch.full((), float(value), dtype=torch.float32, device=like.device)
 
 
 _REGISTRY: dict[str, Callable[..., TemperatureStrategy]] = {}

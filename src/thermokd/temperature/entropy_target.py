@@ -49,7 +49,9 @@ def solve_temperature(logits: Tensor, target_nats: "Tensor | float", tau_min: fl
     log_min, log_max = math.log(tau_min), math.log(tau_max)
     lo = torch.full((n, 1), log_min, device=z.device)
     hi = torch.full((n, 1), log_max, device=z.device)
-    target = torch.as_tensor(target_nats, dtype=torch.float32, device=z.device)
+    # a float becomes a device tensor by a fill kernel: torch.as_tensor would copy it from the host (a CUDA sync)
+    target = target_nats.to(device=z.device, dtype=torch.float32) if torch.is_tensor(target_nats) \
+        else torch.full((), float(target_nats), dtype=torch.float32, device=z.device)
     # start where the centred max over τ makes a two-level soft label of roughly the target entropy
     r0 = (math.log(z.shape[-1]) - target).clamp_min(0.05) * 1.5
     x = torch.log((centred_max(z) / r0).clamp(tau_min, tau_max))
