@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, ThermoKDError
+from .registry import normalise
 
 
 @dataclass
@@ -199,7 +200,7 @@ class RunConfig:
             raise ConfigError(f"compare.tune.trials must be >= 0 and grid_points >= 1, got "
                               f"{self.compare.tune.trials} and {self.compare.tune.grid_points}")
         for label, variant in self.compare.variants.items():
-            key = label.strip().lower()
+            key = normalise(label)
             if key in method_names() or "@" in key or "," in key or not key:
                 raise ConfigError(f"compare.variants: label {label!r} must be new (not a method name such as "
                                   f"{key!r}), non-empty and free of '@' and ','")
@@ -225,7 +226,7 @@ def validate_method(method: MethodConfig, where: str) -> None:
     from .errors import ThermoKDError
     from .methods import build_loss, method_names
 
-    name = method.name.strip().lower().replace("_", "-")
+    name = normalise(method.name)
     for part in ("temperature", "weighting", "loss"):
         setattr(method, part, {k: _number_text(v) for k, v in getattr(method, part).items()})
         _finite(f"{where}.{part}", getattr(method, part))
@@ -243,8 +244,8 @@ def resolve_method(cfg: RunConfig, label: str) -> MethodConfig:
     (fixed-τ KD), the config's own method (with its overrides) or any other method name at its defaults."""
     from .methods import method_names
 
-    key = label.strip().lower().replace("_", "-")
-    variants = {k.strip().lower(): v for k, v in cfg.compare.variants.items()}
+    key = normalise(label)
+    variants = {normalise(k): v for k, v in cfg.compare.variants.items()}
     if key in variants:
         return copy.deepcopy(variants[key])
     base, at, tau_text = key.partition("@")

@@ -58,15 +58,12 @@ class Experiment:
         from ..models import build_model
 
         b, shape = self.bundle, self.bundle.input_shape
-        try:
-            if b.is_text:
-                model = build_model(name, num_classes=b.num_classes, vocab_size=b.vocab_size, pad_id=b.pad_id,
-                                    max_len=shape[0], **model_args)
-            else:
-                model = build_model(name, num_classes=b.num_classes, in_channels=shape[0],
-                                    input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
-        except TypeError as exc:
-            raise ThermoKDError(f"bad model_args for {name!r}: {exc}") from None
+        if b.is_text:
+            model = build_model(name, num_classes=b.num_classes, vocab_size=b.vocab_size, pad_id=b.pad_id,
+                                max_len=shape[0], **model_args)
+        else:
+            model = build_model(name, num_classes=b.num_classes, in_channels=shape[0],
+                                input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
         if len(shape) == 3 and name != "mlp":  # faster for convolutions on the CPU (docs/data.md)
             model = model.to(memory_format=torch.channels_last)
         return model

@@ -16,6 +16,7 @@ from ..engine.run import run_distill, setup
 from ..engine.trainer import save_json
 from ..errors import ThermoKDError
 from ..files import FolderLock
+from ..registry import normalise
 
 DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
 
@@ -29,7 +30,7 @@ def machine_description() -> str:
 def parse_methods(text: str, cfg: RunConfig) -> list[str]:
     """Comma-separated labels (method names, ``kd@TAU``, or variants of the config's ``compare`` section),
     normalised and checked against ``cfg``."""
-    methods = [m.strip().lower().replace("_", "-") for m in text.split(",") if m.strip()]
+    methods = [normalise(m) for m in text.split(",") if m.strip()]
     if not methods:
         raise ThermoKDError("--methods is empty; give a comma-separated list such as ce,kd,cist")
     if len(set(methods)) != len(methods):

@@ -29,6 +29,7 @@ from ..errors import ThermoKDError
 from ..functional import normalised_entropy
 from ..methods import build_loss, method_names
 from ..progress import Progress
+from ..registry import normalise
 from .report import _colours, _figure, _save
 
 SPLITS = ("train", "test")
@@ -63,7 +64,7 @@ def check_methods(methods: "list[str]") -> list[str]:
     allowed = diagnosable_methods()
     out: list[str] = []
     for m in methods:
-        key = str(m).strip().lower().replace("_", "-")
+        key = normalise(m)
         if key not in allowed:
             extra = " (ce does not distil: it has no soft labels)" if key == "ce" else ""
             raise ThermoKDError(f"unknown method {m!r} for diagnose{extra}; allowed: {', '.join(allowed)}")
