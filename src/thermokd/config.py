@@ -294,7 +294,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (int→float allowed), recursing into dataclasses."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return build_section(tp, value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}")
@@ -332,7 +332,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
 
 
-def _build(cls: Any, raw: Any, where: str) -> Any:
+def build_section(cls: Any, raw: Any, where: str) -> Any:
+    """A config dataclass ``cls`` from a raw YAML mapping; errors name the field at ``where``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -350,7 +351,7 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Validate a plain mapping (as read from YAML) into a :class:`RunConfig`."""
-    return _build(RunConfig, raw, "").validate()
+    return build_section(RunConfig, raw, "").validate()
 
 
 def apply_overrides(raw: dict[str, Any], overrides: "list[str] | None") -> dict[str, Any]:

@@ -44,11 +44,6 @@ class Weighting(nn.Module):
     def observe(self, output: "LossOutput") -> None:
         """Called by ``DistillationLoss.observe`` after the optimiser step; stateful weightings update here."""
 
-    @staticmethod
-    def normalise(raw: Tensor) -> Tensor:
-        """``w_i = w̃_i · N / Σ w̃``: mean 1 over the rows given."""
-        return raw * (raw.numel() / raw.sum().clamp_min(1e-12))
-
 
 CONFIDENCES = ("label", "max")
 DIFFICULTIES = ("error", "ce")

@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..diagnostics import soft_label_report
 from ..errors import ThermoKDError
-from ..files import FolderLock, digest, read_json
+from ..files import FolderLock, digest, read_json, write_json
 from ..methods import build_loss
 from ..progress import Progress
+from ..teacher_cache import save_weights
 from .identity import check_same_run, data_digest, run_identity
-from .teacher import cached_view_logits, obtain_teacher, save_weights, teacher_dir, teacher_key
-from .trainer import EpochData, LoopConfig, Trainer, predict, save_json
+from .teacher import cached_view_logits, obtain_teacher, teacher_dir, teacher_key
+from .trainer import EpochData, LoopConfig, Trainer, predict
 
 FINAL_KEYS = ("tau_teacher_mean", "tau_teacher_min", "tau_teacher_max", "tau_student_mean",
               "teacher_entropy_mean", "teacher_entropy_std", "weight_std")
@@ -194,7 +195,7 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
                       description=f"{cfg.method.name} seed {t.seed}")
     if accelerator.is_main_process and not existing:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a log left by a run killed before its first checkpoint
-        save_json(out_dir / "config.json", cfg.to_dict())
+        write_json(out_dir / "config.json", cfg.to_dict())
     started = time.time()
     trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online, run_key=identity,
                       on_epoch=on_epoch)
@@ -219,6 +220,6 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
                                      "histogram_counts": report.histogram_counts}
     if accelerator.is_main_process:
         save_weights(student, out_dir / "student.safetensors")
-        save_json(result_path, result)
+        write_json(result_path, result)
     accelerator.free_memory()
     return result

@@ -23,7 +23,7 @@ from ..errors import ThermoKDError
 from ..loss import DistillationLoss, LossOutput
 from ..progress import Progress
 from ..steps import StatWindow, loss_parameter_group
-from .checkpoint import load_latest, save_checkpoint, write_json_atomic
+from .checkpoint import load_latest, save_checkpoint
 from .divergence import check_finite_loss, collapse, warn_collapse
 from .metrics import MetricLogger
 from .schedule import learning_rate
@@ -322,6 +322,3 @@ class Trainer:
         return epoch_summary(pos.history, pos.best_epoch, pos.collapse) | {
             "epochs": self.loop.epochs, "steps": pos.global_step, "tau_trace": pos.tau_trace}
 
-
-def save_json(path: Path, data: Any) -> None:
-    write_json_atomic(path, data)

@@ -206,7 +206,6 @@ def record_settings(cfg: LMRunConfig, out_dir: Path) -> None:
 
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
                        echo: Callable[[str], None]) -> dict[str, Any]:
-    from ..engine.checkpoint import write_json_atomic
     from ..experiments.compare import machine_description
     from .report import write_report
 
@@ -267,7 +266,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                 run["sample"] = sample(student, SAMPLE_PROMPT, tokenizer=data.tokenizer, sampling_temperature=0.8,
                                        top_k=40, stop_id=data.eos)
             if _is_main():
-                write_json_atomic(done, run)
+                write_json(done, run)
                 for checkpoint in run_dir.glob("checkpoint-*"):  # they served resumption; the result is written
                     shutil.rmtree(checkpoint, ignore_errors=True)
             echo(f"  {label:16s} seed {seed}: val ppl {run['val_ppl']:.2f}, test ppl {run['ppl']:.2f}, test token "
@@ -285,6 +284,6 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                "student": {"size": str(parse_size(cfg.student.size)), "parameters": student_parameters},
                "runs": runs, "sample_prompt": SAMPLE_PROMPT, "wall_seconds": time.perf_counter() - started}
     if _is_main():
-        write_json_atomic(out_dir / "results.json", results)
+        write_json(out_dir / "results.json", results)
         write_report(results, out_dir)
     return results
