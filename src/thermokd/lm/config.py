@@ -77,7 +77,7 @@ class LMTrainConfig:
     device: str = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class OnPolicyConfig:
     """On-policy distillation (GKD's λ): with probability ``fraction`` per micro-batch the student continues the
     first ``prompt_tokens`` of each window by ``new_tokens`` sampled tokens (``sampling_temperature``, ``top_p``:
