@@ -75,6 +75,16 @@ def batch(n=32, c=10, seed=0, spread=(0.3, 6.0)):
     return student, teacher, labels
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: one intra-op thread is several times faster than two, and far steadier when other
+    processes share the cores (OpenMP workers spin while they wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hand():
     return types.SimpleNamespace(log_softmax=log_softmax, kl=kl, entropy=entropy, centred_max=centred_max, ce=ce,

@@ -60,7 +60,7 @@ def test_labels_out_of_range(label):
     lambda: DTS(t_init=0.0), lambda: DTS(t_min=-1.0), lambda: CTKD(init=0.0), lambda: DTKD(tau=0.0),
     lambda: LogitStandardization(base=0.0), lambda: EntropyTarget(tau_min=0.0), lambda: Scheduled(start=0.0),
     lambda: Scheduled(end=-1.0), lambda: TeacherEntropy(tau=0.0), lambda: tk.DistillationLoss(0.0),
-    lambda: tk.DistillationLoss(-4.0), lambda: tk.temperature.build("kd", tau=0.0),
+    lambda: tk.DistillationLoss(-4.0), lambda: tk.temperature.build("fixed", tau=0.0),
 ])
 def test_non_positive_temperatures(make):
     with pytest.raises(tk.ThermoKDError, match="must be > 0|<="):
@@ -237,3 +237,35 @@ def test_cist_state_round_trip():
     assert _run(used, batches[2:], 2) == expected
     # without the state, the first later batch would set a different ratio
     assert _run(tk.DistillationLoss(CIST(tau0=4.0), weighting=ConfidenceDifficulty()), batches[2:], 2) != expected
+
+
+def test_method_names_are_not_temperature_strategies():
+    """'kd' and 'dkd' are methods (a family plus a temperature), so naming one as a temperature is an error, never a
+    KD-family loss under DKD's name."""
+    for name in ("kd", "dkd"):
+        with pytest.raises(tk.ThermoKDError, match=f"unknown temperature strategy '{name}'.*fixed"):
+            tk.DistillationLoss(temperature=name)
+    assert isinstance(tk.temperature.build(" Fixed ", tau=2.0), Fixed)
+
+
+def test_registries_name_unknown_keywords_from_the_signature():
+    from thermokd.models import build_model
+
+    with pytest.raises(tk.ThermoKDError, match="weighting 'teacher-entropy'.*gamma.*allowed: normalize, tau"):
+        tk.weighting.build("teacher_entropy", gamma=1.0)
+    with pytest.raises(tk.ThermoKDError, match="method 'cist' \\(its temperature\\).*tau00"):
+        tk.build_loss("cist", temperature={"tau00": 4.0})
+    with pytest.raises(tk.ThermoKDError, match="model 'mlp' \\(model_args\\).*widths.*allowed: dropout, hidden"):
+        build_model("mlp", 3, in_channels=4, input_size=1, widths=[8])
+    with pytest.raises(tk.ThermoKDError, match="allowed: dropout, hidden"):  # what the data fills is not the user's
+        build_model("mlp", 3, in_channels=4, input_size=1, in_features=5)
+
+
+def test_a_type_error_inside_a_constructor_is_not_reported_as_a_bad_option():
+    from thermokd.registry import Registry
+
+    def broken(x: int = 1):
+        raise TypeError("a bug inside the constructor")
+
+    with pytest.raises(TypeError, match="a bug inside"):
+        Registry("thing", {"broken": broken}).build("Broken", x=2)

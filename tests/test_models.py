@@ -1,12 +1,17 @@
-"""The model registry beyond tests/test_models_data.py: sizes against the KD literature, the spatial path on 8×8
-inputs, model arguments, and argument validation."""
+"""Models: every image and feature-vector name in ``MODEL_NAMES`` builds, gives logits and backpropagates (the text
+models are tested in test_text.py); sizes against the KD literature, the spatial path on 8×8 inputs, model
+arguments, and argument validation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from thermokd import ThermoKDError
-from thermokd.models import MODEL_NAMES, CifarResNet, WideResNet, build_model, is_model_name
+from thermokd.models import MODEL_NAMES, TEXT_MODELS, CifarResNet, WideResNet, build_model, is_model_name
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 
 # parameter counts on 100 classes as tabulated by CRD (Tian et al. 2020) and mdistiller, in millions
 LITERATURE_M = {"resnet8": 0.08, "resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.74,
@@ -87,3 +92,80 @@ def test_constructors_refuse_bad_depths_with_thermokd_errors():
         CifarResNet(2, 10)
     with pytest.raises(ThermoKDError, match=r"got depth 16, width 0"):
         WideResNet(16, 0, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+HEAVY = {"resnet110", "resnet32x4", "wrn_40_2"}
+SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
+MODEL_CASES = [(name, shape) for name in MODEL_NAMES if name not in TEXT_MODELS for shape in SHAPES
+               if name not in HEAVY or shape == (1, 8, 8)]
+
+
+@pytest.mark.parametrize("name,shape", MODEL_CASES, ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in MODEL_CASES])
+def test_model_builds_gives_logits_and_backpropagates(name, shape):
+    torch.manual_seed(0)
+    c, h, w = shape
+    model = build_model(name, num_classes=7, in_channels=c, input_size=h)
+    x = torch.randn(2, c, h, w)
+    y = torch.tensor([0, 6])
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_param_counts_match_data_md():
+    assert n_params(build_model("resnet8", 10, 3, 32)) == pytest.approx(78_000, rel=0.01)
+    assert n_params(build_model("resnet20", 10, 3, 32)) == pytest.approx(272_000, rel=0.01)
+    # wider and deeper variants are strictly larger
+    assert n_params(build_model("resnet8x4", 10)) > n_params(build_model("resnet8", 10))
+    assert n_params(build_model("resnet32x4", 10)) > n_params(build_model("resnet32", 10))
+
+
+def test_wrn_any_valid_depth_and_width_parses():
+    model = build_model("wrn_28_4", 10, 1, 8)
+    assert model.fc.in_features == 64 * 4
+    assert len(model.blocks) == 3 * (28 - 4) // 6
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_mlp_on_feature_vectors():
+    model = build_model("mlp", 5, in_channels=64, input_size=1)
+    assert model(torch.randn(3, 64)).shape == (3, 5)
+
+
+@pytest.mark.parametrize("name", ["resnet9", "vgg16", "wrn", "wrn_16", "resnet8x2", "MLP", ""])
+def test_unknown_model_name_lists_accepted(name):
+    with pytest.raises(ThermoKDError, match="unknown model") as err:
+        build_model(name, 10)
+    msg = str(err.value)
+    for accepted in ("resnet8", "resnet110", "wrn_40_2", "mlp", "cnn", "wrn_<depth>_<width>"):
+        assert accepted in msg
+
+
+def test_unknown_model_name_on_feature_vectors_is_reported_as_unknown():
+    with pytest.raises(ThermoKDError, match="unknown model"):
+        build_model("resnet9", 10, in_channels=64, input_size=1)
+
+
+@pytest.mark.parametrize("name", ["wrn_15_2", "wrn_27_4", "wrn_41_1", "wrn_4_2", "wrn_16_0"])
+def test_bad_wrn_raises(name):
+    with pytest.raises(ThermoKDError, match=name):
+        build_model(name, 10)
+
+
+def test_bad_wrn_depth_message_explains_rule():
+    with pytest.raises(ThermoKDError, match=r"6n\+4"):
+        build_model("wrn_15_2", 10)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "cnn", "wrn_16_2", "resnet32x4"])
+def test_conv_model_on_feature_vectors_raises(name):
+    with pytest.raises(ThermoKDError) as err:
+        build_model(name, 10, in_channels=64, input_size=1)
+    msg = str(err.value)
+    assert name in msg and "mlp" in msg and "image" in msg

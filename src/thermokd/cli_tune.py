@@ -52,10 +52,11 @@ def tune_options(args, base) -> "object":
 def tune_command(args) -> None:
     from .cli import load_run_config
     from .experiments.tune import knob_text, markdown, run_tune, set_lines
+    from .registry import normalise
 
     cfg = load_run_config(args)
     tune = tune_options(args, cfg.compare.tune)
-    label = (args.method or cfg.method.name).strip().lower()
+    label = normalise(args.method or cfg.method.name)
     result = run_tune(cfg, label, args.out, tune, args.cache, not args.no_progress)
     if result.best_value is None:
         print(f"{label} has no knobs to tune; wrote {args.out / 'best.yaml'}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, ThermoKDError
+from .registry import normalise
 
 
 @dataclass
@@ -199,7 +200,7 @@ class RunConfig:
             raise ConfigError(f"compare.tune.trials must be >= 0 and grid_points >= 1, got "
                               f"{self.compare.tune.trials} and {self.compare.tune.grid_points}")
         for label, variant in self.compare.variants.items():
-            key = label.strip().lower()
+            key = normalise(label)
             if key in method_names() or "@" in key or "," in key or not key:
                 raise ConfigError(f"compare.variants: label {label!r} must be new (not a method name such as "
                                   f"{key!r}), non-empty and free of '@' and ','")
@@ -225,7 +226,7 @@ def validate_method(method: MethodConfig, where: str) -> None:
     from .errors import ThermoKDError
     from .methods import build_loss, method_names
 
-    name = method.name.strip().lower().replace("_", "-")
+    name = normalise(method.name)
     for part in ("temperature", "weighting", "loss"):
         setattr(method, part, {k: _number_text(v) for k, v in getattr(method, part).items()})
         _finite(f"{where}.{part}", getattr(method, part))
@@ -243,8 +244,8 @@ def resolve_method(cfg: RunConfig, label: str) -> MethodConfig:
     (fixed-τ KD), the config's own method (with its overrides) or any other method name at its defaults."""
     from .methods import method_names
 
-    key = label.strip().lower().replace("_", "-")
-    variants = {k.strip().lower(): v for k, v in cfg.compare.variants.items()}
+    key = normalise(label)
+    variants = {normalise(k): v for k, v in cfg.compare.variants.items()}
     if key in variants:
         return copy.deepcopy(variants[key])
     base, at, tau_text = key.partition("@")
@@ -293,7 +294,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (int→float allowed), recursing into dataclasses."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return build_section(tp, value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}")
@@ -331,7 +332,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
 
 
-def _build(cls: Any, raw: Any, where: str) -> Any:
+def build_section(cls: Any, raw: Any, where: str) -> Any:
+    """A config dataclass ``cls`` from a raw YAML mapping; errors name the field at ``where``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -349,7 +351,7 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Validate a plain mapping (as read from YAML) into a :class:`RunConfig`."""
-    return _build(RunConfig, raw, "").validate()
+    return build_section(RunConfig, raw, "").validate()
 
 
 def apply_overrides(raw: dict[str, Any], overrides: "list[str] | None") -> dict[str, Any]:

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -124,6 +125,18 @@ def atomic_write(path: "str | Path", write: Callable[[Path], None]) -> Path:
         raise filesystem_error(exc, path) from None
     _fsync_dir(path.parent)
     return path
+
+
+def replace_folder(tmp: "str | Path", final: "str | Path") -> Path:
+    """Put the finished folder ``tmp`` in the place of ``final`` (a checkpoint written file by file beside it)."""
+    tmp, final = Path(tmp), Path(final)
+    shutil.rmtree(final, ignore_errors=True)
+    try:
+        tmp.rename(final)
+    except OSError as exc:
+        raise filesystem_error(exc, final) from None
+    _fsync_dir(final.parent)
+    return final
 
 
 def write_bytes(path: "str | Path", data: bytes) -> Path:

@@ -2,26 +2,38 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ThermoKDError, choice_error
 from .loss import DistillationLoss
+from .registry import Registry, check_keywords
 from .temperature import CIST, CTKD, DTKD, DTS, EntropyTarget, Fixed, LogitStandardization
 from .weighting import ConfidenceDifficulty, TeacherEntropy
 
-# name -> (default DistillationLoss arguments, temperature factory, weighting factory); paper defaults.
-_METHODS: dict[str, tuple[dict[str, Any], Callable[..., Any], "Callable[..., Any] | None"]] = {
-    "ce": ({"ce_weight": 1.0, "kd_weight": 0.0}, Fixed, None),
-    "kd": ({}, Fixed, None),
-    "cist": ({}, CIST, ConfidenceDifficulty),
-    "dts": ({}, DTS, None),
-    "ctkd": ({}, CTKD, None),
-    "lskd": ({"ce_weight": 0.1, "kd_weight": 9.0}, LogitStandardization, None),
-    "dtkd": ({}, DTKD, None),
-    "dkd": ({"family": "dkd", "ce_weight": 1.0, "kd_weight": 1.0}, Fixed, None),
-    "entropy-target": ({}, EntropyTarget, None),
-    "erkd": ({}, Fixed, TeacherEntropy),
-}
+
+@dataclass(frozen=True)
+class Preset:
+    """A method: its temperature and weighting factories and its defaults for ``DistillationLoss``."""
+
+    temperature: Callable[..., Any]
+    weighting: "Callable[..., Any] | None" = None
+    loss: dict[str, Any] = field(default_factory=dict)
+
+
+# the paper defaults of every method name
+METHODS: "Registry[Preset]" = Registry("method", {
+    "ce": Preset(Fixed, loss={"ce_weight": 1.0, "kd_weight": 0.0}),
+    "kd": Preset(Fixed),
+    "cist": Preset(CIST, ConfidenceDifficulty),
+    "dts": Preset(DTS),
+    "ctkd": Preset(CTKD),
+    "lskd": Preset(LogitStandardization, loss={"ce_weight": 0.1, "kd_weight": 9.0}),
+    "dtkd": Preset(DTKD),
+    "dkd": Preset(Fixed, loss={"family": "dkd", "ce_weight": 1.0, "kd_weight": 1.0}),
+    "entropy-target": Preset(EntropyTarget),
+    "erkd": Preset(Fixed, TeacherEntropy),
+})
 # Language-model defaults (``build_loss(name, domain="lm")``, ``thermokd lm``): the image-classification τ = 4 gives
 # near-uniform targets over a vocabulary. The best of a small grid by validation perplexity on grimm-tales (DTS: its
 # paper's language setting); docs/lm.md gives the grid and the numbers.
@@ -37,7 +49,7 @@ LOSS_KEYS = ("family", "divergence", "ce_weight", "kd_weight", "scale", "dkd_alp
 
 
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def build_loss(method: str, *, domain: str = "default", temperature: "dict[str, Any] | None" = None,
@@ -46,24 +58,23 @@ def build_loss(method: str, *, domain: str = "default", temperature: "dict[str, 
     ``dtkd``, ``dkd``, ``entropy-target``, ``erkd``) with the paper defaults, or with ``domain="lm"`` the
     language-model presets (``LM_PRESETS``); ``temperature`` and ``weighting`` hold keyword overrides for those
     parts, ``loss_kwargs`` override the loss's own arguments."""
-    key = method.strip().lower().replace("_", "-")
-    if key not in _METHODS:
-        raise choice_error("method", method, method_names())
+    key = METHODS.key(method)
     if domain not in DOMAINS:
         raise choice_error("domain", domain, DOMAINS)
     if domain == "lm":
         preset = LM_PRESETS.get(key, {})
         temperature = {**preset.get("temperature", {}), **(temperature or {})}
-    defaults, make_temperature, make_weighting = _METHODS[key]
+    method_preset = METHODS.get(key)
     unknown = set(loss_kwargs) - set(LOSS_KEYS)
     if unknown:
         raise ThermoKDError(f"unknown loss option(s) {sorted(unknown)} for method {method!r}; "
                             f"allowed: {', '.join(LOSS_KEYS)}")
-    try:
-        strategy = make_temperature(**(temperature or {}))
-        weights = make_weighting(**(weighting or {})) if make_weighting is not None else None
-    except TypeError as exc:
-        raise ThermoKDError(f"bad option for method {method!r}: {exc}") from None
-    if weighting and make_weighting is None:
+    if weighting and method_preset.weighting is None:
         raise ThermoKDError(f"method {method!r} has no weighting to configure")
-    return DistillationLoss(temperature=strategy, weighting=weights, **{**defaults, **loss_kwargs})
+    check_keywords(f"method {key!r} (its temperature)", method_preset.temperature, temperature or {})
+    strategy = method_preset.temperature(**(temperature or {}))
+    weights = None
+    if method_preset.weighting is not None:
+        check_keywords(f"method {key!r} (its weighting)", method_preset.weighting, weighting or {})
+        weights = method_preset.weighting(**(weighting or {}))
+    return DistillationLoss(temperature=strategy, weighting=weights, **{**method_preset.loss, **loss_kwargs})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ThermoKDError
+from .registry import normalise
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ def method_space(method: str, kd_weight: bool = False) -> dict[str, Knob]:
     knob; the further options a strategy declares (:func:`declared_space`) are searched only when named."""
     from .methods import build_loss
 
-    space = dict(SPACES.get(loss_name(method), {}))
+    space = dict(SPACES.get(normalise(method), {}))
     if kd_weight and build_loss(method).kd_weight > 0:
-        space["loss.kd_weight"] = KD_WEIGHT.get(loss_name(method), DEFAULT_KD_WEIGHT)
+        space["loss.kd_weight"] = KD_WEIGHT.get(normalise(method), DEFAULT_KD_WEIGHT)
     return space
 
 
@@ -83,10 +84,6 @@ def declared_space(method: str) -> dict[str, Knob]:
                     knob = FloatRange(float(knob[0]), float(knob[1]), bool(knob[2]) if len(knob) > 2 else False)
                 space[name if "." in name else f"{section}.{name}"] = knob
     return space
-
-
-def loss_name(method: str) -> str:
-    return method.strip().lower().replace("_", "-")
 
 
 def check_knob(name: str, knob: Any) -> Knob:

@@ -88,14 +88,6 @@ def stat_tensor(stats: Mapping, key: str, device: "torch.device | None" = None) 
     return torch.as_tensor(value, dtype=torch.float32, device=device).detach()
 
 
-def add_into(sums: "dict[str, Tensor | float]", stats: Mapping, weight: float = 1.0) -> None:
-    """``sums[k] += weight·stats[k]`` for every statistic, on the device (no sync for :class:`LazyStats`)."""
-    values = stats.device_values() if isinstance(stats, LazyStats) else stats
-    for key, value in values.items():
-        value = value.detach() if isinstance(value, Tensor) else value
-        sums[key] = sums.get(key, 0.0) + value * weight
-
-
 def host_floats(values: Mapping) -> dict[str, float]:
     """A mapping of tensors and floats as plain floats, with one transfer (for logs and checkpoints)."""
     return dict(LazyStats.of(values))

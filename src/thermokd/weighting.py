@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .errors import ThermoKDError, choice_error
 from .functional import soft_label_entropy
+from .registry import Registry
 from .rows import Rows
 
 if TYPE_CHECKING:
@@ -42,11 +43,6 @@ class Weighting(nn.Module):
 
     def observe(self, output: "LossOutput") -> None:
         """Called by ``DistillationLoss.observe`` after the optimiser step; stateful weightings update here."""
-
-    @staticmethod
-    def normalise(raw: Tensor) -> Tensor:
-        """``w_i = w̃_i · N / Σ w̃``: mean 1 over the rows given."""
-        return raw * (raw.numel() / raw.sum().clamp_min(1e-12))
 
 
 CONFIDENCES = ("label", "max")
@@ -204,17 +200,13 @@ class TeacherEntropy(Weighting):
         return super().shares(log_w) if self.normalize else log_w.exp() / log_w.shape[0]
 
 
-_WEIGHTINGS = {"none": None, "confidence-difficulty": ConfidenceDifficulty, "teacher-entropy": TeacherEntropy}
+WEIGHTINGS: "Registry[Weighting | None]" = Registry("weighting", {
+    "none": lambda: None, "confidence-difficulty": ConfidenceDifficulty, "teacher-entropy": TeacherEntropy})
 
 
 def build(name: str, **kwargs) -> "Weighting | None":
     """Weighting by name: ``none``, ``confidence-difficulty`` or ``teacher-entropy``."""
-
-    key = name.strip().lower().replace("_", "-")
-    if key not in _WEIGHTINGS:
-        raise choice_error("weighting", name, list(_WEIGHTINGS))
-    cls = _WEIGHTINGS[key]
-    return None if cls is None else cls(**kwargs)
+    return WEIGHTINGS.build(name, **kwargs)
 
 
 __all__ = ["ConfidenceDifficulty", "TeacherEntropy", "Weighting", "build"]

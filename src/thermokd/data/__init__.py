@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ThermoKDError
+from ..registry import Registry
 from .augment import AUGMENTATIONS, make_augment, random_crop, random_flip
 from .bundle import DataBundle, Split, make_bundle
 from .cache import default_cache_dir
@@ -13,8 +14,16 @@ from .text import DEFAULT_MAX_LEN, TEXT_SETS, is_text_spec, read_tab, tab_files,
 
 DATA_SPECS = ("digits", "fashion-mnist", "idx:DIR", "npz:FILE", "cifar10:DIR", "cifar100:DIR", *TEXT_SETS,
               "tab:PREFIX")
-_PATH_LOADERS = {"idx": idx_folder, "npz": npz_file, "cifar10": lambda p: cifar(p, 10),
-                 "cifar100": lambda p: cifar(p, 100)}
+# ``--data NAME``: each source takes (seed, the text options)
+SOURCES: "Registry[DataBundle]" = Registry("data source", {
+    "digits": lambda seed, text: digits(seed),
+    "fashion-mnist": lambda seed, text: fashion_mnist(), "fashionmnist": lambda seed, text: fashion_mnist(),
+    **{name: (lambda seed, text, name=name: text_dataset(name, **text)) for name in TEXT_SETS}})
+# ``--data KIND:PATH``: each source takes (the resolved path, the text options)
+PATH_SOURCES: "Registry[DataBundle]" = Registry("data source", {
+    "idx": lambda where, text: idx_folder(where), "npz": lambda where, text: npz_file(where),
+    "cifar10": lambda where, text: cifar(where, 10), "cifar100": lambda where, text: cifar(where, 100),
+    "tab": lambda where, text: tab_files(where, **text)})
 
 
 def load_data(spec: str, *, seed: int = 0, root: "str | Path | None" = None, max_len: int = DEFAULT_MAX_LEN,
@@ -31,19 +40,12 @@ def load_data(spec: str, *, seed: int = 0, root: "str | Path | None" = None, max
 
 def _load(spec: str, seed: int, root, max_len: int, tokenizer, cache_dir) -> DataBundle:
     kind, sep, path = spec.partition(":")
-    kind = kind.strip().lower()
     text = {"max_len": max_len, "tokenizer": tokenizer, "cache_dir": cache_dir}
-    if not sep:
-        if kind == "digits":
-            return digits(seed)
-        if kind in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
-            return fashion_mnist()
-        if kind in TEXT_SETS:
-            return text_dataset(kind, **text)
-    elif (kind in _PATH_LOADERS or kind == "tab") and path.strip():
+    if not sep and kind in SOURCES:
+        return SOURCES.get(kind)(seed, text)
+    if sep and kind in PATH_SOURCES and path.strip():
         where = Path(path.strip()).expanduser()
-        where = Path(root) / where if root is not None else where
-        return tab_files(where, **text) if kind == "tab" else _PATH_LOADERS[kind](where)
+        return PATH_SOURCES.get(kind)(Path(root) / where if root is not None else where, text)
     raise ThermoKDError(f"unknown --data {spec!r}; accepted: {', '.join(DATA_SPECS)}")
 
 

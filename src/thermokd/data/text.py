@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ThermoKDError
 from ..files import FORMAT, cached_tensors, digest, save_tensors
+from ..registry import normalise
 from .bundle import DataBundle, Split
 from .cache import default_cache_dir
 from .shipped import minilm_dir, text_datasets_dir
@@ -25,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spec
 
 def is_text_spec(spec: str) -> bool:
     """Whether a ``--data`` value names a text set (``20newsgroups``, ``r8``, ``r52``, ``tab:PREFIX``)."""
-    kind = spec.strip().lower()
+    kind = normalise(spec)
     return kind in TEXT_SETS or kind.startswith("tab:")
 
 

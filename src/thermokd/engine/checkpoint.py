@@ -22,16 +22,12 @@ import torch
 from torch import Tensor
 
 from ..errors import ThermoKDError
-from ..files import digest, ensure_dir, load_tensors, read_json, save_tensors, write_bytes, write_json
+from ..files import (digest, ensure_dir, load_tensors, read_json, replace_folder, save_tensors, write_bytes,
+                     write_json)
 
 LATEST, MANIFEST = "latest.json", "manifest.json"
 FILES = ("weights.safetensors", "optimizer.pt", "state.json")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` atomically (kept for callers that predate :mod:`thermokd.files`)."""
-    write_json(path, data)
 
 
 @dataclass
@@ -57,8 +53,7 @@ def save_checkpoint(root: Path, name: str, tensors: dict[str, Tensor], optimizer
     write_bytes(tmp / FILES[1], buffer.getvalue())
     write_json(tmp / FILES[2], state)
     write_json(tmp / MANIFEST, {"files": {f: digest((tmp / f).read_bytes()) for f in FILES}, "meta": meta or {}})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    replace_folder(tmp, final)
     write_json(root / LATEST, {"name": name})
     previous = sorted(p for p in root.iterdir() if p.is_dir() and p.name != name and not p.name.startswith("."))
     for old in previous[: max(0, len(previous) - (keep - 1))]:

@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..diagnostics import soft_label_report
 from ..errors import ThermoKDError
-from ..files import FolderLock, digest, read_json
+from ..files import FolderLock, digest, read_json, write_json
 from ..methods import build_loss
 from ..progress import Progress
+from ..teacher_cache import save_weights
 from .identity import check_same_run, data_digest, run_identity
-from .teacher import cached_view_logits, obtain_teacher, save_weights, teacher_dir, teacher_key
-from .trainer import EpochData, LoopConfig, Trainer, predict, save_json
+from .teacher import cached_view_logits, obtain_teacher, teacher_dir, teacher_key
+from .trainer import EpochData, LoopConfig, Trainer, predict
 
 FINAL_KEYS = ("tau_teacher_mean", "tau_teacher_min", "tau_teacher_max", "tau_student_mean",
               "teacher_entropy_mean", "teacher_entropy_std", "weight_std")
@@ -58,15 +59,12 @@ class Experiment:
         from ..models import build_model
 
         b, shape = self.bundle, self.bundle.input_shape
-        try:
-            if b.is_text:
-                model = build_model(name, num_classes=b.num_classes, vocab_size=b.vocab_size, pad_id=b.pad_id,
-                                    max_len=shape[0], **model_args)
-            else:
-                model = build_model(name, num_classes=b.num_classes, in_channels=shape[0],
-                                    input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
-        except TypeError as exc:
-            raise ThermoKDError(f"bad model_args for {name!r}: {exc}") from None
+        if b.is_text:
+            model = build_model(name, num_classes=b.num_classes, vocab_size=b.vocab_size, pad_id=b.pad_id,
+                                max_len=shape[0], **model_args)
+        else:
+            model = build_model(name, num_classes=b.num_classes, in_channels=shape[0],
+                                input_size=shape[-1] if len(shape) == 3 else 1, **model_args)
         if len(shape) == 3 and name != "mlp":  # faster for convolutions on the CPU (docs/data.md)
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -197,7 +195,7 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
                       description=f"{cfg.method.name} seed {t.seed}")
     if accelerator.is_main_process and not existing:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a log left by a run killed before its first checkpoint
-        save_json(out_dir / "config.json", cfg.to_dict())
+        write_json(out_dir / "config.json", cfg.to_dict())
     started = time.time()
     trainer = Trainer(student, loss_fn, data, loop, accelerator, out_dir=out_dir, teacher=online, run_key=identity,
                       on_epoch=on_epoch)
@@ -222,6 +220,6 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
                                      "histogram_counts": report.histogram_counts}
     if accelerator.is_main_process:
         save_weights(student, out_dir / "student.safetensors")
-        save_json(result_path, result)
+        write_json(result_path, result)
     accelerator.free_memory()
     return result

@@ -1,7 +1,6 @@
 """Teachers trained once and cached by a key of their config; their logits on the training views cached too."""
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,15 +12,16 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data.cache import default_cache_dir
 from ..errors import ThermoKDError
-from ..files import FORMAT, FolderLock, cached_tensors, load_tensors, path_digest, save_tensors, write_json
+from ..files import FORMAT, cached_tensors, path_digest, save_tensors
 from ..methods import build_loss
+from ..teacher_cache import TeacherEntry, cache_key, load_weights
 from .features import cache_frozen_features, caches_features
 from .trainer import EpochData, LoopConfig, Trainer, predict
 
 
-def teacher_key(cfg: RunConfig, data_digest: str) -> str:
-    """A short hash of everything that determines the trained teacher: its config section, the content of the
-    data (``data_digest``, not the path it was read from), the teacher file it is loaded from, and the format."""
+def teacher_spec(cfg: RunConfig, data_digest: str) -> dict[str, Any]:
+    """Everything that determines the trained teacher, what its cache key digests: its config section, the content
+    of the data (``data_digest``, not the path it was read from), the teacher file it is loaded from, the format."""
     from ..data import is_text_spec
 
     t = cfg.teacher
@@ -32,36 +32,19 @@ def teacher_key(cfg: RunConfig, data_digest: str) -> str:
             "validation": [cfg.data.val_fraction, cfg.data.val_seed]}  # the teacher trains without the val split
     if is_text_spec(cfg.data.name):
         spec["text"] = {"max_len": cfg.data.max_len, "tokenizer": cfg.data.tokenizer}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return spec
+
+
+def teacher_entry(cfg: RunConfig, data_digest: str, cache_dir: "Path | None" = None) -> TeacherEntry:
+    return TeacherEntry(cache_dir or default_cache_dir(), "teachers", teacher_spec(cfg, data_digest))
+
+
+def teacher_key(cfg: RunConfig, data_digest: str) -> str:
+    return cache_key(teacher_spec(cfg, data_digest))
 
 
 def teacher_dir(cfg: RunConfig, data_digest: str, cache_dir: "Path | None" = None) -> Path:
-    return (cache_dir or default_cache_dir()) / "teachers" / teacher_key(cfg, data_digest)
-
-
-def load_weights(model: nn.Module, path: Path, checksum: bool = True) -> None:
-    """Load safetensors weights into ``model`` (verified against their checksum unless they come from elsewhere,
-    ``checksum=False``); a mismatch names the classifier's class counts or the first tensor that does not fit."""
-    if not path.is_file():
-        raise ThermoKDError(f"teacher checkpoint not found: {path}")
-    remedy = (f"delete the cache entry {path.parent} and run again to retrain the teacher" if checksum
-              else "point teacher.checkpoint at a safetensors file of this model")
-    stored, _ = load_tensors(path, remedy=remedy, checksum=checksum)
-    expected = model.state_dict()
-    head = [k for k, v in expected.items() if k.endswith("weight") and v.dim() == 2][-1:]
-    if head and head[0] in stored and stored[head[0]].shape[0] != expected[head[0]].shape[0]:
-        raise ThermoKDError(f"the teacher checkpoint {path} predicts {stored[head[0]].shape[0]} classes but the "
-                            f"data has {expected[head[0]].shape[0]}")
-    for k, v in expected.items():
-        if k not in stored or stored[k].shape != v.shape:
-            found = tuple(stored[k].shape) if k in stored else "nothing"
-            raise ThermoKDError(f"the teacher checkpoint {path} does not fit model {type(model).__name__}: "
-                                f"{k} should be {tuple(v.shape)}, found {found}")
-    model.load_state_dict(stored)
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    save_tensors(path, model.state_dict())
+    return teacher_entry(cfg, data_digest, cache_dir).folder
 
 
 def seeded_build(build_model, name: str, model_args: dict[str, Any], seed: int) -> nn.Module:
@@ -81,11 +64,10 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
 
     A teacher with a frozen pretrained encoder first gets that encoder's outputs on the training and test
     inputs (cached on disk), so that training its head and every later pass cost only the head."""
-    key = teacher_key(cfg, data_digest)
-    directory = teacher_dir(cfg, data_digest, cache_dir)
+    entry = teacher_entry(cfg, data_digest, cache_dir)
+    key, directory = entry.key, entry.folder
     t = cfg.teacher
     model = seeded_build(build_model, t.model, t.model_args, t.seed)
-    weights, info_path = directory / "teacher.safetensors", directory / "teacher.json"
     source = "checkpoint" if t.checkpoint else "cache"
     if t.checkpoint:
         load_weights(model, Path(t.checkpoint), checksum=False)
@@ -94,12 +76,12 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
         cache_frozen_features(model, splits if data.val_x is None else {**splits, "val": data.val_x}, accelerator,
                               cache_dir, progress_bar)
     if not t.checkpoint:
-        with FolderLock(directory, "teacher cache entry", wait=True, echo=echo):
+        with entry.lock(echo):
             accelerator.wait_for_everyone()  # every rank decides after rank 0 holds the lock, so all decide alike
-            if not (weights.is_file() and info_path.is_file()):
+            if not entry.exists():
                 source = "trained"
-                _train_teacher(cfg, model, data, accelerator, directory, key, progress_bar)
-        load_weights(model, weights)
+                _train_teacher(cfg, model, data, accelerator, entry, progress_bar)
+        entry.load(model)
     model = model.to(accelerator.device).eval()
     test_logits = predict(model, data.test_x, accelerator.device, cfg.train.eval_batch_size)
     acc = float((test_logits.argmax(-1) == data.test_y).float().mean())
@@ -112,19 +94,18 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
                    "train_seconds": training_seconds(directory / "run" / "metrics.jsonl"), "test_logits": test_logits}
 
 
-def _train_teacher(cfg: RunConfig, model: nn.Module, data: EpochData, accelerator, directory: Path, key: str,
+def _train_teacher(cfg: RunConfig, model: nn.Module, data: EpochData, accelerator, entry: TeacherEntry,
                    progress_bar: bool) -> None:
     t = cfg.teacher
     loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
                       schedule=t.schedule, log_every=cfg.train.log_every, eval_batch_size=cfg.train.eval_batch_size,
                       progress_bar=progress_bar, description=f"teacher {t.model}")
-    trainer = Trainer(model, build_loss("ce"), data, loop, accelerator, out_dir=directory / "run")
+    trainer = Trainer(model, build_loss("ce"), data, loop, accelerator, out_dir=entry.folder / "run")
     summary = trainer.fit(resume=True)  # a killed teacher run continues where it stopped
     accelerator.free_memory()
     if accelerator.is_main_process:
-        save_weights(model, directory / "teacher.safetensors")
-        write_json(directory / "teacher.json", {"key": key, "model": t.model, "test_acc": summary["last_acc"],
-                                                "best_acc": summary["best_acc"], "config": cfg.to_dict()["teacher"]})
+        entry.store(model, {"model": t.model, "test_acc": summary["last_acc"], "best_acc": summary["best_acc"],
+                            "config": cfg.to_dict()["teacher"]})
     accelerator.wait_for_everyone()
 
 

@@ -22,8 +22,8 @@ from ..config import OptimizerConfig, ScheduleConfig
 from ..errors import ThermoKDError
 from ..loss import DistillationLoss, LossOutput
 from ..progress import Progress
-from ..stats import LazyStats, add_into, host_floats
-from .checkpoint import load_latest, save_checkpoint, write_json_atomic
+from ..steps import StatWindow, loss_parameter_group
+from .checkpoint import load_latest, save_checkpoint
 from .divergence import check_finite_loss, collapse, warn_collapse
 from .metrics import MetricLogger
 from .schedule import learning_rate
@@ -113,7 +113,7 @@ class _Position:
     collapse: "dict[str, Any] | None" = None
     history: list[dict[str, Any]] = field(default_factory=list)
     tau_trace: list[list[float]] = field(default_factory=list)
-    epoch_sums: dict[str, "Tensor | float"] = field(default_factory=dict)  # device tensors until logged or saved
+    epoch_stats: dict[str, Any] = field(default_factory=dict)  # StatWindow.state() of the epoch so far
     epoch_steps: int = 0
     epoch_train_time: float = 0.0
     metrics_offset: int = 0
@@ -150,7 +150,9 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * loop.epochs
         self.keep = keep_checkpoints
         module = DistillModule(student, loss_fn)
-        optimizer = make_optimizer(module.parameters(), loop.optimizer)
+        groups = [{"params": list(student.parameters())}]
+        learnable = loss_parameter_group(loss_fn, loop.optimizer.weight_decay)  # CTKD's θ
+        optimizer = make_optimizer(groups + ([learnable] if learnable else []), loop.optimizer)
         self.module, self.optimizer = accelerator.prepare(module, optimizer)
         if teacher is not None:
             self.teacher = teacher.to(accelerator.device).eval()
@@ -172,7 +174,8 @@ class Trainer:
         if self.acc.is_main_process:
             tensors = {f"model.{k}": v for k, v in self.inner.state_dict().items()}
             tensors["rng.torch"] = torch.get_rng_state()
-            pos.epoch_sums = host_floats(pos.epoch_sums)
+            self._epoch_window = self._epoch_window.on_host()  # as a resumed run continues: from floats
+            pos.epoch_stats = self._epoch_window.state()
             pos.metrics_offset = self.logger.offset()
             save_checkpoint(self.out_dir / "checkpoints", f"step-{pos.global_step:09d}", tensors,
                             self.optimizer.state_dict(), vars(pos), keep=self.keep, meta=self.run_key)
@@ -191,6 +194,7 @@ class Trainer:
                                 f"{' '.join(str(exc).split())[:400]}") from None  # whole, on one line
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         pos = _Position(**ckpt.state)
+        self._epoch_window = StatWindow.from_state(pos.epoch_stats)
         if self.acc.is_main_process:
             self.logger.truncate(pos.metrics_offset)
         return pos
@@ -198,7 +202,8 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         pos = self._restore() if resume else None
-        pos = pos or _Position()
+        if pos is None:
+            pos, self._epoch_window = _Position(), StatWindow()
         loss_fn = self.inner.loss_fn
         if self.distils and pos.global_step == 0:
             cached = self.data.teacher_logits_for_epoch(0)
@@ -246,7 +251,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = order[step * loop.batch_size:(step + 1) * loop.batch_size]
-            sums: dict[str, float] = {}
+            window = StatWindow()
             for a in range(loop.grad_accum):
                 local = batch[a * chunk:(a + 1) * chunk][rank * self.micro:(rank + 1) * self.micro]
                 x, t, y = self._batch(inputs, cached, local)
@@ -254,18 +259,17 @@ class Trainer:
                 with sync:
                     loss, out = self.module(x, t, y, progress)
                     self.acc.backward(loss / loop.grad_accum)
-                add_into(sums, out.stats, 1.0 / loop.grad_accum)  # on the device: a step reads no value back
+                window.add(out.stats, progress)  # on the device: a step reads no value back
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            stats = LazyStats.of(self._mean_over_processes(sums))
-            loss = stats.get_tensor("loss") if "loss" in stats else torch.tensor(math.nan)  # no valid rows: no loss
-            loss_fn.observe(LossOutput(loss=loss, stats=stats, progress=progress))
+            window = window.reduced(self.acc)
+            loss_fn.observe(window)  # once per optimiser step, from the step's statistics
             pos.global_step += 1
             pos.step_in_epoch = step + 1
             pos.epoch_steps += 1
-            add_into(pos.epoch_sums, stats)
+            self._epoch_window.merge(window)
             if pos.global_step % loop.log_every == 0:  # the statistics are read only here
-                values = dict(stats)
+                values = {k: v for k, v in window.means().items() if k != "rows"}
                 check_finite_loss(values, f"at step {pos.global_step} (epoch {e})", loop.description)
                 if "tau_teacher_mean" in values:
                     pos.tau_trace.append([pos.global_step, values["tau_teacher_mean"], values["tau_student_mean"]])
@@ -282,19 +286,11 @@ class Trainer:
         pos.epoch_train_time += time.perf_counter() - start
         self._end_epoch(pos, lr)
 
-    def _mean_over_processes(self, stats: dict[str, "Tensor | float"]) -> dict[str, "Tensor | float"]:
-        if self.acc.num_processes == 1:
-            return stats
-        keys = sorted(stats)
-        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=self.acc.device) for k in keys])
-        values = self.acc.reduce(values, reduction="mean")
-        return dict(zip(keys, values.unbind()))
-
     def _end_epoch(self, pos: _Position, lr: float) -> None:
         test_acc, num_classes = self.evaluate(self.data.test_x, self.data.test_y)
         has_val = self.data.val_x is not None
         val_acc = self.evaluate(self.data.val_x, self.data.val_y)[0] if has_val else None
-        means = {k: v / max(pos.epoch_steps, 1) for k, v in host_floats(pos.epoch_sums).items()}
+        means = {k: v for k, v in self._epoch_window.means().items() if k != "rows"}
         check_finite_loss(means, f"in epoch {pos.epoch} (by step {pos.global_step})", self.loop.description)
         record = {"epoch": pos.epoch, "val_acc": val_acc, "test_acc": test_acc, "train_loss": means.get("loss"),
                   "lr": lr, "train_time": pos.epoch_train_time, **{k: v for k, v in means.items() if k != "loss"}}
@@ -309,7 +305,8 @@ class Trainer:
                 warn_collapse(self.loop.description, pos.collapse)
         self.logger.log({"type": "epoch", **record})
         pos.epoch += 1
-        pos.step_in_epoch, pos.epoch_steps, pos.epoch_sums, pos.epoch_train_time = 0, 0, {}, 0.0
+        pos.step_in_epoch, pos.epoch_steps, pos.epoch_train_time = 0, 0, 0.0
+        self._epoch_window = StatWindow()
         self._save(pos)
         if self.on_epoch is not None:
             self.on_epoch(record)
@@ -325,6 +322,3 @@ class Trainer:
         return epoch_summary(pos.history, pos.best_epoch, pos.collapse) | {
             "epochs": self.loop.epochs, "steps": pos.global_step, "tau_trace": pos.tau_trace}
 
-
-def save_json(path: Path, data: Any) -> None:
-    write_json_atomic(path, data)

@@ -13,9 +13,9 @@ from ..config import RunConfig, resolve_method
 from ..engine.divergence import describe_collapse
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
-from ..engine.trainer import save_json
 from ..errors import ThermoKDError
-from ..files import FolderLock
+from ..files import FolderLock, write_json
+from ..registry import normalise
 
 DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
 
@@ -29,7 +29,7 @@ def machine_description() -> str:
 def parse_methods(text: str, cfg: RunConfig) -> list[str]:
     """Comma-separated labels (method names, ``kd@TAU``, or variants of the config's ``compare`` section),
     normalised and checked against ``cfg``."""
-    methods = [m.strip().lower().replace("_", "-") for m in text.split(",") if m.strip()]
+    methods = [normalise(m) for m in text.split(",") if m.strip()]
     if not methods:
         raise ThermoKDError("--methods is empty; give a comma-separated list such as ce,kd,cist")
     if len(set(methods)) != len(methods):
@@ -116,7 +116,7 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
                "machine": machine_description(), "teacher": info, "student": {"model": cfg.student.model},
                "epochs": cfg.train.epochs, "seeds": seeds, "methods": methods, "kd_grid": kd_grid(cfg, methods),
                "config": cfg.to_dict(), "runs": runs, "tuning": tuned}
-    save_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
 

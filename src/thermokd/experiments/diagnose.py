@@ -24,12 +24,14 @@ from torch import Tensor
 from ..config import RunConfig
 from ..diagnostics import matched_fixed_tau, soft_label_report
 from ..engine.run import setup
-from ..engine.trainer import predict, save_json
+from ..engine.trainer import predict
 from ..errors import ThermoKDError
 from ..functional import normalised_entropy
+from ..files import write_json, write_text
 from ..methods import build_loss, method_names
 from ..progress import Progress
-from .report import _colours, _figure, _save
+from ..registry import normalise
+from .report import figure, method_colours, save_figure
 
 SPLITS = ("train", "test")
 ECE_BINS = 15
@@ -63,7 +65,7 @@ def check_methods(methods: "list[str]") -> list[str]:
     allowed = diagnosable_methods()
     out: list[str] = []
     for m in methods:
-        key = str(m).strip().lower().replace("_", "-")
+        key = normalise(m)
         if key not in allowed:
             extra = " (ce does not distil: it has no soft labels)" if key == "ce" else ""
             raise ThermoKDError(f"unknown method {m!r} for diagnose{extra}; allowed: {', '.join(allowed)}")
@@ -222,10 +224,10 @@ def run_diagnose(cfg: RunConfig, out_dir: Path, taus: "list[float]", methods: "l
         "taus": taus, "methods": methods, "strategies": entries, "entropy_curve": entropy_curve(logits, dense),
         "config": cfg.to_dict(),
     }
-    save_json(out_dir / "diagnose.json", results)
+    write_json(out_dir / "diagnose.json", results)
     plot_entropy_histograms(results, out_dir / HISTOGRAM_PLOT)
     plot_entropy_vs_tau(results, out_dir / CURVE_PLOT)
-    (out_dir / "diagnose.md").write_text(markdown(results), encoding="utf-8")
+    write_text(out_dir / "diagnose.md", markdown(results))
     return results
 
 
@@ -288,14 +290,14 @@ def plot_entropy_histograms(results: dict, path: Path) -> Path:
     groups = [("fixed τ", [e for e in results["strategies"] if e["kind"] == "fixed"]),
               ("adaptive methods", [e for e in results["strategies"] if e["kind"] == "adaptive"])]
     groups = [g for g in groups if g[1]]
-    fig = _figure(5.2 * len(groups), 4.2)
+    fig = figure(5.2 * len(groups), 4.2)
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
     for ax, (title, entries) in zip(axes, groups):
         if title == "fixed τ":
             cmap = colormaps["viridis"]
             colours = {e["label"]: cmap(i / max(len(entries) - 1, 1) * 0.9) for i, e in enumerate(entries)}
         else:
-            colours = _colours([e["label"] for e in entries])
+            colours = method_colours([e["label"] for e in entries])
         for i, e in enumerate(entries):
             r = e["report"]
             total = sum(r["histogram_counts"]) or 1
@@ -310,7 +312,7 @@ def plot_entropy_histograms(results: dict, path: Path) -> Path:
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.suptitle(f"Teacher soft-label entropy on {results['data']} ({results['split']} split)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _clipped_std(stats: "list[dict]") -> list[list[float]]:
@@ -323,7 +325,7 @@ def plot_entropy_vs_tau(results: dict, path: Path) -> Path:
     """Mean ± std of the normalised entropy against a fixed τ (log axis); each adaptive method is a marker at its
     mean teacher τ (± its entropy std) with a dashed horizontal line at its mean entropy."""
     curve = results["entropy_curve"]
-    fig = _figure(9.5, 4.8)
+    fig = figure(9.5, 4.8)
     ax = fig.add_subplot()
     xs = [p["tau"] for p in curve]
     ax.plot(xs, [p["mean"] for p in curve], color="black", label="fixed τ: mean")
@@ -335,7 +337,7 @@ def plot_entropy_vs_tau(results: dict, path: Path) -> Path:
                 yerr=_clipped_std([e["report"]["normalised_entropy"] for e in fixed]), fmt="o", color="black",
                 capsize=3, label="diagnosed fixed τ values")
     adaptive = [e for e in results["strategies"] if e["kind"] == "adaptive"]
-    colours = _colours([e["label"] for e in adaptive])
+    colours = method_colours([e["label"] for e in adaptive])
     for i, e in enumerate(adaptive):
         r = e["report"]
         h = r["normalised_entropy"]
@@ -350,4 +352,4 @@ def plot_entropy_vs_tau(results: dict, path: Path) -> Path:
     ax.set_title(f"Soft-label entropy against temperature ({results['data']}, {results['split']} split)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)

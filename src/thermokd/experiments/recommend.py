@@ -37,8 +37,8 @@ from typing import Any
 from ..config import RunConfig
 from ..diagnostics import matched_fixed_tau, soft_label_report
 from ..engine.run import run_distill, setup
-from ..engine.trainer import save_json
 from ..errors import ThermoKDError
+from ..files import write_json, write_text
 from ..functional import normalised_entropy
 from ..temperature import CIST
 from .diagnose import check_taus, teacher_outputs
@@ -136,7 +136,7 @@ def _kd_config(cfg: RunConfig, tau: float, epochs: int, seed: int) -> RunConfig:
     return run_cfg
 
 
-def _mean_std(values: "list[float]") -> tuple[float, float]:
+def mean_std(values: "list[float]") -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -184,9 +184,9 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
         best = [c["best_acc"] for c in cells if c["tau"] == tau]
         last = [c["last_acc"] for c in cells if c["tau"] == tau and c["last_acc"] is not None]
         val = [c["best_val_acc"] or 0.0 for c in cells if c["tau"] == tau]
-        by_tau[tau] = {"tau": tau, "best_mean": _mean_std(best)[0], "best_std": _mean_std(best)[1],
-                       "val_mean": _mean_std(val)[0],
-                       "last_mean": _mean_std(last)[0] if last else None, "n": len(best)}
+        by_tau[tau] = {"tau": tau, "best_mean": mean_std(best)[0], "best_std": mean_std(best)[1],
+                       "val_mean": mean_std(val)[0],
+                       "last_mean": mean_std(last)[0] if last else None, "n": len(best)}
     # the grid's best τ is chosen on validation; the gap below is then measured on test
     best_tau = max(grid, key=lambda t: (by_tau[t]["val_mean"], -abs(math.log(t / proposed))))
     best, prop = by_tau[best_tau], by_tau[proposed]
@@ -230,7 +230,7 @@ def write_recommendation(result: dict, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {**result, "created": datetime.datetime.now().isoformat(timespec="seconds")}
-    save_json(out_dir / "recommend.json", result)
+    write_json(out_dir / "recommend.json", result)
     p, v = result["proposal"], result.get("verification")
     adj = p["adjustment"]
     lines = [f"# thermokd recommend: {p['data']}", "",
@@ -266,7 +266,7 @@ def write_recommendation(result: dict, out_dir: Path) -> Path:
             lines += ["", f"Note: {v['budget_note']}."]
         lines.append("")
     path = out_dir / "recommend.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text(path, "\n".join(lines))
     return path
 
 

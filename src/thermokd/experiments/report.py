@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ThermoKDError
+from ..files import atomic_write, write_text
 from .evidence import evidence_lines
 
 ACCURACY_PLOT = "accuracy_curves.png"
@@ -22,7 +23,7 @@ ENTROPY_PLOT = "entropy_histograms.png"
 DPI = 120
 
 
-def _mean_std(values: Iterable[Any]) -> "tuple[float | None, float | None]":
+def mean_std(values: Iterable[Any]) -> "tuple[float | None, float | None]":
     """Mean and sample std (ddof=1; 0.0 for one value) of the non-None values; (None, None) when there are none."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
@@ -47,16 +48,16 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     ``wall_time_per_epoch`` (mean, seconds). Values a method does not have (τ for ``ce``) are None."""
     summary: dict[str, dict] = {}
     for method, group in _by_method(runs).items():
-        best_mean, best_std = _mean_std(r.get("best_acc") for r in group)
-        last_mean, last_std = _mean_std(r.get("last_acc") for r in group)
-        val_mean, val_std = _mean_std(r.get("best_val_acc") for r in group)
+        best_mean, best_std = mean_std(r.get("best_acc") for r in group)
+        last_mean, last_std = mean_std(r.get("last_acc") for r in group)
+        val_mean, val_std = mean_std(r.get("best_val_acc") for r in group)
         summary[method] = {
             "best_mean": best_mean, "best_std": best_std, "val_mean": val_mean, "val_std": val_std,
             "last_mean": last_mean, "last_std": last_std, "n": len(group), "seeds": [r.get("seed") for r in group],
             "collapsed": sum(1 for r in group if r.get("collapse")),
-            "tau_teacher_mean": _mean_std((r.get("final") or {}).get("tau_teacher_mean") for r in group)[0],
-            "teacher_entropy_std": _mean_std((r.get("teacher_entropy") or {}).get("std") for r in group)[0],
-            "wall_time_per_epoch": _mean_std(r.get("wall_time_per_epoch") for r in group)[0],
+            "tau_teacher_mean": mean_std((r.get("final") or {}).get("tau_teacher_mean") for r in group)[0],
+            "teacher_entropy_std": mean_std((r.get("teacher_entropy") or {}).get("std") for r in group)[0],
+            "wall_time_per_epoch": mean_std(r.get("wall_time_per_epoch") for r in group)[0],
         }
     return summary
 
@@ -151,7 +152,7 @@ def total_training_seconds(results: dict) -> dict[str, "float | None"]:
 # ---------------------------------------------------------------------------------------------------- plots
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -160,15 +161,13 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png"))
 
 
-def _colours(methods: list[str]) -> dict[str, Any]:
+def method_colours(methods: list[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
@@ -185,8 +184,8 @@ def plot_accuracy_curves(results: dict, path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     groups = _by_method(results.get("runs", []))
-    colours = _colours(list(groups))
-    fig = _figure(7.0, 4.5)
+    colours = method_colours(list(groups))
+    fig = figure(7.0, 4.5)
     ax = fig.add_subplot()
     drawn = False
     for method, runs in groups.items():
@@ -211,7 +210,7 @@ def plot_accuracy_curves(results: dict, path: Path) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Student test accuracy on {results.get('data', '?')} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tau_traces(results: dict, path: Path) -> Path:
@@ -219,8 +218,8 @@ def plot_tau_traces(results: dict, path: Path) -> Path:
     from matplotlib.lines import Line2D
 
     groups = _by_method(results.get("runs", []))
-    colours = _colours(list(groups))
-    fig = _figure(7.0, 4.5)
+    colours = method_colours(list(groups))
+    fig = figure(7.0, 4.5)
     ax = fig.add_subplot()
     handles, values = [], []
     for method, runs in groups.items():
@@ -247,14 +246,14 @@ def plot_tau_traces(results: dict, path: Path) -> Path:
     ax.set_ylabel("mean temperature τ")
     ax.set_title("Temperature during training (batch means)")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_entropy_histograms(results: dict, path: Path) -> Path:
     """Per method (small multiples) the distribution of the teacher's normalised entropy H/log C on the test set
     at the run's final temperature, counts summed over seeds."""
     groups = _by_method(results.get("runs", []))
-    colours = _colours(list(groups))
+    colours = method_colours(list(groups))
     panels = []
     for method, runs in groups.items():
         hists = [r["teacher_entropy"] for r in runs if r.get("teacher_entropy")
@@ -262,10 +261,10 @@ def plot_entropy_histograms(results: dict, path: Path) -> Path:
         if hists:
             counts = [sum(col) for col in zip(*(h["histogram_counts"] for h in hists))]
             panels.append((method, hists[0]["histogram_edges"], counts,
-                           _mean_std(h.get("mean") for h in hists)[0], _mean_std(h.get("std") for h in hists)[0]))
+                           mean_std(h.get("mean") for h in hists)[0], mean_std(h.get("std") for h in hists)[0]))
     cols = min(3, max(len(panels), 1))
     rows = max(1, math.ceil(len(panels) / cols))
-    fig = _figure(3.3 * cols + 0.5, 2.7 * rows + 0.6)
+    fig = figure(3.3 * cols + 0.5, 2.7 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     for i, ax in enumerate(axes.flat):
         if i >= len(panels):
@@ -290,7 +289,7 @@ def plot_entropy_histograms(results: dict, path: Path) -> Path:
     ax0 = axes.flat[0]
     ax0.set_xlim(0.0, 1.0)
     fig.suptitle("Teacher soft-label entropy at the final temperature")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -355,5 +354,5 @@ def write_report(results: dict, out_dir: Path, title: "str | None" = None) -> Pa
               f"![test accuracy]({ACCURACY_PLOT})", "", f"![temperature traces]({TAU_PLOT})", "",
               f"![teacher entropy]({ENTROPY_PLOT})", ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text(path, "\n".join(lines))
     return path

@@ -11,11 +11,10 @@ from typing import Any
 from ..config import MethodConfig, OptimizerConfig, RunConfig, resolve_method
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
-from ..engine.trainer import save_json
 from ..errors import ThermoKDError
-from ..files import FolderLock
+from ..files import FolderLock, write_json, write_text
 from .compare import machine_description
-from .report import _figure, _save, summarize, verdicts
+from .report import figure, save_figure, summarize, verdicts
 
 # optimiser settings used when the config's own optimiser is of another kind
 OPTIMIZERS = {"sgd": OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -96,7 +95,7 @@ def _run_sweep(cfg: RunConfig, out_dir: Path, plan: dict, folders: dict, taus, o
                "student": {"model": cfg.student.model}, "taus": taus, "optimizers": optimizers, "budgets": budgets,
                "seeds": seeds, "methods": methods, "config": cfg.to_dict(), "cells": cells,
                "groups": summarize_sweep(cells, taus)}
-    save_json(out_dir / "sweep.json", results)
+    write_json(out_dir / "sweep.json", results)
     write_sweep_report(results, out_dir)
     return results
 
@@ -136,13 +135,13 @@ def write_sweep_report(results: dict, out_dir: Path) -> Path:
     plot_accuracy_vs_tau(results, out_dir / "accuracy_vs_tau.png")
     plot_heatmap(results, out_dir / "heatmap.png")
     path = out_dir / "sweep.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 
 def plot_accuracy_vs_tau(results: dict, path: Path) -> Path:
     """KD's best-epoch accuracy against τ (log axis), one line per optimiser/budget, ±1 std error bars."""
-    fig = _figure(7.5, 4.5)
+    fig = figure(7.5, 4.5)
     ax = fig.add_subplot()
     taus = results["taus"]
     for group in results["groups"].values():
@@ -156,7 +155,7 @@ def plot_accuracy_vs_tau(results: dict, path: Path) -> Path:
     ax.set_title("Fixed-τ KD across the grid")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap(results: dict, path: Path) -> Path:
@@ -167,7 +166,7 @@ def plot_heatmap(results: dict, path: Path) -> Path:
     taus = results["taus"]
     grid = np.array([[100 * g["summary"][kd_label(t)]["best_mean"] if kd_label(t) in g["summary"] else np.nan
                       for t in taus] for g in groups])
-    fig = _figure(1.2 * len(taus) + 3, 0.6 * len(groups) + 2)
+    fig = figure(1.2 * len(taus) + 3, 0.6 * len(groups) + 2)
     ax = fig.add_subplot()
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
@@ -179,4 +178,4 @@ def plot_heatmap(results: dict, path: Path) -> Path:
     ax.set_ylabel("optimiser, budget")
     ax.set_title("KD test accuracy at the best validation epoch (%)")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import MethodConfig, RunConfig, TuneConfig
 from ..errors import ThermoKDError
+from ..files import write_json, write_text
 from ..spaces import FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob, space_to_json
 
 # (method section, trial folder, per-epoch callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
@@ -252,17 +253,16 @@ def write_outputs(cfg: RunConfig, result: TuneResult, out_dir: Path) -> None:
 
     import yaml
 
-    from ..engine.trainer import save_json
 
     method = dataclasses.asdict(result.method)
     result.summary.update(chosen_method=method, set=set_lines(result.method, result.params))
     summary = result.summary
-    save_json(out_dir / "tune.json", summary)
-    (out_dir / "best.yaml").write_text(yaml.safe_dump({"method": method}, sort_keys=False))
+    write_json(out_dir / "tune.json", summary)
+    write_text(out_dir / "best.yaml", yaml.safe_dump({"method": method}, sort_keys=False))
     full = copy.deepcopy(cfg)
     full.method = copy.deepcopy(result.method)
-    (out_dir / "best_config.yaml").write_text(yaml.safe_dump(full.to_dict(), sort_keys=False))
-    (out_dir / "tune.md").write_text("\n".join(markdown(summary)) + "\n", encoding="utf-8")
+    write_text(out_dir / "best_config.yaml", yaml.safe_dump(full.to_dict(), sort_keys=False))
+    write_text(out_dir / "tune.md", "\n".join(markdown(summary)) + "\n")
     if summary["trials"]:
         from .tune_plot import plot_trials
 

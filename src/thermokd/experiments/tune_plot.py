@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import _figure, _save
+from .report import figure, save_figure
 
 
 def plot_trials(summary: dict[str, Any], path: Path) -> Path:
     """One panel per knob: each trial's validation accuracy (%) at its value; log axes for log ranges."""
     knobs = list(summary["space"])
-    fig = _figure(3.6 * len(knobs) + 0.6, 3.4)
+    fig = figure(3.6 * len(knobs) + 0.6, 3.4)
     axes = fig.subplots(1, len(knobs), squeeze=False)[0]
     for ax, knob in zip(axes, knobs):
         for state, style in (("complete", {"color": "tab:blue"}),
@@ -33,4 +33,4 @@ def plot_trials(summary: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"thermokd tune: {summary['label']} ({len(summary['trials'])} trials)")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -61,7 +61,7 @@ from ..errors import ThermoKDError, choice_error
 from ..loss import DistillationLoss, LossOutput
 from ..methods import build_loss, method_names
 from ..progress import Progress
-from ..stats import LazyStats, host_floats
+from ..steps import StatWindow, loss_parameter_group
 
 TASKS = ("auto", "causal-lm", "sequence-classification", "token-classification")
 LOSS_STATE_NAME = "thermokd_loss.safetensors"
@@ -173,71 +173,6 @@ def load_loss_state(loss: DistillationLoss, folder: str) -> None:
         raise ThermoKDError(f"cannot restore {path}: {exc}") from None
 
 
-class StatWindow:
-    """Row-weighted means of ``LossOutput.stats`` over several micro-batches; ``*_min``/``*_max`` keep extremes.
-    Values stay device tensors (no sync per micro-batch) until :meth:`means` is read for a log line."""
-
-    def __init__(self) -> None:
-        self.rows = 0.0
-        self.sums: dict[str, list] = {}  # key -> [Σ value·rows, Σ rows]
-        self.extremes: dict[str, "Tensor | float"] = {}
-
-    def add(self, stats: Mapping[str, float]) -> None:
-        values = stats.device_values() if isinstance(stats, LazyStats) else stats
-        rows = float(values.get("rows", 0.0))  # a host float: known without reading the device
-        if rows <= 0:  # nothing was measured on a batch without valid rows
-            return
-        self.rows += rows
-        for key, value in values.items():
-            if key == "rows":
-                continue
-            value = value.detach() if isinstance(value, Tensor) else float(value)
-            if key.endswith(("_min", "_max")):
-                self._extreme(key, value)
-            else:
-                acc = self.sums.setdefault(key, [0.0, 0.0])
-                acc[0] = acc[0] + value * rows
-                acc[1] += rows
-
-    def merge(self, other: "StatWindow") -> None:
-        self.rows += other.rows
-        for key, (total, rows) in other.sums.items():
-            acc = self.sums.setdefault(key, [0.0, 0.0])
-            acc[0] = acc[0] + total
-            acc[1] += rows
-        for key, value in other.extremes.items():
-            self._extreme(key, value)
-
-    def _extreme(self, key: str, value: "Tensor | float") -> None:
-        old = self.extremes.get(key)
-        if old is None:
-            self.extremes[key] = value
-        elif isinstance(old, Tensor) or isinstance(value, Tensor):
-            device = (value if isinstance(value, Tensor) else old).device
-            pick = torch.minimum if key.endswith("_min") else torch.maximum
-            self.extremes[key] = pick(torch.as_tensor(old, device=device), torch.as_tensor(value, device=device))
-        else:
-            self.extremes[key] = min(old, value) if key.endswith("_min") else max(old, value)
-
-    def device_means(self) -> LazyStats:
-        """The window's statistics without reading the device (DTS's ``observe`` uses them as tensors)."""
-        out = {key: total / rows for key, (total, rows) in self.sums.items()}
-        out.update(self.extremes)
-        out["rows"] = self.rows
-        return LazyStats.of(out)
-
-    def means(self) -> dict[str, float]:
-        return dict(self.device_means())
-
-    def on_host(self) -> "StatWindow":
-        """A copy holding floats (one transfer), for gathering over processes."""
-        window = StatWindow()
-        window.rows, window.extremes = self.rows, dict(host_floats(self.extremes))
-        sums = host_floats({key: total for key, (total, _) in self.sums.items()})
-        window.sums = {key: [sums[key], rows] for key, (_, rows) in self.sums.items()}
-        return window
-
-
 class _OptimizerStepHooks(TrainerCallback):
     """Connects the trainer to the moments around each optimiser step (micro-batches never reach these)."""
 
@@ -300,7 +235,6 @@ class DistillationTrainer(Trainer):
         self._check_output_sizes()
         self._check_given_optimizer()
         self._step_window, self._log_window = StatWindow(), StatWindow()
-        self._step_progress: "Progress | None" = None
         self.add_callback(_OptimizerStepHooks(self))
 
     # -- set-up checks ---------------------------------------------------------------------------------------------
@@ -336,9 +270,9 @@ class DistillationTrainer(Trainer):
     def create_optimizer(self, model: "nn.Module | None" = None) -> torch.optim.Optimizer:
         created = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        params = [p for p in self.distillation_loss.parameters() if p.requires_grad]
-        if created and params:
-            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        learnable = loss_parameter_group(self.distillation_loss, self.args.weight_decay)  # CTKD's θ
+        if created and learnable:
+            optimizer.add_param_group(learnable)
         return optimizer
 
     # -- the loss --------------------------------------------------------------------------------------------------
@@ -413,8 +347,7 @@ class DistillationTrainer(Trainer):
             out = self.distillation_loss(student, teacher, labels, mask=mask, progress=progress)
         loss = out.loss
         if model.training:  # evaluation reports the plain batch mean and leaves the statistics alone
-            self._step_window.add(out.stats)
-            self._step_progress = progress
+            self._step_window.add(out.stats, progress)
             loss = self._scale_for_accumulation(loss, out.stats.device_values().get("rows", 0.0), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -470,27 +403,14 @@ class DistillationTrainer(Trainer):
                 torch.distributed.all_reduce(p.grad)
                 p.grad.div_(self.accelerator.num_processes)
 
-    def _gathered(self, window: StatWindow) -> StatWindow:
-        if self.accelerator.num_processes == 1:
-            return window
-        from accelerate.utils import gather_object
-
-        merged = StatWindow()
-        for part in gather_object([window.on_host()]):
-            merged.merge(part)
-        return merged
-
     def _finish_optimizer_step(self) -> None:
         """After the optimiser step: stateful strategies (DTS) update once, from the whole step's statistics."""
         self.distillation_loss.zero_grad(set_to_none=True)  # the Trainer zeroes the student's gradients only
-        window, self._step_window = self._gathered(self._step_window), StatWindow()
+        window, self._step_window = self._step_window.gathered(self.accelerator), StatWindow()
         self._log_window.merge(window)
-        if self._step_progress is None:
+        if window.progress is None:  # no training micro-batch in this step
             return
-        stats = window.device_means()
-        loss = stats.get_tensor("loss") if "loss" in stats else torch.tensor(math.nan)
-        self.distillation_loss.observe(LossOutput(loss=loss, stats=stats, progress=self._step_progress))
-        self._step_progress = None
+        self.distillation_loss.observe(window)
         self._share_rank0_state()
 
     def _share_rank0_state(self) -> None:
@@ -525,7 +445,7 @@ class DistillationTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: the Trainer reports it
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             load_loss_state(self.distillation_loss, os.fspath(resume_from_checkpoint))
-        self._step_window, self._log_window, self._step_progress = StatWindow(), StatWindow(), None
+        self._step_window, self._log_window = StatWindow(), StatWindow()
         self.distillation_loss.zero_grad(set_to_none=True)  # the Trainer's model.zero_grad() misses θ
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)

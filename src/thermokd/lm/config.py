@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import CompareConfig, MethodConfig, RunConfig, _build, apply_overrides, resolve_method, validate_method
+from ..config import (CompareConfig, MethodConfig, RunConfig, apply_overrides, build_section, resolve_method,
+                      validate_method)
 from ..errors import ConfigError
 
 
@@ -76,7 +77,7 @@ class LMTrainConfig:
     device: str = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class OnPolicyConfig:
     """On-policy distillation (GKD's λ): with probability ``fraction`` per micro-batch the student continues the
     first ``prompt_tokens`` of each window by ``new_tokens`` sampled tokens (``sampling_temperature``, ``top_p``:
@@ -186,4 +187,4 @@ def load_lm_config(path: "str | Path | None" = None, overrides: "list[str] | Non
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    return _build(LMRunConfig, apply_overrides(raw, overrides), "").validate()
+    return build_section(LMRunConfig, apply_overrides(raw, overrides), "").validate()

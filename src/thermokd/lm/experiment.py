@@ -62,10 +62,8 @@ def _settings(cfg: LMRunConfig, device: str, precision: str, seed: int, progress
     """A student's run settings from ``train``; the teacher's take its own steps, batch, lr and seed from
     ``teacher`` (no accumulation) and everything else from ``train``."""
     t = cfg.train
-    settings = RunSettings(steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
-                           weight_decay=t.weight_decay, warmup=t.warmup, grad_clip=t.grad_clip,
-                           eval_every=t.eval_every, save_every=t.save_every, seed=seed, mixed_precision=precision,
-                           device=device, progress_bar=progress_bar)
+    settings = RunSettings(**{**vars(t), "seed": seed, "mixed_precision": precision, "device": device,
+                              "progress_bar": progress_bar})
     if teacher:
         settings = dataclasses.replace(settings, steps=cfg.teacher.steps, batch_size=cfg.teacher.batch_size,
                                        grad_accum=1, lr=cfg.teacher.lr, seed=cfg.teacher.seed)
@@ -206,7 +204,6 @@ def record_settings(cfg: LMRunConfig, out_dir: Path) -> None:
 
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
                        echo: Callable[[str], None]) -> dict[str, Any]:
-    from ..engine.checkpoint import write_json_atomic
     from ..experiments.compare import machine_description
     from .report import write_report
 
@@ -232,9 +229,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
     source = _source(cfg, data, teacher, info.get("dir"), device) if needs_teacher else None
     policy = None
     if cfg.on_policy.fraction:
-        p = cfg.on_policy
-        policy = dict(fraction=p.fraction, prompt_tokens=p.prompt_tokens, new_tokens=p.new_tokens,
-                      sampling_temperature=p.sampling_temperature, top_p=p.top_p, eos_id=data.eos)
+        policy = {**dataclasses.asdict(cfg.on_policy), "eos_id": data.eos}
 
     record_settings(cfg, out_dir)
     runs, student_parameters = [], 0
@@ -267,7 +262,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                 run["sample"] = sample(student, SAMPLE_PROMPT, tokenizer=data.tokenizer, sampling_temperature=0.8,
                                        top_k=40, stop_id=data.eos)
             if _is_main():
-                write_json_atomic(done, run)
+                write_json(done, run)
                 for checkpoint in run_dir.glob("checkpoint-*"):  # they served resumption; the result is written
                     shutil.rmtree(checkpoint, ignore_errors=True)
             echo(f"  {label:16s} seed {seed}: val ppl {run['val_ppl']:.2f}, test ppl {run['ppl']:.2f}, test token "
@@ -285,6 +280,6 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                "student": {"size": str(parse_size(cfg.student.size)), "parameters": student_parameters},
                "runs": runs, "sample_prompt": SAMPLE_PROMPT, "wall_seconds": time.perf_counter() - started}
     if _is_main():
-        write_json_atomic(out_dir / "results.json", results)
+        write_json(out_dir / "results.json", results)
         write_report(results, out_dir)
     return results

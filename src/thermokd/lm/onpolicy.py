@@ -15,19 +15,16 @@ from torch import Tensor, nn
 
 from ..errors import ThermoKDError
 from .batches import IGNORE
+from .config import OnPolicyConfig
 from .models import lm_logits
 
 
 @dataclass(frozen=True)
-class OnPolicy:
-    """``fraction`` λ: probability per micro-batch; ``prompt_tokens``: how much of each window is the prompt;
-    ``new_tokens``: generated per row; ``sampling_temperature`` (0: greedy) and ``top_p``: generation only."""
+class OnPolicy(OnPolicyConfig):
+    """The ``on_policy`` section of one run (``fraction`` λ: probability per micro-batch; ``prompt_tokens``: how
+    much of each window is the prompt; ``new_tokens``: generated per row; ``sampling_temperature`` (0: greedy) and
+    ``top_p``: generation only), with the run's seed and the tokenizer's end-of-text id."""
 
-    fraction: float = 0.0
-    prompt_tokens: int = 16
-    new_tokens: int = 32
-    sampling_temperature: float = 1.0
-    top_p: float = 1.0
     seed: int = 0
     eos_id: "int | None" = None
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..experiments.report import _mean_std
+from ..experiments.report import mean_std
+from ..files import write_text
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -20,13 +21,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         groups.setdefault(run["method"], []).append(run)
     summary = {}
     for method, group in groups.items():
-        ppl, ppl_std = _mean_std(r["ppl"] for r in group)
-        acc, acc_std = _mean_std(r["acc"] for r in group)
+        ppl, ppl_std = mean_std(r["ppl"] for r in group)
+        acc, acc_std = mean_std(r["acc"] for r in group)
         summary[method] = {
             "ppl_mean": ppl, "ppl_std": ppl_std, "acc_mean": acc, "acc_std": acc_std,
-            "val_ppl_mean": _mean_std(r["val_ppl"] for r in group)[0],
-            "tau_teacher_mean": _mean_std((r.get("final") or {}).get("tau_teacher_mean") for r in group)[0],
-            "seconds": _mean_std(r.get("seconds") for r in group)[0], "n": len(group)}
+            "val_ppl_mean": mean_std(r["val_ppl"] for r in group)[0],
+            "tau_teacher_mean": mean_std((r.get("final") or {}).get("tau_teacher_mean") for r in group)[0],
+            "seconds": mean_std(r.get("seconds") for r in group)[0], "n": len(group)}
     return summary
 
 
@@ -151,5 +152,5 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         lines += [f"- **{who}**: {' '.join(text.split())!r}" for who, text in samples]
         lines.append("")
     path = Path(out_dir) / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text(path, "\n".join(lines))
     return path

@@ -3,8 +3,8 @@ under a key of everything that determines it: the content of the training window
 the model size, the optimisation (steps, seed, …) and the format. Its training checkpoints live in the cache
 folder, so a killed teacher run resumes; a second process that needs the same teacher waits for the first.
 
-The weights carry their checksum and key in their safetensors metadata and ``teacher.json`` records the key; both
-are checked on load, so a damaged or foreign entry is a one-line error that says to delete it."""
+The entry is one of :mod:`thermokd.teacher_cache` (shared with the classifiers' teachers): the weights carry their
+checksum and key, ``teacher.json`` records the key; both are checked on load."""
 from __future__ import annotations
 
 import shutil
@@ -12,12 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..errors import ThermoKDError
 from ..files import FORMAT as FILES_FORMAT
-from ..files import FolderLock, digest, load_tensors, read_json, save_tensors, write_json
 from ..methods import build_loss
+from ..teacher_cache import TeacherEntry, cache_key
 from .batches import Windows
 from .evaluate import evaluate
 
@@ -26,50 +25,21 @@ FORMAT = "thermokd.lm-teacher/3"  # part of the key: /3 records its key and chec
 
 def teacher_key(spec: dict[str, Any]) -> str:
     """The cache key of a teacher: a digest of ``spec`` (what determines it) and the formats of the entry."""
-    return digest({"format": FORMAT, "files": FILES_FORMAT, **spec}, size=8)
+    return cache_key(_full_spec(spec))
 
 
-def _tied(model: nn.Module) -> dict[str, str]:
-    """Names of parameters that share storage with an earlier one (GPT-2's output layer is its input embedding)
-    → that earlier name: saved once, restored into both."""
-    first: dict[tuple[int, int], str] = {}
-    tied = {}
-    for name, value in model.state_dict(keep_vars=False).items():
-        if value.numel() == 0:
-            continue
-        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
-        if ptr in first:
-            tied[name] = first[ptr]
-        else:
-            first[ptr] = name
-    return tied
+def _full_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"format": FORMAT, "files": FILES_FORMAT, **spec}
 
 
-def save_weights(model: nn.Module, path: Path, key: "str | None" = None) -> None:
-    """Write ``model``'s weights atomically, tied ones once, with their checksum (and ``key``) in the metadata."""
-    tied = _tied(model)
-    save_tensors(path, {k: v for k, v in model.state_dict().items() if k not in tied}, key=key)
+def teacher_entry(spec: dict[str, Any], cache_dir: "Path | None") -> TeacherEntry:
+    from ..data.cache import default_cache_dir
 
-
-def load_weights(model: nn.Module, path: Path, key: "str | None" = None,
-                 remedy: str = "delete it and run again") -> None:
-    """Load weights written by :func:`save_weights`, verified against their checksum (and ``key``)."""
-    stored, _ = load_tensors(path, key=key, remedy=remedy)
-    tied = _tied(model)
-    full: dict[str, Tensor] = {**stored, **{k: stored[v] for k, v in tied.items() if v in stored}}
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
-    wrong = [k for k in expected if k in full and full[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ThermoKDError(f"teacher weights {path} do not fit the model: missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}, other shapes {wrong[:3]}; {remedy}")
-    model.load_state_dict(full)
+    return TeacherEntry(cache_dir or default_cache_dir(), "lm-teachers", _full_spec(spec))
 
 
 def teacher_folder(spec: dict[str, Any], cache_dir: "Path | None") -> Path:
-    from ..data.cache import default_cache_dir
-
-    return (cache_dir or default_cache_dir()) / "lm-teachers" / teacher_key(spec)
+    return teacher_entry(spec, cache_dir).folder
 
 
 def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: Windows, val: Windows,
@@ -84,27 +54,19 @@ def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: 
     from .trainer import train_run
 
     spec = {**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}}
-    folder = teacher_folder(spec, cache_dir)
-    key = folder.name
-    weights, info_path = folder / "teacher.safetensors", folder / "teacher.json"
-    remedy = f"delete the cache entry {folder} and run again to retrain the teacher"
+    entry = teacher_entry(spec, cache_dir)
+    key, folder = entry.key, entry.folder
     model = build()
-    with FolderLock(folder, "teacher cache entry", wait=True, echo=echo):  # one process trains it, others wait
-        cached = weights.is_file() and info_path.is_file()
+    with entry.lock(echo):  # one process trains it, others wait
+        cached = entry.exists()
         if not cached:
             result = train_run(model, build_loss("ce"), train, val, settings, folder / "training", resume=True,
                                on_eval=on_eval, echo=echo)
             if result["trainer"].is_world_process_zero():
-                save_weights(model, weights, key)
-                write_json(info_path, {"key": key, "spec": spec, "train_seconds": result["seconds"],
-                                       "history": result["history"]})
+                entry.store(model, {"spec": spec, "train_seconds": result["seconds"], "history": result["history"]})
                 shutil.rmtree(folder / "training", ignore_errors=True)  # its checkpoints served resumption only
             result["trainer"].accelerator.wait_for_everyone()
-    stored = read_json(info_path, remedy)
-    if not isinstance(stored, dict) or stored.get("key") != key:
-        found = stored.get("key") if isinstance(stored, dict) else None
-        raise ThermoKDError(f"{info_path} was made for another teacher (key {found!r}, expected {key!r}); {remedy}")
-    load_weights(model, weights, key, remedy)  # also after training: every process reads the same verified file
+    stored = entry.load(model)  # also after training: every process reads the same verified file
     model = model.to(settings.device).eval()
     metrics = evaluate(model, val, settings.device)
     return model, {"key": key, "dir": str(folder), "cached": cached, "val_ppl": metrics["ppl"],

@@ -28,27 +28,20 @@ from ..files import path_digest, read_json, write_json
 from ..integrations.hf import TEACHER_LOGITS_KEY, DistillationTrainer, save_loss_state
 from ..loss import DistillationLoss
 from .batches import Windows
+from .config import LMTrainConfig
 from .data import INDEX_KEY, WindowDataset
 from .evaluate import evaluate
 from .onpolicy import OnPolicy, on_policy_batch
 
 @dataclass
-class RunSettings:
-    """Optimisation of one run: AdamW (β 0.9, 0.95), linear warm-up over ``warmup`` of the steps, cosine decay
-    to 10 % of ``lr``; ``batch_size`` is global (processes × per-device batch × ``grad_accum``)."""
+class RunSettings(LMTrainConfig):
+    """Optimisation of one run: the fields of the ``train`` section (AdamW (β 0.9, 0.95), linear warm-up over
+    ``warmup`` of the steps, cosine decay to 10 % of ``lr``; ``batch_size`` is global: processes × per-device batch
+    × ``grad_accum``) with its choices made (``mixed_precision``, ``device``), plus the seed."""
 
-    steps: int
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.05
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    save_every: int = 100
-    seed: int = 0
     mixed_precision: str = "no"   # "no" or "bf16"
     device: str = "cpu"
+    seed: int = 0
     progress_bar: bool = False
 
     def arguments(self, output_dir: Path, world_size: int) -> TrainingArguments:

@@ -3,26 +3,87 @@ feature vectors, ``build_model(name, num_classes, vocab_size=V, pad_id=P, max_le
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ThermoKDError, choice_error
+from ..registry import Registry, check_keywords
 from .resnet import resnet
 from .small import MLP, SmallCNN
+from .text import EmbeddingBagClassifier, TextTransformer
 from .wrn import WideResNet
 
 _RESNETS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56,
             "resnet110": 110, "resnet8x4": 8, "resnet32x4": 32}
 TEXT_MODELS = ("embbag", "text-transformer", "minilm")  # they read token ids [B, L]
-MODEL_NAMES = sorted([*_RESNETS, "wrn_16_2", "wrn_40_1", "wrn_40_2", "mlp", "cnn", *TEXT_MODELS])
 _WRN = re.compile(r"wrn_(\d+)_(\d+)")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the data decides about a model: the name it was asked by and the sizes of its inputs and outputs."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    input_size: int
+    vocab_size: "int | None"
+    pad_id: int
+    max_len: int
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """``constructor(**fixed(shape), **model_args)``; ``constructor`` is a loader so that optional dependencies
+    (the pretrained encoder's ``transformers``) are imported only when that model is built."""
+
+    load: Callable[[], Callable[..., nn.Module]]
+    fixed: Callable[[Shape], dict[str, Any]]
+    kind: str = "image"  # "image" (image tensors), "any" (images or feature vectors), "text" (token ids)
+
+
+def _image(s: Shape) -> dict[str, Any]:
+    return {"num_classes": s.num_classes, "in_channels": s.in_channels}
+
+
+def _text(s: Shape, max_len: bool = True) -> dict[str, Any]:
+    return {"vocab_size": s.vocab_size, "num_classes": s.num_classes, "pad_id": s.pad_id,
+            **({"max_len": s.max_len} if max_len else {})}
+
+
+def _wrn(s: Shape) -> dict[str, Any]:
+    depth, widen = (int(g) for g in _WRN.fullmatch(s.name).groups())
+    return {"depth": depth, "widen": widen, **_image(s)}
+
+
+def _pretrained():
+    from .pretrained import PretrainedTextClassifier
+    return PretrainedTextClassifier
+
+
+_WRN_ENTRY = ModelEntry(lambda: WideResNet, _wrn)
+# model names are exact (``wrn_16_2``, ``MLP`` is not ``mlp``): they name files and configs as written
+MODELS: "Registry[ModelEntry]" = Registry("model", {
+    "mlp": ModelEntry(lambda: MLP, lambda s: {"in_features": s.in_channels * s.input_size * s.input_size,
+                                              "num_classes": s.num_classes}, kind="any"),
+    "cnn": ModelEntry(lambda: SmallCNN, lambda s: {**_image(s), "input_size": s.input_size}),
+    **{name: ModelEntry(lambda: resnet, lambda s: {"depth": _RESNETS[s.name], **_image(s),
+                                                   "x4": s.name.endswith("x4")}) for name in _RESNETS},
+    **{name: _WRN_ENTRY for name in ("wrn_16_2", "wrn_40_1", "wrn_40_2")},
+    "embbag": ModelEntry(lambda: EmbeddingBagClassifier, lambda s: _text(s, max_len=False), kind="text"),
+    "text-transformer": ModelEntry(lambda: TextTransformer, _text, kind="text"),
+    "minilm": ModelEntry(_pretrained, _text, kind="text"),
+}, exact=True)
+MODEL_NAMES = MODELS.names()
 
 
 def is_model_name(name: str) -> bool:
     """Whether ``build_model`` knows ``name`` (the listed names and any ``wrn_<depth>_<width>``)."""
-    return name in MODEL_NAMES or _WRN.fullmatch(name) is not None
+    return name in MODELS or _WRN.fullmatch(name) is not None
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, input_size: int = 32, *,
@@ -73,30 +134,26 @@ def _build(name: str, num_classes: int, in_channels: int = 3, input_size: int = 
            vocab_size: "int | None" = None, pad_id: int = 0, max_len: int = 512, **model_args: Any) -> nn.Module:
     if not is_model_name(name):
         raise choice_error("model", name, MODEL_NAMES + ["wrn_<depth>_<width>"])
-    for field, value in (("num_classes", num_classes), ("in_channels", in_channels), ("input_size", input_size),
-                         ("max_len", max_len)):
+    for field_name, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                              ("input_size", input_size), ("max_len", max_len)):
         if int(value) < 1:
-            raise ThermoKDError(f"model {name!r}: {field} must be >= 1, got {value}")
-    if name in TEXT_MODELS or vocab_size is not None:
-        return _text_model(name, num_classes, vocab_size, pad_id, max_len, model_args)
-    if name == "mlp":
-        return MLP(in_channels * input_size * input_size, num_classes, **model_args)
-    if input_size == 1:
+            raise ThermoKDError(f"model {name!r}: {field_name} must be >= 1, got {value}")
+    entry = MODELS.get(name) if name in MODELS else _WRN_ENTRY
+    if entry.kind == "text" or vocab_size is not None:
+        _check_text(name, entry, vocab_size, pad_id)
+    elif entry.kind == "image" and input_size == 1:
         raise ThermoKDError(f"model {name!r} needs image inputs; for feature vectors use 'mlp'")
-    if name == "cnn":
-        return SmallCNN(in_channels, num_classes, input_size, **model_args)
-    if name in _RESNETS:
-        return resnet(_RESNETS[name], num_classes, in_channels, x4=name.endswith("x4"), **model_args)
-    depth, widen = (int(g) for g in _WRN.fullmatch(name).groups())
+    constructor = entry.load()
+    fixed = entry.fixed(Shape(name, num_classes, in_channels, input_size, vocab_size, pad_id, max_len))
+    check_keywords(f"model {name!r} (model_args)", constructor, model_args, reserved=fixed)
     try:
-        return WideResNet(depth, widen, num_classes, in_channels, **model_args)
-    except ThermoKDError as exc:
-        raise ThermoKDError(f"model {name!r}: {exc}") from None
+        return constructor(**fixed, **model_args)
+    except ThermoKDError as exc:  # the constructor's own check, told which model it was
+        raise ThermoKDError(str(exc) if str(exc).startswith(f"{name}:") else f"model {name!r}: {exc}") from None
 
 
-def _text_model(name: str, num_classes: int, vocab_size: "int | None", pad_id: int, max_len: int,
-                model_args: dict[str, Any]) -> nn.Module:
-    if name not in TEXT_MODELS:
+def _check_text(name: str, entry: ModelEntry, vocab_size: "int | None", pad_id: int) -> None:
+    if entry.kind != "text":
         raise ThermoKDError(f"model {name!r} reads images or feature vectors, not token ids; for text use one of: "
                             f"{', '.join(TEXT_MODELS)}")
     if vocab_size is None or int(vocab_size) < 1:
@@ -104,11 +161,3 @@ def _text_model(name: str, num_classes: int, vocab_size: "int | None", pad_id: i
                             "tab:PREFIX)")
     if not 0 <= int(pad_id) < int(vocab_size):
         raise ThermoKDError(f"model {name!r}: pad_id must be in [0, {vocab_size}), got {pad_id}")
-    if name == "embbag":
-        from .text import EmbeddingBagClassifier
-        return EmbeddingBagClassifier(vocab_size, num_classes, pad_id, **model_args)
-    if name == "text-transformer":
-        from .text import TextTransformer
-        return TextTransformer(vocab_size, num_classes, pad_id, max_len, **model_args)
-    from .pretrained import PretrainedTextClassifier
-    return PretrainedTextClassifier(vocab_size, num_classes, pad_id, max_len, **model_args)

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ThermoKDError, choice_error
+from ..errors import ThermoKDError
+from ..registry import Registry
 from ..rows import Rows
 
 if TYPE_CHECKING:
@@ -106,28 +106,11 @@ def scalar(value: float, like: Tensor) -> Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=like.device)
 
 
-_REGISTRY: dict[str, Callable[..., TemperatureStrategy]] = {}
-
-
-def register(*names: str):
-    """Class decorator: make a strategy reachable by ``build(name)`` under each of ``names``."""
-    def wrap(cls):
-        for n in names:
-            _REGISTRY[n] = cls
-        return cls
-    return wrap
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+STRATEGIES: "Registry[TemperatureStrategy]" = Registry("temperature strategy")
+register = STRATEGIES.register  # class decorator: ``@register("cist")``
+names = STRATEGIES.names
 
 
 def build(name: str, **kwargs) -> TemperatureStrategy:
     """Build a strategy by its command-line name, e.g. ``build("cist", tau0=4.0)``."""
-    key = name.strip().lower().replace("_", "-")
-    if key not in _REGISTRY:
-        raise choice_error("temperature strategy", name, names())
-    try:
-        return _REGISTRY[key](**kwargs)
-    except TypeError as exc:  # unknown keyword: name it rather than show a traceback
-        raise ThermoKDError(f"bad argument for temperature strategy {name!r}: {exc}") from None
+    return STRATEGIES.build(name, **kwargs)

@@ -7,7 +7,7 @@ from ..rows import Rows
 from .base import Temperatures, TemperatureStrategy, check_positive, register
 
 
-@register("fixed", "kd", "dkd")
+@register("fixed")
 class Fixed(TemperatureStrategy):
     """One τ for teacher and student, all samples (default 4, the CIFAR convention)."""
 
