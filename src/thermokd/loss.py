@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from torch.nn import functional as F
 
 from . import temperature as temperature_mod
 from . import weighting as weighting_mod
-from .checks import check_finite_sum, check_rows, explain_labels
+from .checks import check_finite_sum, check_finite_value, check_rows, explain_labels
 from .chunked import LinearRows, LogitRows, Plan, attach, sweep, tau_columns, temperatures_by_chunk
 from .errors import ThermoKDError, choice_error
 from .functional import DIVERGENCES
@@ -62,6 +63,11 @@ def _float32_region(device_type: str):
     if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _flat(logits: Tensor, num_classes: int) -> Tensor:
+    """``[..., C]`` as ``[M, C]``; a 2-d tensor as it is (no view for autograd to go through)."""
+    return logits if logits.dim() == 2 else logits.reshape(-1, num_classes)
 
 
 class DistillationLoss(nn.Module):
@@ -113,6 +119,20 @@ class DistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self._objective: "tuple[tuple, RowObjective] | None" = None
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_route"] = None  # any change (a new strategy, weighting, weight) re-decides the fast path
+
+    def _fixed_tau_kl(self) -> bool:
+        """Whether a call is plain Hinton KD: a fixed τ, forward KL, τ² scale, no weighting. Decided once per
+        change of the loss's attributes, not per call."""
+        route = self.__dict__.get("_route")
+        if route is None:
+            route = self.__dict__["_route"] = (
+                type(self.temperature) is Fixed and self.weighting is None and self.family == "kd"
+                and self.divergence == "kl" and self.scale == "product" and self.kd_weight > 0)
+        return route
+
     @property
     def objective(self) -> RowObjective:
         """The per-row maths this loss evaluates (immutable; shared by the plain, chunked and fused paths)."""
@@ -139,7 +159,11 @@ class DistillationLoss(nn.Module):
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise ThermoKDError(f"labels must be integer class ids, got dtype {labels.dtype}; convert them "
                                     "with .long() once you know they are whole numbers")
-            labels = labels.reshape(-1).long()
+            labels = labels if labels.dim() == 1 else labels.reshape(-1)
+            labels = labels if labels.dtype == torch.int64 else labels.long()
+            if (keep is None and self.ignore_index is not None and self.ignore_index < 0 and labels.numel()
+                    and labels.device.type == "cpu" and labels.min().item() >= 0):
+                return labels, None  # on the CPU one reduction shows that no label is the (negative) ignore_index
             if self.ignore_index is not None:
                 labelled = labels != self.ignore_index
                 keep = labelled if keep is None else keep & labelled
@@ -169,7 +193,8 @@ class DistillationLoss(nn.Module):
             raise ThermoKDError(f"logits need a class axis: expected [..., C], got shape {tuple(student_logits.shape)}")
         num_classes = student_logits.shape[-1]
         labels, index = self._select(student_logits.shape[:-1], labels, mask)
-        s, t = student_logits.reshape(-1, num_classes), teacher_logits.detach().reshape(-1, num_classes)
+        s, t = _flat(student_logits, num_classes), _flat(teacher_logits.detach() if teacher_logits.requires_grad
+                                                         else teacher_logits, num_classes)
         n = s.shape[0] if index is None else index.shape[0]
         if self.chunk_size is not None and n > self.chunk_size:
             if self.check_inputs:  # the logits are checked chunk by chunk
@@ -177,11 +202,13 @@ class DistillationLoss(nn.Module):
             return self._chunked(Plan(LogitRows(s, index), LogitRows(t, index), labels, n, self.chunk_size, progress))
         if index is not None:
             s, t = s.index_select(0, index), t.index_select(0, index)
-        if self.check_inputs:  # labels: the cross-entropy kernel refuses out-of-range ones itself
-            check_finite_sum(s, t)
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = s.float().sum()  # 0 over no rows, in float32; masked garbage (inf, NaN, fp16 overflow) never enters
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
+        if self._fixed_tau_kl():
+            return self._hinton(s, t, labels, progress)
+        if self.check_inputs:  # labels: the cross-entropy kernel refuses out-of-range ones itself
+            check_finite_sum(s, t)
         return self._plain(s, t, labels, progress)
 
     def forward_hidden(self, student_hidden: Tensor, student_head: "HeadLike", teacher_hidden: "Tensor | None" = None,
@@ -278,6 +305,36 @@ class DistillationLoss(nn.Module):
         tensors.update(terms)
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(rows.num_rows)}), progress)
 
+    def _hinton(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
+                ) -> LossOutput:
+        """The plain path's value for a fixed τ without weights, in the kernels a hand-written Hinton KD uses: the
+        τ² and 1/N factors are host floats, the input check rides on the KL sum (finite only if every logit is),
+        and the teacher's entropy is computed only if a statistic is read."""
+        tau = self.temperature.value()
+        n = student.shape[0]
+        log_p = torch.log_softmax(teacher.float() / tau, dim=-1)
+        kl = F.kl_div(torch.log_softmax(student.float() / tau, dim=-1), log_p, reduction="sum", log_target=True)
+        if self.check_inputs:  # KL ≥ 0 is never −inf: below +inf (one comparison, NaN fails it) means finite
+            check_finite_value(kl < math.inf, student, teacher)
+        terms: dict[str, Tensor] = {}
+        kd = kl * (tau * tau / n)
+        if labels is not None:
+            try:
+                terms["ce"] = ce = F.cross_entropy(student.float(), labels, ignore_index=_NO_LABEL)
+            except (IndexError, RuntimeError):
+                explain_labels(labels, student.shape[-1])
+                raise
+            total = torch.add(ce * self.ce_weight, kd, alpha=self.kd_weight)
+        else:
+            total = kd * self.kd_weight
+        terms["kd"] = kd
+
+        def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
+            tau_t = torch.full((), tau, dtype=torch.float32, device=teacher.device)
+            return row_statistics(tau_t, tau_t, RowObjective.teacher_entropy(teacher.float(), tau_t), None)
+
+        return LossOutput(total, terms, LazyStats({"loss": total, **terms}, pending, {"rows": float(n)}), progress)
+
     def _weight_shares(self, rows: Rows) -> Tensor:
         """The weights divided by the number of rows, ``[N]`` (see :meth:`Weighting.shares`)."""
         w, kind = self.weighting, type(self.weighting)
@@ -345,6 +402,8 @@ class DistillationLoss(nn.Module):
 
     def observe(self, output: LossOutput) -> None:
         """Call after the optimiser step: stateful strategies (DTS) and weightings update from this batch's output."""
+        if self._fixed_tau_kl():  # a fixed τ and no weighting: nothing to update
+            return
         self.temperature.observe(output)
         if self.weighting is not None:
             self.weighting.observe(output)
