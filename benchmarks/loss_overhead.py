@@ -78,8 +78,9 @@ def block_time(step: Callable, student: torch.Tensor, teacher: torch.Tensor, lab
 
 
 def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str],
-            device: torch.device = torch.device("cpu"), clock: Callable[[], float] = time.perf_counter
+            device: "torch.device | str" = "cpu", clock: Callable[[], float] = time.perf_counter
             ) -> dict[str, object]:
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     n, c = shape
     teacher = (torch.randn(n, c, generator=gen) * (1 + 4 * torch.rand(n, 1, generator=gen))).to(device)
