@@ -25,12 +25,15 @@ from .objective import RowObjective
 from .progress import Progress, require_progress
 from .rows import Rows
 from .stats import LazyStats, row_statistics
-from .temperature import Fixed, TemperatureStrategy
-from .weighting import Weighting
+from .temperature import CIST, DTKD, DTS, Fixed, Scheduled, TemperatureStrategy
+from .weighting import ConfidenceDifficulty, TeacherEntropy, Weighting
 
 FAMILIES = ("kd", "dkd")
 SCALES = ("product", "none")
 _NO_LABEL = -(2**62)  # F.nll_loss's ignore_index; ignored rows never reach it
+# strategies and weightings whose forward changes no state (CIST: once calibrated; see _late_check)
+_STATELESS_STRATEGIES = (Fixed, CIST, DTS, DTKD, Scheduled)
+_STATELESS_WEIGHTINGS = (type(None), ConfidenceDifficulty, TeacherEntropy)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # torch.is_autocast_enabled raises for other types
 
 
@@ -123,15 +126,27 @@ class DistillationLoss(nn.Module):
         super().__setattr__(name, value)
         self.__dict__["_route"] = None  # any change (a new strategy, weighting, weight) re-decides the fast path
 
-    def _fixed_tau_kl(self) -> bool:
-        """Whether a call is plain Hinton KD: a fixed τ, forward KL, τ² scale, no weighting. Decided once per
-        change of the loss's attributes, not per call."""
+    def _routes(self) -> tuple[bool, bool]:
+        """(Hinton: a fixed τ, forward KL, τ² scale, no weighting; late check: forward KL with a strategy and a
+        weighting whose forward changes no state, so the finiteness check may come after it, on the KD sum).
+        Decided once per change of the loss's attributes, not per call."""
         route = self.__dict__.get("_route")
         if route is None:
+            kl = self.family == "kd" and self.divergence == "kl" and self.kd_weight > 0
             route = self.__dict__["_route"] = (
-                type(self.temperature) is Fixed and self.weighting is None and self.family == "kd"
-                and self.divergence == "kl" and self.scale == "product" and self.kd_weight > 0)
+                kl and type(self.temperature) is Fixed and self.weighting is None and self.scale == "product",
+                kl and type(self.temperature) in _STATELESS_STRATEGIES
+                and type(self.weighting) in _STATELESS_WEIGHTINGS)
         return route
+
+    def _fixed_tau_kl(self) -> bool:
+        return self._routes()[0]
+
+    def _late_check(self) -> bool:
+        """Whether this call may check its inputs on the KD sum after the strategy and the weighting have run:
+        they change no state then (CIST's first-batch calibration and running weight means do: checked first)."""
+        return (self._routes()[1] and not self.temperature.needs_batch_preparation
+                and getattr(self.weighting, "normalise", "batch") == "batch")
 
     @property
     def objective(self) -> RowObjective:
@@ -207,9 +222,10 @@ class DistillationLoss(nn.Module):
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
         if self._fixed_tau_kl():
             return self._hinton(s, t, labels, progress)
-        if self.check_inputs:  # labels: the cross-entropy kernel refuses out-of-range ones itself
+        late = self.check_inputs and self._late_check()
+        if self.check_inputs and not late:  # labels: the cross-entropy kernel refuses out-of-range ones itself
             check_finite_sum(s, t)
-        return self._plain(s, t, labels, progress)
+        return self._plain(s, t, labels, progress, late)
 
     def forward_hidden(self, student_hidden: Tensor, student_head: "HeadLike", teacher_hidden: "Tensor | None" = None,
                        teacher_head: "HeadLike | None" = None, labels: "Tensor | None" = None, *,
@@ -254,8 +270,8 @@ class DistillationLoss(nn.Module):
         student = LinearRows(hidden, weight, bias, index)
         return self._chunked(Plan(student, teacher, labels, n, chunk, progress))
 
-    def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
-               ) -> LossOutput:
+    def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None",
+               late_check: bool = False) -> LossOutput:
         rows = Rows(student.float(), teacher.float(), labels, progress)
         terms: dict[str, Tensor] = {}
         total = None
@@ -277,15 +293,18 @@ class DistillationLoss(nn.Module):
             shares = self._weight_shares(rows) if self.weighting is not None else None
             factor = objective.factor(objective.row_scale(tau_t, tau_s, temps.scale), shares)
             dkd = None
+            # the teacher's entropy (a statistic) is computed only if a statistic is read
             if objective.family == "kd" and (factor is None or factor.dim() == 0):  # one factor for every row
-                kd, entropy = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s)
+                kd, _ = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s, entropy=False)
                 kd = kd if factor is None else kd * factor
             else:
-                per_row, dkd, entropy = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s)
+                per_row, dkd, _ = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s, entropy=False)
                 if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
                     kd = torch.dot(per_row, factor)
                 else:
                     kd = (per_row * factor).mean()
+            if late_check:  # forward KL ≥ 0 with factors ≥ 0: finite iff every logit was (NaN fails "< inf")
+                check_finite_value(kd < math.inf, rows.student, rows.teacher)
             if dkd is not None:
                 scale = objective.dkd_scale(tau_t, tau_s)
                 terms["tckd"], terms["nckd"] = (dkd[0] * scale).mean(), (dkd[1] * scale).mean()
@@ -295,9 +314,10 @@ class DistillationLoss(nn.Module):
             tensors.update(temps.stats)
             n = rows.num_rows
 
-            taus = tau_t.detach(), tau_s.detach()  # the statistics hold [N] values, never a graph
+            taus, teacher_rows = (tau_t.detach(), tau_s.detach()), rows.teacher  # no graph is kept for them
 
             def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
+                entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
                 return row_statistics(*taus, entropy, None if shares is None else shares.detach() * n)
         if total is None:  # neither term: a zero that still has a graph
             total = rows.student.sum() * 0.0
