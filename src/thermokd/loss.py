@@ -20,7 +20,7 @@ from .checks import check_finite_sum, check_finite_value, check_rows, explain_la
 from .chunked import LinearRows, LogitRows, Plan, attach, sweep, tau_columns, temperatures_by_chunk
 from .errors import ThermoKDError, choice_error
 from .functional import DIVERGENCES
-from .fused import HeadLike, head_parts, teacher_source
+from .fused import HeadLike, default_chunk, head_parts, teacher_source
 from .objective import RowObjective
 from .progress import Progress, require_progress
 from .rows import Rows
@@ -233,8 +233,9 @@ class DistillationLoss(nn.Module):
                        chunk_size: "int | None" = None) -> LossOutput:
         """The fused linear-layer loss: ``forward(h_s·W_sᵀ + b_s, h_t·W_tᵀ + b_t, labels)`` without building either
         model's ``[N, V]`` logits. At most ``chunk_size`` rows of logits per model (default: the loss's
-        ``chunk_size``, else 256) are alive at a time; the gradients reach the student's hidden states and its
-        head's weight and bias. Same value and gradients as the plain path, for every strategy and weighting.
+        ``chunk_size``, else ``thermokd.fused.default_chunk``: 256 rows on the CPU, more on a GPU for moderate
+        vocabularies) are alive at a time; the gradients reach the student's hidden states and its head's weight and
+        bias. Same value and gradients as the plain path, for every strategy and weighting.
 
         - ``student_hidden`` ``[..., H]``; a head is an ``nn.Linear``, a ``(weight, bias)`` pair or a weight
           ``[V, H]``.
@@ -264,7 +265,7 @@ class DistillationLoss(nn.Module):
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = hidden[:0].float().sum() + weight[:0].float().sum()
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
-        chunk = chunk_size if chunk_size is not None else (self.chunk_size or 256)
+        chunk = chunk_size if chunk_size is not None else (self.chunk_size or default_chunk(vocab, hidden.device))
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
         student = LinearRows(hidden, weight, bias, index)
