@@ -150,11 +150,15 @@ class RowObjective:
     @staticmethod
     @torch.no_grad()
     def kl_chunk(teacher: Tensor, student: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor,
-                 factor: "Tensor | None", kd_coef: float, ce_weight: float, n: "int | Tensor") -> ClosedFormChunk:
+                 factor: "Tensor | None", kd_coef: float, ce_weight: float, n: "int | Tensor",
+                 fresh_teacher: bool = False) -> ClosedFormChunk:
         """Forward KL (plus CE) for one chunk of float32 rows with the gradient in closed form,
         ``∂/∂z^s = coef·f·(q − p)/τ^s + ce_weight·(σ(z^s) − onehot)/N``.
-        Per-row sums are plain ``.sum`` reductions (a ``bmm`` row dot product loses ~4e-5 relative in float32)."""
-        log_p, p = _softmax_pair(teacher / tau_t, fresh=True)
+        Per-row sums are plain ``.sum`` reductions (a ``bmm`` row dot product loses ~4e-5 relative in float32).
+        ``fresh_teacher``: ``teacher`` is a temporary of the caller's that may be overwritten."""
+        # a teacher block made for this chunk (a head's output) is scaled in place: one [n, C] block less alive
+        log_p, p = _softmax_pair(teacher.div_(tau_t) if fresh_teacher else teacher / tau_t, fresh=True)
+        del teacher
         log_q, grad = _softmax_pair(student / tau_s, fresh=True)
         entropy = -(p * log_p).sum(-1)
         kl = (p * log_p.sub_(log_q)).sum(-1)
@@ -167,12 +171,15 @@ class RowObjective:
         grad.mul_(coef)
         ce = grad.new_zeros(())
         if labels is not None:
-            log_probs, probs = _softmax_pair(student)
+            # σ(z^s) and log σ(z^s)_y = (z_y − max) − log Σ exp(z − max) from one [n, C] block (no log σ block)
             column = labels.unsqueeze(-1)
-            ce = -log_probs.gather(-1, column).sum()
-            del log_probs
+            top = student.amax(-1, keepdim=True)
+            probs = (student - top).exp_()
+            norm = probs.sum(-1, keepdim=True)
+            ce = -(student.gather(-1, column) - top).sub_(norm.log()).sum()
             if ce_weight:
-                soft = probs.scatter_add_(-1, column, torch.full_like(column, -1.0, dtype=grad.dtype))
-                grad.add_(soft.mul_(ce_weight / n))
+                soft = probs.div_(norm).scatter_add_(-1, column, torch.full_like(column, -1.0, dtype=grad.dtype))
+                grad.add_(soft, alpha=ce_weight / n)
+            del probs
         weighted = kl if factor is None else kl * factor
         return ClosedFormChunk(grad, weighted.sum(), ce, entropy)
