@@ -328,12 +328,13 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
         if closed_form:
             chunk = objective.kl_chunk(teacher, student, labels, tt, ts, f, kd_coef, ce_weight, n,
                                        fresh_teacher=getattr(plan.teacher, "fresh", False))
-            del teacher
             if sink is not None:
                 sink.add(chunk.grad, start, stop)
             sums["kd"] = sums["kd"] + chunk.kd_sum
             sums["ce"] = sums["ce"] + chunk.ce_sum
             entropies.append(chunk.entropy)
+            # drop this chunk's [n, C] blocks now, not when the next chunk's are already built
+            rows = student = teacher = chunk = None
             continue
         with torch.enable_grad():
             s = student.requires_grad_(grad_on)

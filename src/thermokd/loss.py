@@ -333,15 +333,16 @@ class DistillationLoss(nn.Module):
         and the teacher's entropy is computed only if a statistic is read."""
         tau = self.temperature.value()
         n = student.shape[0]
+        s32 = student.float()  # one cast: half-precision gradients of both terms add up in float32, then round once
         log_p = torch.log_softmax(teacher.float() / tau, dim=-1)
-        kl = F.kl_div(torch.log_softmax(student.float() / tau, dim=-1), log_p, reduction="sum", log_target=True)
+        kl = F.kl_div(torch.log_softmax(s32 / tau, dim=-1), log_p, reduction="sum", log_target=True)
         if self.check_inputs:  # KL ≥ 0 is never −inf: below +inf (one comparison, NaN fails it) means finite
             check_finite_value(kl < math.inf, student, teacher)
         terms: dict[str, Tensor] = {}
         kd = kl * (tau * tau / n)
         if labels is not None:
             try:
-                terms["ce"] = ce = F.cross_entropy(student.float(), labels, ignore_index=_NO_LABEL)
+                terms["ce"] = ce = F.cross_entropy(s32, labels, ignore_index=_NO_LABEL)
             except (IndexError, RuntimeError):
                 explain_labels(labels, student.shape[-1])
                 raise
