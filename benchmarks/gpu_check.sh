@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks of thermokd's hot path, on one CUDA GPU (about 2-3 minutes on an H100; every part has a time limit):
+# GPU checks of thermokd's hot path, on one CUDA GPU (about 2 minutes on an H100; every part has a time limit, and a
+# part that would start after 210 s is skipped, so a run ends within about 5 minutes even if parts hang):
 #   1. the CUDA-marked tests (no host-device sync per step under torch.cuda.set_sync_debug_mode("error"),
 #      fused = plain on the device, bf16 autocast) and the other tests that need CUDA;
 #   2. steps/s of a ResNet student with thermokd's loss against a hand-written KD (target >= 0.97x);
@@ -20,10 +21,17 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 FAILED=()
 START=$SECONDS
 
+BUDGET=210  # seconds: a part that would start later is skipped (and listed), so a run stays near 4 minutes
+
 part() {  # part NAME LIMIT_SECONDS COMMAND...: run one part, note it if it fails or runs past its limit
   local name="$1" limit="$2"
   shift 2
   echo
+  if [ $((SECONDS - START)) -gt $BUDGET ]; then
+    echo "!!! $name: skipped, the run is past its ${BUDGET}s budget"
+    FAILED+=("$name (skipped: out of time)")
+    return
+  fi
   echo "=== $name (limit ${limit}s) ==="
   local t0=$SECONDS
   timeout --signal=INT --kill-after=10 "$limit" "$@"
@@ -44,18 +52,18 @@ fi
 '| thermokd from', thermokd.__file__)" || { echo "thermokd does not import"; exit 1; }
 PYTEST=(-m pytest -q -p no:cacheprovider --tb=short -rfE)
 if "$PY" -c "import pytest" 2>/dev/null; then
-  part "cuda tests" 150 "$PY" "${PYTEST[@]}" tests/test_cuda.py
-  part "other tests that need CUDA" 90 "$PY" "${PYTEST[@]}" -k "cuda or gpu" tests/test_temperatures.py tests/test_data.py
+  part "cuda tests" 100 "$PY" "${PYTEST[@]}" tests/test_cuda.py
+  part "other tests that need CUDA" 45 "$PY" "${PYTEST[@]}" -k "cuda or gpu" tests/test_temperatures.py tests/test_data.py
 else
   echo "!!! pytest is not installed for $PY: the tests were not run"
   FAILED+=("tests (no pytest)")
 fi
-part "step-rate" 120 "$PY" benchmarks/gpu_check.py step-rate --rounds 6 --steps 50
-part "fused-memory" 90 "$PY" benchmarks/gpu_check.py fused-memory --rounds 5
-part "fused-memory at chunk 256 (the previous default, to compare)" 90 "$PY" benchmarks/gpu_check.py fused-memory \
+part "step-rate" 75 "$PY" benchmarks/gpu_check.py step-rate --rounds 6 --steps 50
+part "fused-memory" 45 "$PY" benchmarks/gpu_check.py fused-memory --rounds 5
+part "fused-memory at chunk 256 (the previous default, to compare)" 45 "$PY" benchmarks/gpu_check.py fused-memory \
   --rounds 5 --chunk 256
-part "bf16" 60 "$PY" benchmarks/gpu_check.py bf16
-part "loss-overhead" 120 "$PY" benchmarks/loss_overhead.py --device cuda --large --methods kd,kd-no-ignore,cist \
+part "bf16" 30 "$PY" benchmarks/gpu_check.py bf16
+part "loss-overhead" 60 "$PY" benchmarks/loss_overhead.py --device cuda --large --methods kd,kd-no-ignore,cist \
   --rounds 20 --block 20 --large-rounds 8
 
 echo
