@@ -1,7 +1,7 @@
 """GPU figures for thermokd's hot path (run by ``benchmarks/gpu_check.sh`` on a CUDA machine).
 
     python benchmarks/gpu_check.py step-rate [--device cuda] [--model resnet8x4] [--rounds 6] [--steps 50]
-    python benchmarks/gpu_check.py fused-memory [--shape 8,512,768,50304] [--chunk 256]
+    python benchmarks/gpu_check.py fused-memory [--shape 8,512,768,50304] [--chunk N]
     python benchmarks/gpu_check.py bf16
 
 ``step-rate``: training steps per second of a CIFAR-style ResNet student (batch 64, 32×32, 100 classes, teacher
@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 import thermokd as tk
+from thermokd.fused import default_chunk
 from thermokd.models import build_model
 
 PROGRESS = tk.Progress(step=1, total_steps=100, epoch=1, total_epochs=10)
@@ -131,7 +132,9 @@ def fused_memory(args) -> None:
             times.append(time.perf_counter() - start)
         results[name] = (peak, statistics.median(times))
     (mem_p, t_p), (mem_f, t_f) = results["plain"], results["fused"]
-    print(f"fused-memory: {b}x{length} tokens, hidden {hidden}, V={vocab}, chunk {args.chunk}, float32, "
+    chunk = args.chunk or default_chunk(vocab, device)
+    print(f"fused-memory: {b}x{length} tokens, hidden {hidden}, V={vocab}, chunk {chunk}"
+          f"{'' if args.chunk else ' (the default)'}, float32, "
           f"{torch.cuda.get_device_name(device)}")
     print(f"  plain {mem_p / 2**20:.0f} MiB {t_p * 1e3:.1f} ms; fused {mem_f / 2**20:.0f} MiB {t_f * 1e3:.1f} ms; "
           f"memory {mem_f / mem_p:.3f}x (target <= 0.15), time {t_f / t_p:.3f}x (target <= 1.1)")
@@ -172,7 +175,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--shape", default="8,512,768,50304", help="B,L,H,V for fused-memory")
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=None, help="fused-memory: rows per chunk (default: the "
+                                                                   "library's default for the device and vocabulary)")
     args = parser.parse_args()
     {"step-rate": step_rate, "fused-memory": fused_memory, "bf16": bf16}[args.what](args)
 

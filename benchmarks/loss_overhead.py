@@ -1,6 +1,7 @@
 """Forward+backward(+observe) time of DistillationLoss per method, as a ratio to a minimal hand-written Hinton KD.
 
     python benchmarks/loss_overhead.py [--rounds N] [--block N] [--large [--large-rounds N]] [--threads N]
+                                       [--clock wall|cpu] [--device cpu|cuda]
 
 The baseline is the shortest correct Hinton KD (``hinton_kd`` below: two log-softmaxes, ``kl_div`` and
 ``cross_entropy``, τ = 4, w_ce = 0.1, w_kd = 0.9), the loss thermokd's ``kd`` computes. Targets: thermokd's
@@ -10,6 +11,10 @@ Shapes: [256, 100] (a CIFAR-100 batch) and, with --large, [8·512, 32000] (a lan
 is timed over blocks of consecutive calls, in interleaved rounds (baseline, then each variant, repeated) in this
 one process, and the ratio of medians is printed with the quartiles of the per-round ratios: drifts in machine
 speed hit every variant alike, and the quartiles show how much one round's ratio moves.
+
+``--clock cpu`` times each block by the process's CPU time instead of the wall clock: on a machine shared with
+other jobs the wall clock also counts the time this process waited for a core (use it with one thread).
+``--device cuda`` runs on the GPU, synchronising before and after each block (wall clock).
 """
 from __future__ import annotations
 
@@ -36,11 +41,11 @@ def hinton_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
     return 0.1 * F.cross_entropy(student, labels) + 0.9 * kd
 
 
-def thermokd_step(method: str) -> Callable:
+def thermokd_step(method: str, device: torch.device) -> Callable:
     """One training step's loss work with thermokd: forward, and ``observe`` after the backward."""
     name, options = (method[: -len("-no-ignore")], {"ignore_index": None}) if method.endswith("-no-ignore") \
         else (method, {})
-    loss_fn = tk.build_loss(name, **options)
+    loss_fn = tk.build_loss(name, **options).to(device)
 
     def step(student, teacher, labels):
         out = loss_fn(student, teacher, labels, progress=PROGRESS)
@@ -54,29 +59,40 @@ def baseline_step(student, teacher, labels):
     hinton_kd(student, teacher, labels).backward()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def block_time(step: Callable, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-               calls: int) -> float:
-    """Seconds per call, averaged over a block of ``calls`` consecutive calls."""
+               calls: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call, averaged over a block of ``calls`` consecutive calls (the device's queue drained before
+    and after)."""
     inputs = [student.detach().clone().requires_grad_(True) for _ in range(calls)]
-    start = time.perf_counter()
+    _sync(student.device)
+    start = clock()
     for s in inputs:
         step(s, teacher, labels)
-    return (time.perf_counter() - start) / calls
+    _sync(student.device)
+    return (clock() - start) / calls
 
 
-def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str]) -> dict[str, object]:
+def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str],
+            device: "torch.device | str" = "cpu", clock: Callable[[], float] = time.perf_counter
+            ) -> dict[str, object]:
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     n, c = shape
-    teacher = torch.randn(n, c, generator=gen) * (1 + 4 * torch.rand(n, 1, generator=gen))
-    student = torch.randn(n, c, generator=gen) * 2
-    labels = torch.randint(0, c, (n,), generator=gen)
-    steps = {"hinton": baseline_step} | {m: thermokd_step(m) for m in methods}
+    teacher = (torch.randn(n, c, generator=gen) * (1 + 4 * torch.rand(n, 1, generator=gen))).to(device)
+    student = (torch.randn(n, c, generator=gen) * 2).to(device)
+    labels = torch.randint(0, c, (n,), generator=gen).to(device)
+    steps = {"hinton": baseline_step} | {m: thermokd_step(m, device) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in steps}
-    for step in steps.values():  # warm-up: allocator, CIST's calibration
-        block_time(step, student, teacher, labels, 2)
+    for step in steps.values():  # warm-up: allocator, CIST's calibration, CUDA kernels' first launch
+        block_time(step, student, teacher, labels, 2, clock)
     for _ in range(rounds):
         for m, step in steps.items():
-            times[m].append(block_time(step, student, teacher, labels, block))
+            times[m].append(block_time(step, student, teacher, labels, block, clock))
     base = statistics.median(times["hinton"])
     result: dict[str, object] = {"hinton_seconds": base}
     for m in methods:
@@ -95,16 +111,32 @@ def main() -> None:
                                                                     "shape (default 4)")
     parser.add_argument("--methods", default=",".join(METHODS), help="thermokd methods (default: all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock (default) or this process's CPU time (CPU only; a shared machine)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--large-only", action="store_true", help="time [8*512, 32000] only")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.clock == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu measures the host's work only: use the wall clock with --device cuda")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
-    for shape in [(256, 100)] + ([(8 * 512, 32000)] if args.large else []):
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {args.threads} threads")
+    shapes = ([] if args.large_only else [(256, 100)]) + ([(8 * 512, 32000)] if args.large or args.large_only else [])
+    for shape in shapes:
         large = shape[1] > 1000
         rounds, block = (args.large_rounds, 1) if large else (args.rounds, args.block)
-        result = measure(shape, rounds, block, methods)
+        if device.type == "cuda" and large:
+            # a GPU step at this shape takes milliseconds: time short blocks (each call's input is a 0.5 GB copy)
+            block = min(args.block, 5)
+        result = measure(shape, rounds, block, methods, device, clock)
         print(f"\nlogits {list(shape)}: hand-written Hinton KD forward+backward "
               f"{result['hinton_seconds'] * 1e3:.3f} ms "
-              f"(median of {rounds} rounds x {block} calls, {args.threads} threads, torch {torch.__version__}); "
+              f"(median of {rounds} rounds x {block} calls, {where}, {args.clock} clock, torch {torch.__version__}); "
               "thermokd's time relative to it (ratio of medians; in brackets, the quartiles of the per-round ratios):")
         for m in methods:
             ratio, q1, q3 = result[m]

@@ -50,9 +50,16 @@ def check_finite_sum(student: Tensor, teacher: Tensor) -> None:
     overflowed is re-checked entry by entry; on an accelerator logits summing beyond ~3e38 would trip it."""
     if not student.numel():
         return
-    total = torch.isfinite(student.detach().sum(dtype=torch.float32) + teacher.sum(dtype=torch.float32))
+    check_finite_value(torch.isfinite(student.detach().sum(dtype=torch.float32) + teacher.sum(dtype=torch.float32)),
+                       student, teacher)
+
+
+def check_finite_value(ok: Tensor, student: Tensor, teacher: Tensor) -> None:
+    """Raise unless ``ok``: whether a value that every entry of both logits reaches (NaN and ±inf make it NaN or
+    inf) is finite, a 0-d bool tensor; one device-side assertion. On the CPU a failure is re-checked entry by entry
+    (a sum may overflow with finite entries: then nothing is wrong)."""
     try:
-        torch._assert_async(total, "thermokd: NaN or inf logits")
+        torch._assert_async(ok, "thermokd: NaN or inf logits")
     except RuntimeError:
         for who, x in (("student", student), ("teacher", teacher)):
             if not torch.isfinite(x).all():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -98,6 +98,7 @@ class LinearRows:
     weight: Tensor
     bias: "Tensor | None" = None
     index: "Tensor | None" = None
+    fresh: ClassVar[bool] = True  # rows() returns a new block each call: a consumer may overwrite it
 
     def rows(self, start: int, stop: int) -> Tensor:
         with torch.no_grad():
@@ -153,6 +154,7 @@ class TopKRows:
     capture_tau: float
     vocab_size: int
     index: "Tensor | None" = None
+    fresh: ClassVar[bool] = True  # rows() builds a new dense block each call
 
     @torch.no_grad()
     def rows(self, start: int, stop: int) -> Tensor:
@@ -324,12 +326,15 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
             if check and (temps is None or not kd_coef):  # otherwise pass 1 has checked these rows
                 check_finite(student, teacher)
         if closed_form:
-            chunk = objective.kl_chunk(teacher, student, labels, tt, ts, f, kd_coef, ce_weight, n)
+            chunk = objective.kl_chunk(teacher, student, labels, tt, ts, f, kd_coef, ce_weight, n,
+                                       fresh_teacher=getattr(plan.teacher, "fresh", False))
             if sink is not None:
                 sink.add(chunk.grad, start, stop)
             sums["kd"] = sums["kd"] + chunk.kd_sum
             sums["ce"] = sums["ce"] + chunk.ce_sum
             entropies.append(chunk.entropy)
+            # drop this chunk's [n, C] blocks now, not when the next chunk's are already built
+            rows = student = teacher = chunk = None
             continue
         with torch.enable_grad():
             s = student.requires_grad_(grad_on)

@@ -14,6 +14,20 @@ from .errors import ThermoKDError
 
 HeadLike = "nn.Linear | tuple[Tensor, Tensor | None] | Tensor"
 
+CPU_CHUNK = 256  # rows per chunk on the CPU: larger ones measured no faster there
+# on an accelerator a chunk's kernels are short and their launches dominate at 256 rows: chunks are sized so that one
+# float32 [chunk, V] intermediate takes about this much memory (a chunk keeps a handful of them alive)
+DEVICE_CHUNK_BYTES = 128 * 2**20
+
+
+def default_chunk(vocab: int, device: torch.device) -> int:
+    """The fused loss's rows per chunk when none is given: ``CPU_CHUNK`` on the CPU; elsewhere the power of two
+    (256 to 4096) whose ``[chunk, vocab]`` float32 block is closest below ``DEVICE_CHUNK_BYTES``."""
+    if device.type == "cpu":
+        return CPU_CHUNK
+    rows = DEVICE_CHUNK_BYTES // (4 * max(vocab, 1))
+    return int(min(4096, max(256, 1 << max(rows, 1).bit_length() - 1)))
+
 
 def head_parts(head, name: str) -> tuple[Tensor, "Tensor | None"]:
     """A linear head as (weight ``[V, H]``, bias ``[V]`` or None): an ``nn.Linear``, a pair or a weight."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -15,21 +16,24 @@ from torch.nn import functional as F
 
 from . import temperature as temperature_mod
 from . import weighting as weighting_mod
-from .checks import check_finite_sum, check_rows, explain_labels
+from .checks import check_finite_sum, check_finite_value, check_rows, explain_labels
 from .chunked import LinearRows, LogitRows, Plan, attach, sweep, tau_columns, temperatures_by_chunk
 from .errors import ThermoKDError, choice_error
 from .functional import DIVERGENCES
-from .fused import HeadLike, head_parts, teacher_source
+from .fused import HeadLike, default_chunk, head_parts, teacher_source
 from .objective import RowObjective
 from .progress import Progress, require_progress
 from .rows import Rows
 from .stats import LazyStats, row_statistics
-from .temperature import Fixed, TemperatureStrategy
-from .weighting import Weighting
+from .temperature import CIST, DTKD, DTS, Fixed, Scheduled, TemperatureStrategy
+from .weighting import ConfidenceDifficulty, TeacherEntropy, Weighting
 
 FAMILIES = ("kd", "dkd")
 SCALES = ("product", "none")
 _NO_LABEL = -(2**62)  # F.nll_loss's ignore_index; ignored rows never reach it
+# strategies and weightings whose forward changes no state (CIST: once calibrated; see _late_check)
+_STATELESS_STRATEGIES = (Fixed, CIST, DTS, DTKD, Scheduled)
+_STATELESS_WEIGHTINGS = (type(None), ConfidenceDifficulty, TeacherEntropy)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # torch.is_autocast_enabled raises for other types
 
 
@@ -62,6 +66,11 @@ def _float32_region(device_type: str):
     if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _flat(logits: Tensor, num_classes: int) -> Tensor:
+    """``[..., C]`` as ``[M, C]``; a 2-d tensor as it is (no view for autograd to go through)."""
+    return logits if logits.dim() == 2 else logits.reshape(-1, num_classes)
 
 
 class DistillationLoss(nn.Module):
@@ -113,6 +122,32 @@ class DistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self._objective: "tuple[tuple, RowObjective] | None" = None
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_route"] = None  # any change (a new strategy, weighting, weight) re-decides the fast path
+
+    def _routes(self) -> tuple[bool, bool]:
+        """(Hinton: a fixed τ, forward KL, τ² scale, no weighting; late check: forward KL with a strategy and a
+        weighting whose forward changes no state, so the finiteness check may come after it, on the KD sum).
+        Decided once per change of the loss's attributes, not per call."""
+        route = self.__dict__.get("_route")
+        if route is None:
+            kl = self.family == "kd" and self.divergence == "kl" and self.kd_weight > 0
+            route = self.__dict__["_route"] = (
+                kl and type(self.temperature) is Fixed and self.weighting is None and self.scale == "product",
+                kl and type(self.temperature) in _STATELESS_STRATEGIES
+                and type(self.weighting) in _STATELESS_WEIGHTINGS)
+        return route
+
+    def _fixed_tau_kl(self) -> bool:
+        return self._routes()[0]
+
+    def _late_check(self) -> bool:
+        """Whether this call may check its inputs on the KD sum after the strategy and the weighting have run:
+        they change no state then (CIST's first-batch calibration and running weight means do: checked first)."""
+        return (self._routes()[1] and not self.temperature.needs_batch_preparation
+                and getattr(self.weighting, "normalise", "batch") == "batch")
+
     @property
     def objective(self) -> RowObjective:
         """The per-row maths this loss evaluates (immutable; shared by the plain, chunked and fused paths)."""
@@ -139,7 +174,11 @@ class DistillationLoss(nn.Module):
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise ThermoKDError(f"labels must be integer class ids, got dtype {labels.dtype}; convert them "
                                     "with .long() once you know they are whole numbers")
-            labels = labels.reshape(-1).long()
+            labels = labels if labels.dim() == 1 else labels.reshape(-1)
+            labels = labels if labels.dtype == torch.int64 else labels.long()
+            if (keep is None and self.ignore_index is not None and self.ignore_index < 0 and labels.numel()
+                    and labels.device.type == "cpu" and labels.min().item() >= 0):
+                return labels, None  # on the CPU one reduction shows that no label is the (negative) ignore_index
             if self.ignore_index is not None:
                 labelled = labels != self.ignore_index
                 keep = labelled if keep is None else keep & labelled
@@ -169,7 +208,8 @@ class DistillationLoss(nn.Module):
             raise ThermoKDError(f"logits need a class axis: expected [..., C], got shape {tuple(student_logits.shape)}")
         num_classes = student_logits.shape[-1]
         labels, index = self._select(student_logits.shape[:-1], labels, mask)
-        s, t = student_logits.reshape(-1, num_classes), teacher_logits.detach().reshape(-1, num_classes)
+        s, t = _flat(student_logits, num_classes), _flat(teacher_logits.detach() if teacher_logits.requires_grad
+                                                         else teacher_logits, num_classes)
         n = s.shape[0] if index is None else index.shape[0]
         if self.chunk_size is not None and n > self.chunk_size:
             if self.check_inputs:  # the logits are checked chunk by chunk
@@ -177,12 +217,15 @@ class DistillationLoss(nn.Module):
             return self._chunked(Plan(LogitRows(s, index), LogitRows(t, index), labels, n, self.chunk_size, progress))
         if index is not None:
             s, t = s.index_select(0, index), t.index_select(0, index)
-        if self.check_inputs:  # labels: the cross-entropy kernel refuses out-of-range ones itself
-            check_finite_sum(s, t)
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = s.float().sum()  # 0 over no rows, in float32; masked garbage (inf, NaN, fp16 overflow) never enters
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
-        return self._plain(s, t, labels, progress)
+        if self._fixed_tau_kl():
+            return self._hinton(s, t, labels, progress)
+        late = self.check_inputs and self._late_check()
+        if self.check_inputs and not late:  # labels: the cross-entropy kernel refuses out-of-range ones itself
+            check_finite_sum(s, t)
+        return self._plain(s, t, labels, progress, late)
 
     def forward_hidden(self, student_hidden: Tensor, student_head: "HeadLike", teacher_hidden: "Tensor | None" = None,
                        teacher_head: "HeadLike | None" = None, labels: "Tensor | None" = None, *,
@@ -190,8 +233,9 @@ class DistillationLoss(nn.Module):
                        chunk_size: "int | None" = None) -> LossOutput:
         """The fused linear-layer loss: ``forward(h_s·W_sᵀ + b_s, h_t·W_tᵀ + b_t, labels)`` without building either
         model's ``[N, V]`` logits. At most ``chunk_size`` rows of logits per model (default: the loss's
-        ``chunk_size``, else 256) are alive at a time; the gradients reach the student's hidden states and its
-        head's weight and bias. Same value and gradients as the plain path, for every strategy and weighting.
+        ``chunk_size``, else ``thermokd.fused.default_chunk``: 256 rows on the CPU, more on a GPU for moderate
+        vocabularies) are alive at a time; the gradients reach the student's hidden states and its head's weight and
+        bias. Same value and gradients as the plain path, for every strategy and weighting.
 
         - ``student_hidden`` ``[..., H]``; a head is an ``nn.Linear``, a ``(weight, bias)`` pair or a weight
           ``[V, H]``.
@@ -221,14 +265,14 @@ class DistillationLoss(nn.Module):
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = hidden[:0].float().sum() + weight[:0].float().sum()
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
-        chunk = chunk_size if chunk_size is not None else (self.chunk_size or 256)
+        chunk = chunk_size if chunk_size is not None else (self.chunk_size or default_chunk(vocab, hidden.device))
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
         student = LinearRows(hidden, weight, bias, index)
         return self._chunked(Plan(student, teacher, labels, n, chunk, progress))
 
-    def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
-               ) -> LossOutput:
+    def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None",
+               late_check: bool = False) -> LossOutput:
         rows = Rows(student.float(), teacher.float(), labels, progress)
         terms: dict[str, Tensor] = {}
         total = None
@@ -250,15 +294,18 @@ class DistillationLoss(nn.Module):
             shares = self._weight_shares(rows) if self.weighting is not None else None
             factor = objective.factor(objective.row_scale(tau_t, tau_s, temps.scale), shares)
             dkd = None
+            # the teacher's entropy (a statistic) is computed only if a statistic is read
             if objective.family == "kd" and (factor is None or factor.dim() == 0):  # one factor for every row
-                kd, entropy = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s)
+                kd, _ = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s, entropy=False)
                 kd = kd if factor is None else kd * factor
             else:
-                per_row, dkd, entropy = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s)
+                per_row, dkd, _ = objective.rows(rows.student, rows.teacher, labels, tau_t, tau_s, entropy=False)
                 if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
                     kd = torch.dot(per_row, factor)
                 else:
                     kd = (per_row * factor).mean()
+            if late_check:  # forward KL ≥ 0 with factors ≥ 0: finite iff every logit was (NaN fails "< inf")
+                check_finite_value(kd < math.inf, rows.student, rows.teacher)
             if dkd is not None:
                 scale = objective.dkd_scale(tau_t, tau_s)
                 terms["tckd"], terms["nckd"] = (dkd[0] * scale).mean(), (dkd[1] * scale).mean()
@@ -268,15 +315,47 @@ class DistillationLoss(nn.Module):
             tensors.update(temps.stats)
             n = rows.num_rows
 
-            taus = tau_t.detach(), tau_s.detach()  # the statistics hold [N] values, never a graph
+            taus, teacher_rows = (tau_t.detach(), tau_s.detach()), rows.teacher  # no graph is kept for them
 
             def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
+                entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
                 return row_statistics(*taus, entropy, None if shares is None else shares.detach() * n)
         if total is None:  # neither term: a zero that still has a graph
             total = rows.student.sum() * 0.0
         tensors["loss"] = total
         tensors.update(terms)
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(rows.num_rows)}), progress)
+
+    def _hinton(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
+                ) -> LossOutput:
+        """The plain path's value for a fixed τ without weights, in the kernels a hand-written Hinton KD uses: the
+        τ² and 1/N factors are host floats, the input check rides on the KL sum (finite only if every logit is),
+        and the teacher's entropy is computed only if a statistic is read."""
+        tau = self.temperature.value()
+        n = student.shape[0]
+        s32 = student.float()  # one cast: half-precision gradients of both terms add up in float32, then round once
+        log_p = torch.log_softmax(teacher.float() / tau, dim=-1)
+        kl = F.kl_div(torch.log_softmax(s32 / tau, dim=-1), log_p, reduction="sum", log_target=True)
+        if self.check_inputs:  # KL ≥ 0 is never −inf: below +inf (one comparison, NaN fails it) means finite
+            check_finite_value(kl < math.inf, student, teacher)
+        terms: dict[str, Tensor] = {}
+        kd = kl * (tau * tau / n)
+        if labels is not None:
+            try:
+                terms["ce"] = ce = F.cross_entropy(s32, labels, ignore_index=_NO_LABEL)
+            except (IndexError, RuntimeError):
+                explain_labels(labels, student.shape[-1])
+                raise
+            total = torch.add(ce * self.ce_weight, kd, alpha=self.kd_weight)
+        else:
+            total = kd * self.kd_weight
+        terms["kd"] = kd
+
+        def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
+            tau_t = torch.full((), tau, dtype=torch.float32, device=teacher.device)
+            return row_statistics(tau_t, tau_t, RowObjective.teacher_entropy(teacher.float(), tau_t), None)
+
+        return LossOutput(total, terms, LazyStats({"loss": total, **terms}, pending, {"rows": float(n)}), progress)
 
     def _weight_shares(self, rows: Rows) -> Tensor:
         """The weights divided by the number of rows, ``[N]`` (see :meth:`Weighting.shares`)."""
@@ -345,6 +424,8 @@ class DistillationLoss(nn.Module):
 
     def observe(self, output: LossOutput) -> None:
         """Call after the optimiser step: stateful strategies (DTS) and weightings update from this batch's output."""
+        if self._fixed_tau_kl():  # a fixed τ and no weighting: nothing to update
+            return
         self.temperature.observe(output)
         if self.weighting is not None:
             self.weighting.observe(output)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .dkd import dkd_terms
 from .errors import ThermoKDError
@@ -43,7 +44,7 @@ class RowDivergence(NamedTuple):
 
     per_row: Tensor
     dkd: "tuple[Tensor, Tensor] | None"
-    entropy: Tensor
+    entropy: "Tensor | None"
 
 
 def _entropy(p: Tensor, log_p: Tensor) -> Tensor:
@@ -83,8 +84,9 @@ class RowObjective:
         return self.family == "kd" and self.divergence == "kl" and self.finite and not self.learnable
 
     def rows(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", tau_t: Tensor,
-             tau_s: Tensor) -> RowDivergence:
-        """Per-row divergence of float32 ``[N, C]`` rows at τ^t, τ^s (scalars or ``[N, 1]``)."""
+             tau_s: Tensor, entropy: bool = True) -> RowDivergence:
+        """Per-row divergence of float32 ``[N, C]`` rows at τ^t, τ^s (scalars or ``[N, 1]``); ``entropy=False``
+        leaves the teacher's entropy out (None; :meth:`teacher_entropy` computes it later if wanted)."""
         if self.learnable:
             # the value is unchanged (softmax ignores a per-row shift), but the gradient loses the uniform
             # component that float noise in q − p picks up when divided by a τ carrying its own gradient
@@ -94,26 +96,30 @@ class RowObjective:
             if labels is None:
                 raise ThermoKDError("family 'dkd' needs labels: it splits the target class from the others")
             tckd, nckd = dkd_terms(student, teacher, labels, tau_t, tau_s)
-            entropy = self.teacher_entropy(teacher, tau_t.detach())
-            return RowDivergence(self.dkd_alpha * tckd + self.dkd_beta * nckd, (tckd, nckd), entropy)
+            h = self.teacher_entropy(teacher, tau_t.detach()) if entropy else None
+            return RowDivergence(self.dkd_alpha * tckd + self.dkd_beta * nckd, (tckd, nckd), h)
         log_p_t = log_softmax(teacher / tau_t, self.precise)
         log_q = log_softmax(student / tau_s, self.precise)
-        p_t = log_p_t.exp()
-        entropy = _entropy(p_t, log_p_t)
         if self.divergence == "kl" and self.finite:  # finite inputs: log p_t is finite, no 0·∞ to guard
-            return RowDivergence((p_t * (log_p_t - log_q)).sum(-1), None, entropy)
-        return RowDivergence(divergence(log_p_t, log_q, self.divergence), None, entropy)
+            if not entropy:  # p_t is not needed apart: the same Σ p_t·(log p_t − log q) in one call
+                return RowDivergence(F.kl_div(log_q, log_p_t, reduction="none", log_target=True).sum(-1), None, None)
+            p_t = log_p_t.exp()
+            return RowDivergence((p_t * (log_p_t - log_q)).sum(-1), None, _entropy(p_t, log_p_t))
+        h = _entropy(log_p_t.exp(), log_p_t) if entropy else None
+        return RowDivergence(divergence(log_p_t, log_q, self.divergence), None, h)
 
-    def mean(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor
-             ) -> tuple[Tensor, Tensor]:
-        """``mean_i D_i`` and the teacher entropies ``[N]``; forward KL as one reduction over every entry (no
-        per-row sums to keep a graph for)."""
+    def mean(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor,
+             entropy: bool = True) -> tuple[Tensor, "Tensor | None"]:
+        """``mean_i D_i`` and the teacher entropies ``[N]`` (None with ``entropy=False``); forward KL as one
+        reduction over every entry (no per-row sums to keep a graph for)."""
         if self.family == "kd" and self.divergence == "kl" and self.finite and not self.learnable:
             log_p_t = log_softmax(teacher / tau_t, self.precise)
             log_q = log_softmax(student / tau_s, self.precise)
+            if not entropy:
+                return F.kl_div(log_q, log_p_t, reduction="sum", log_target=True) / student.shape[0], None
             p_t = log_p_t.exp()
             return (p_t * (log_p_t - log_q)).sum() / student.shape[0], _entropy(p_t, log_p_t)
-        rows = self.rows(student, teacher, labels, tau_t, tau_s)
+        rows = self.rows(student, teacher, labels, tau_t, tau_s, entropy)
         return rows.per_row.mean(), rows.entropy
 
     def row_scale(self, tau_t: Tensor, tau_s: Tensor, strategy_scale: "Tensor | None") -> "Tensor | None":
@@ -144,11 +150,15 @@ class RowObjective:
     @staticmethod
     @torch.no_grad()
     def kl_chunk(teacher: Tensor, student: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor,
-                 factor: "Tensor | None", kd_coef: float, ce_weight: float, n: "int | Tensor") -> ClosedFormChunk:
+                 factor: "Tensor | None", kd_coef: float, ce_weight: float, n: "int | Tensor",
+                 fresh_teacher: bool = False) -> ClosedFormChunk:
         """Forward KL (plus CE) for one chunk of float32 rows with the gradient in closed form,
         ``∂/∂z^s = coef·f·(q − p)/τ^s + ce_weight·(σ(z^s) − onehot)/N``.
-        Per-row sums are plain ``.sum`` reductions (a ``bmm`` row dot product loses ~4e-5 relative in float32)."""
-        log_p, p = _softmax_pair(teacher / tau_t, fresh=True)
+        Per-row sums are plain ``.sum`` reductions (a ``bmm`` row dot product loses ~4e-5 relative in float32).
+        ``fresh_teacher``: ``teacher`` is a temporary of the caller's that may be overwritten."""
+        # a teacher block made for this chunk (a head's output) is scaled in place: one [n, C] block less alive
+        log_p, p = _softmax_pair(teacher.div_(tau_t) if fresh_teacher else teacher / tau_t, fresh=True)
+        del teacher
         log_q, grad = _softmax_pair(student / tau_s, fresh=True)
         entropy = -(p * log_p).sum(-1)
         kl = (p * log_p.sub_(log_q)).sum(-1)
@@ -161,12 +171,15 @@ class RowObjective:
         grad.mul_(coef)
         ce = grad.new_zeros(())
         if labels is not None:
-            log_probs, probs = _softmax_pair(student)
+            # σ(z^s) and log σ(z^s)_y = (z_y − max) − log Σ exp(z − max) from one [n, C] block (no log σ block)
             column = labels.unsqueeze(-1)
-            ce = -log_probs.gather(-1, column).sum()
-            del log_probs
+            top = student.amax(-1, keepdim=True)
+            probs = (student - top).exp_()
+            norm = probs.sum(-1, keepdim=True)
+            ce = -(student.gather(-1, column) - top).sub_(norm.log()).sum()
             if ce_weight:
-                soft = probs.scatter_add_(-1, column, torch.full_like(column, -1.0, dtype=grad.dtype))
-                grad.add_(soft.mul_(ce_weight / n))
+                soft = probs.div_(norm).scatter_add_(-1, column, torch.full_like(column, -1.0, dtype=grad.dtype))
+                grad.add_(soft, alpha=ce_weight / n)
+            del probs
         weighted = kl if factor is None else kl * factor
         return ClosedFormChunk(grad, weighted.sum(), ce, entropy)

@@ -106,6 +106,21 @@ def scalar(value: float, like: Tensor) -> Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=like.device)
 
 
+class BufferFloat:
+    """A 0-d buffer's value as a Python float, read from the tensor once per change of it: again only when the
+    buffer is written in place (``fill_``, ``load_state_dict``) or replaced (``.to(device)``). The cache holds the
+    tensor itself, not its id (which a later tensor could reuse)."""
+
+    def __init__(self) -> None:
+        self._cache: "tuple[Tensor, int, float] | None" = None
+
+    def __call__(self, buffer: Tensor) -> float:
+        cache = self._cache
+        if cache is None or cache[0] is not buffer or cache[1] != buffer._version:
+            cache = self._cache = (buffer, buffer._version, float(buffer))
+        return cache[2]
+
+
 STRATEGIES: "Registry[TemperatureStrategy]" = Registry("temperature strategy")
 register = STRATEGIES.register  # class decorator: ``@register("cist")``
 names = STRATEGIES.names

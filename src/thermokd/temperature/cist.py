@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import ThermoKDError, choice_error
 from ..rows import Rows
-from .base import Temperatures, TemperatureStrategy, check_bounds, check_positive, register
+from .base import BufferFloat, Temperatures, TemperatureStrategy, check_bounds, check_positive, register
 
 if TYPE_CHECKING:
     from ..loss import LossOutput
@@ -90,9 +90,7 @@ class CIST(TemperatureStrategy):
         self.register_buffer("ratio", torch.tensor(initial, dtype=torch.float32))
         if student == "own-ratio":  # c = running mean of log(m^s/m^t); NaN until the first observe (τ^s = τ^t)
             self.register_buffer("student_log_scale", torch.tensor(float("nan"), dtype=torch.float32))
-        # ρ read once as a float (no device sync per step), re-read whenever the buffer is written in place
-        # (calibration, load_state_dict, a user's fill_) or replaced
-        self._ratio_cache: "tuple[torch.Tensor, int, float] | None" = None
+        self._ratio_float = BufferFloat()  # ρ read as a float once per change of the buffer, not per step
 
     @staticmethod
     def search_space() -> dict[str, Any]:
@@ -101,11 +99,7 @@ class CIST(TemperatureStrategy):
                 "student_floor": (0.0, 1.0, False), "max_kind": list(MAX_KINDS), "scale": list(SCALES)}
 
     def _ratio_value(self) -> float:
-        ratio, cache = self._buffers["ratio"], self._ratio_cache
-        # the cache holds the tensor itself (not its id, which a later tensor could reuse)
-        if cache is None or cache[0] is not ratio or cache[1] != ratio._version:
-            cache = self._ratio_cache = (ratio, ratio._version, float(ratio))
-        return cache[2]
+        return self._ratio_float(self._buffers["ratio"])
 
     @property
     def calibrated(self) -> bool:
