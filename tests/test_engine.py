@@ -169,3 +169,15 @@ def test_bf16_mixed_precision_runs_on_the_cpu(tmp_path):
     result = json.loads((tmp_path / "bf16" / "result.json").read_text())
     assert 0.0 <= result["last_acc"] <= 1.0
     assert all(v == v for v in result["final"].values())  # no NaN statistics
+
+
+def test_the_run_loss_ignores_no_class_label_unless_told():
+    """Class labels are never ignored, so the engine's loss selects no rows (on a GPU, finding ignored rows would
+    be a host-device sync every step); a loss section that names an ignore_index keeps it."""
+    import thermokd
+    from thermokd.config import load_config
+    from thermokd.engine.run import method_loss
+
+    digits = Path(thermokd.__file__).parent / "configs" / "digits.yaml"
+    assert method_loss(load_config(digits, ["method.name=cist"])).ignore_index is None
+    assert method_loss(load_config(digits, ["method.name=kd", "method.loss.ignore_index=-1"])).ignore_index == -1

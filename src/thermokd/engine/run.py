@@ -14,6 +14,7 @@ from ..config import RunConfig
 from ..diagnostics import soft_label_report
 from ..errors import ThermoKDError
 from ..files import FolderLock, digest, read_json, write_json
+from ..loss import DistillationLoss
 from ..methods import build_loss
 from ..progress import Progress
 from ..teacher_cache import save_weights
@@ -23,6 +24,14 @@ from .trainer import EpochData, LoopConfig, Trainer, predict
 
 FINAL_KEYS = ("tau_teacher_mean", "tau_teacher_min", "tau_teacher_max", "tau_student_mean",
               "teacher_entropy_mean", "teacher_entropy_std", "weight_std")
+
+
+def method_loss(cfg: RunConfig) -> DistillationLoss:
+    """The run's loss, from its ``method`` section. Class labels are never ignored, so the loss is built with
+    ``ignore_index=None`` unless the section's ``loss`` options name one: looking for ignored labels would make
+    the host wait for the device at every step on a GPU (it needs to know how many rows remain)."""
+    m = cfg.method
+    return build_loss(m.name, temperature=m.temperature, weighting=m.weighting, **{"ignore_index": None, **m.loss})
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -169,8 +178,7 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
         raise ThermoKDError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
     exp = experiment or Experiment(cfg, cache_dir)
-    loss_fn = build_loss(cfg.method.name, temperature=cfg.method.temperature, weighting=cfg.method.weighting,
-                         **cfg.method.loss)
+    loss_fn = method_loss(cfg)
     distils = loss_fn.kd_weight > 0
     identity = run_identity(cfg, teacher_key(cfg, exp.data_digest) if distils else None, exp.data_digest)
     if existing:

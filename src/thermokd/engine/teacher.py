@@ -100,7 +100,7 @@ def _train_teacher(cfg: RunConfig, model: nn.Module, data: EpochData, accelerato
     loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, optimizer=t.optimizer,
                       schedule=t.schedule, log_every=cfg.train.log_every, eval_batch_size=cfg.train.eval_batch_size,
                       progress_bar=progress_bar, description=f"teacher {t.model}")
-    trainer = Trainer(model, build_loss("ce"), data, loop, accelerator, out_dir=entry.folder / "run")
+    trainer = Trainer(model, build_loss("ce", ignore_index=None), data, loop, accelerator, out_dir=entry.folder / "run")
     summary = trainer.fit(resume=True)  # a killed teacher run continues where it stopped
     accelerator.free_memory()
     if accelerator.is_main_process:
