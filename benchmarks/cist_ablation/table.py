@@ -12,7 +12,9 @@ import json
 import statistics
 from pathlib import Path
 
-from thermokd.experiments.stats import paired_difference
+from thermokd.experiments.stats import paired_difference, per_seed, t_interval
+
+REFERENCE = "cist-ref"
 
 # what each label changes from the reference `cist-ref` (the labels of benchmarks/cist_ablation/fashion_mnist_mlp.yaml)
 CHANGES = {
@@ -60,19 +62,32 @@ def _tau0(results: dict, label: str) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _val_vs_reference(setups: dict[str, dict], label: str) -> str:
+    """Paired Δ of best validation accuracy vs the reference, pooled over every (set-up, seed) pair."""
+    if label == REFERENCE:
+        return "reference"
+    diffs = []
+    for r in setups.values():
+        a, b = per_seed(r["runs"], label, "best_val_acc"), per_seed(r["runs"], REFERENCE, "best_val_acc")
+        diffs += [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b), key=str)]
+    ci = t_interval(diffs)
+    return "—" if ci is None else f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]"
+
+
 def selection_table(setups: dict[str, dict]) -> list[str]:
     """One row per label, ranked by mean validation accuracy over the set-ups (best first)."""
     names = list(setups)
     labels = next(iter(setups.values()))["methods"]
     score = {lab: statistics.fmean(statistics.fmean(_vals(r, lab, "best_val_acc")) for r in setups.values())
              for lab in labels}
-    lines = ["| rank | label | what changes | tuned knob (" + " / ".join(names) + ") | "
-             + " | ".join(f"val %, {n}" for n in names) + " | mean val % |",
-             "|---:|---|---|---|" + "---:|" * len(names) + "---:|"]
+    lines = ["| rank | label | what changes | tuned tau0 / τ (" + " / ".join(names) + ") | "
+             + " | ".join(f"val %, {n}" for n in names) + f" | mean val % | Δ val vs {REFERENCE} (pp, 95 % CI) |",
+             "|---:|---|---|---|" + "---:|" * len(names) + "---:|---|"]
     for rank, lab in enumerate(sorted(labels, key=lambda k: -score[k]), 1):
         vals = [statistics.fmean(_vals(r, lab, "best_val_acc")) for r in setups.values()]
         lines.append(f"| {rank} | {lab} | {CHANGES.get(lab, '')} | " + " / ".join(_tau0(r, lab) for r in setups.values())
-                     + " | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {score[lab]:.2f} |")
+                     + " | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {score[lab]:.2f} | "
+                     + f"{_val_vs_reference(setups, lab)} |")
     return lines
 
 
