@@ -85,9 +85,9 @@ def selection_table(setups: dict[str, dict]) -> list[str]:
              "|---:|---|---|---|" + "---:|" * len(names) + "---:|---|"]
     for rank, lab in enumerate(sorted(labels, key=lambda k: -score[k]), 1):
         vals = [statistics.fmean(_vals(r, lab, "best_val_acc")) for r in setups.values()]
-        lines.append(f"| {rank} | {lab} | {CHANGES.get(lab, '')} | " + " / ".join(_tau0(r, lab) for r in setups.values())
-                     + " | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {score[lab]:.2f} | "
-                     + f"{_val_vs_reference(setups, lab)} |")
+        knobs = " / ".join(_tau0(r, lab) for r in setups.values())
+        lines.append(f"| {rank} | {lab} | {CHANGES.get(lab, '')} | {knobs} | " + " | ".join(f"{v:.2f}" for v in vals)
+                     + f" | {score[lab]:.2f} | {_val_vs_reference(setups, lab)} |")
     return lines
 
 
