@@ -65,7 +65,7 @@ class CIST(TemperatureStrategy):
     name = "cist"
 
     def __init__(self, tau0: float = 4.0, ratio: "float | str" = "auto", tau_min: float = 0.5,
-                 tau_max: float = 20.0, student: str = "interpolate", gamma: float = 0.5, student_floor: float = 0.0,
+                 tau_max: float = 20.0, student: str = "interpolate", gamma: float = 0.75, student_floor: float = 0.0,
                  max_kind: str = "centred", scale: str = "product", momentum: float = 0.9) -> None:
         super().__init__()
         self.tau0 = check_positive("tau0", tau0)
