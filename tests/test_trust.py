@@ -529,3 +529,19 @@ def test_sweep_with_another_student_is_refused_before_any_cell_runs(world, capsy
     err = capsys.readouterr().err
     assert "student.model_args.hidden: [16] -> [8]" in err and _snapshot(t / "sweep") == before
     assert _cli(*args) == 0 and "(finished earlier, same config)" in capsys.readouterr().out
+
+
+def test_a_changed_library_default_is_a_changed_run(tmp_path):
+    """A config that leaves a knob at its default names the same run only while the default stays the same: the
+    identity records the loss as built, so a run made under another default (or before this record) differs."""
+    from thermokd.config import load_config
+    from thermokd.engine.identity import differences, run_identity
+
+    cfg = load_config(write_config(tmp_path / "c.yaml"), ["method.name=cist"])
+    now = run_identity(cfg, "k", "d")
+    assert "gamma=" in now["loss"] and differences(now, run_identity(cfg, "k", "d")) == []
+    older_default = {**now, "loss": now["loss"].replace(now["loss"].split("gamma=")[1].split(",")[0], "0.123")}
+    assert [line.startswith("the loss as built") and "gamma=0.123" in line
+            for line in differences(older_default, now)] == [True]
+    unrecorded = {k: v for k, v in now.items() if k != "loss"}
+    assert "(not recorded)" in differences(unrecorded, now)[0]

@@ -12,6 +12,8 @@ from torch import Tensor
 from ..config import RunConfig
 from ..errors import ThermoKDError
 from ..files import FORMAT, digest, read_json
+from ..loss import DistillationLoss
+from ..methods import build_loss
 
 # fields that change how a run is shown or saved, not what it computes
 _COSMETIC = {"train.progress_bar", "train.eval_batch_size", "train.checkpoint_every"}
@@ -33,14 +35,31 @@ def data_digest(bundle: Any) -> str:
     return digest(*parts)
 
 
-def run_identity(cfg: RunConfig, teacher_key: "str | None", data: str) -> dict[str, Any]:
+def method_loss(cfg: RunConfig) -> DistillationLoss:
+    """The run's loss, from its ``method`` section. Class labels are never ignored, so the loss is built with
+    ``ignore_index=None`` unless the section's ``loss`` options name one: looking for ignored labels would make
+    the host wait for the device at every step on a GPU (it needs to know how many rows remain)."""
+    m = cfg.method
+    return build_loss(m.name, temperature=m.temperature, weighting=m.weighting, **{"ignore_index": None, **m.loss})
+
+
+def loss_settings(loss: DistillationLoss) -> str:
+    """Every setting of a loss as built, the library's defaults included (its repr on one line): a config that
+    leaves a knob at its default names the same run only while that default stays the same."""
+    return " ".join(repr(loss).split())
+
+
+def run_identity(cfg: RunConfig, teacher_key: "str | None", data: "str | None",
+                 loss: "DistillationLoss | None" = None) -> dict[str, Any]:
     """The recorded identity of a student run: its config (without the ``compare`` section, and without the
-    teacher section when it does not distil), its teacher's key and its data digest."""
+    teacher section when it does not distil), its teacher's key, its data digest and the settings of its loss as
+    built (``loss``; by default built from the config)."""
     config = cfg.to_dict()
     config.pop("compare", None)
     if teacher_key is None:
         config.pop("teacher", None)
-    return {"config": config, "teacher_key": teacher_key, "data": data}
+    return {"config": config, "teacher_key": teacher_key, "data": data,
+            "loss": loss_settings(loss if loss is not None else method_loss(cfg))}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -68,6 +87,10 @@ def differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str
         lines.append(f"teacher key: {recorded.get('teacher_key')} -> {requested.get('teacher_key')}")
     if None not in (recorded.get("data"), requested.get("data")) and recorded.get("data") != requested.get("data"):
         lines.append(f"data content: digest {recorded.get('data')} -> {requested.get('data')}")
+    if requested.get("loss") is not None and recorded.get("loss") != requested.get("loss") and not lines:
+        # the config is the same, so a default of the library changed (or the run predates this record)
+        lines.append(f"the loss as built (defaults included): {recorded.get('loss') or '(not recorded)'} -> "
+                     f"{requested['loss']}")
     return lines
 
 
@@ -121,10 +144,7 @@ def check_same_run(out_dir: Path, requested: dict[str, Any], rerun_changed: bool
 
 def distils(cfg: RunConfig) -> bool:
     """Whether the run's method uses a teacher at all."""
-    from ..methods import build_loss
-
-    m = cfg.method
-    return build_loss(m.name, temperature=m.temperature, weighting=m.weighting, **m.loss).kd_weight > 0
+    return method_loss(cfg).kd_weight > 0
 
 
 def check_configs(configs: dict[Any, RunConfig], folders: dict[Any, Path]) -> None:

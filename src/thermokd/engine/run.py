@@ -14,24 +14,14 @@ from ..config import RunConfig
 from ..diagnostics import soft_label_report
 from ..errors import ThermoKDError
 from ..files import FolderLock, digest, read_json, write_json
-from ..loss import DistillationLoss
-from ..methods import build_loss
 from ..progress import Progress
 from ..teacher_cache import save_weights
-from .identity import check_same_run, data_digest, run_identity
+from .identity import check_same_run, data_digest, method_loss, run_identity
 from .teacher import cached_view_logits, obtain_teacher, teacher_dir, teacher_key
 from .trainer import EpochData, LoopConfig, Trainer, predict
 
 FINAL_KEYS = ("tau_teacher_mean", "tau_teacher_min", "tau_teacher_max", "tau_student_mean",
               "teacher_entropy_mean", "teacher_entropy_std", "weight_std")
-
-
-def method_loss(cfg: RunConfig) -> DistillationLoss:
-    """The run's loss, from its ``method`` section. Class labels are never ignored, so the loss is built with
-    ``ignore_index=None`` unless the section's ``loss`` options name one: looking for ignored labels would make
-    the host wait for the device at every step on a GPU (it needs to know how many rows remain)."""
-    m = cfg.method
-    return build_loss(m.name, temperature=m.temperature, weighting=m.weighting, **{"ignore_index": None, **m.loss})
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -180,7 +170,8 @@ def _run_distill(cfg: RunConfig, out_dir: Path, resume: bool, cache_dir: "Path |
     exp = experiment or Experiment(cfg, cache_dir)
     loss_fn = method_loss(cfg)
     distils = loss_fn.kd_weight > 0
-    identity = run_identity(cfg, teacher_key(cfg, exp.data_digest) if distils else None, exp.data_digest)
+    identity = run_identity(cfg, teacher_key(cfg, exp.data_digest) if distils else None, exp.data_digest,
+                            loss_fn)
     if existing:
         if check_same_run(out_dir, identity, rerun_changed, "reuse" if result_path.is_file() else "resume"):
             existing = False  # cleared: the changed run starts afresh
