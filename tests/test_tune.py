@@ -106,6 +106,11 @@ def test_a_finished_study_is_continued_not_restarted(tmp_path):
     again = json.loads((tmp_path / "tune.json").read_text())["trials"]
     assert again[:4] == first and len(again) == 6 and {tau for tau, _ in calls} <= {t["params"]["temperature.tau"]
                                                                                    for t in again[4:]}
+    # a re-run of the finished study trains nothing and keeps its compute: the trials' summed time
+    recorded = json.loads((tmp_path / "tune.json").read_text())["seconds"]
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=6), train_fn=synthetic(calls), echo=lambda s: None)
+    rerun = json.loads((tmp_path / "tune.json").read_text())
+    assert rerun["seconds"] == recorded == pytest.approx(sum(t["seconds"] for t in rerun["trials"]))
     with pytest.raises(ThermoKDError, match="another search space"):
         run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=6, space={"tau": "2:3"}), train_fn=synthetic(calls))
 

@@ -237,7 +237,10 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
                "sampler": tune.sampler, "pruner": tune.pruner, "budget": budget, "space": space_to_json(space),
                "trials": trials, "best_trial": best.number, "best_value": best.value, "params": best.params,
                "complete": len(complete), "pruned": sum(t["state"] == "pruned" for t in trials),
-               "failed": sum(t["state"] == "fail" for t in trials), "seconds": seconds}
+               "failed": sum(t["state"] == "fail" for t in trials),
+               # the study's compute: its trials' time summed over every invocation (and worker) that ran them; a
+               # re-run of a finished study adds nothing, while this invocation's own time does (wall_seconds)
+               "seconds": sum(t["seconds"] or 0.0 for t in trials), "wall_seconds": seconds}
     return TuneResult(label, dict(best.params), apply_params(method, best.params), best.value, summary)
 
 
