@@ -15,7 +15,7 @@ from .wrn import WideResNet
 
 _RESNETS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56,
             "resnet110": 110, "resnet8x4": 8, "resnet32x4": 32}
-TEXT_MODELS = ("embbag", "text-transformer", "minilm")  # they read token ids [B, L]
+TEXT_MODELS = ("embbag", "text-transformer", "minilm", "minilm-tfidf")  # they read token ids [B, L]
 MODEL_NAMES = sorted([*_RESNETS, "wrn_16_2", "wrn_40_1", "wrn_40_2", "mlp", "cnn", *TEXT_MODELS])
 _WRN = re.compile(r"wrn_(\d+)_(\d+)")
 
@@ -36,7 +36,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, input_size: i
     Bad ``model_args`` (a negative or non-numeric width) and a model too large for this machine's memory are a
     one-line :class:`ThermoKDError`, found before any memory is allocated."""
     args = (name, num_classes, in_channels, input_size, vocab_size, pad_id, max_len, model_args)
-    if name != "minilm":  # minilm reads its weights from disk; the others can be sized without memory first
+    if not name.startswith("minilm"):  # minilm* read weights from disk; the others can be sized without memory first
         with torch.device("meta"):
             model = _guarded(*args)
         _check_size(name, model)
@@ -110,5 +110,8 @@ def _text_model(name: str, num_classes: int, vocab_size: "int | None", pad_id: i
     if name == "text-transformer":
         from .text import TextTransformer
         return TextTransformer(vocab_size, num_classes, pad_id, max_len, **model_args)
+    if name == "minilm-tfidf":
+        from .tfidf import TfidfPretrainedClassifier
+        return TfidfPretrainedClassifier(vocab_size, num_classes, pad_id, max_len, **model_args)
     from .pretrained import PretrainedTextClassifier
     return PretrainedTextClassifier(vocab_size, num_classes, pad_id, max_len, **model_args)
