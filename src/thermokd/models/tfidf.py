@@ -2,8 +2,8 @@
 
 A frozen MiniLM mean-pools the first 128 word pieces of a document into one vector; a linear model on TF-IDF
 counts sees every word piece of a longer window and remembers rare, topical ones. Their errors differ, so a head
-on both may beat either (docs/text.md has what it measured). The IDF comes from the training documents only (``fit_training_inputs``,
-called by the engine before the head trains) and is stored with the weights.
+on both may beat either (docs/text.md has what it measured). The IDF comes from the training documents only
+(``fit_training_inputs``, called by the engine before the head trains) and is stored with the weights.
 """
 from __future__ import annotations
 
