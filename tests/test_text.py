@@ -383,5 +383,7 @@ def test_real_minilm_embeds_like_sentence_transformers():
 def test_real_text_sets_load_with_the_minilm_tokenizer(tmp_path):
     for name, n_train, n_test, classes in (("20newsgroups", 11293, 7528, 20), ("r8", 5485, 2189, 8)):
         bundle = load_data(name, max_len=64, cache_dir=tmp_path)
-        assert (len(bundle.train), len(bundle.test), bundle.num_classes) == (n_train, n_test, classes)
+        # the training file's documents, less the validation split carved from them (10 %, stratified)
+        assert (len(bundle.train) + len(bundle.val), len(bundle.test), bundle.num_classes) == (n_train, n_test, classes)
+        assert len(bundle.val) == pytest.approx(0.1 * n_train, abs=classes)
         assert bundle.vocab_size == 30522 and bundle.train.x.shape[1] == 64

@@ -51,4 +51,7 @@ def cache_frozen_features(model: nn.Module, splits: dict[str, Tensor], accelerat
         if stored is None:
             raise ThermoKDError(f"the main process did not write {path}")  # only with a broken shared disk
         model.memo.add(x, stored[0]["features"])
+    fit = getattr(model, "fit_training_inputs", None)
+    if fit is not None and "train" in splits:  # statistics a model keeps of its inputs (IDF) come from training only
+        fit(splits["train"].to(accelerator.device))
     return paths

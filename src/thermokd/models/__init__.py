@@ -1,5 +1,5 @@
 """Models in plain torch (no torchvision): CIFAR-style ResNets and WRNs, an MLP and a small CNN; for text, an
-embedding bag, a small transformer and a pretrained-encoder teacher (``minilm``, on ``transformers``).
+embedding bag, a small transformer and pretrained-encoder teachers (``minilm``, ``minilm-tfidf``, on ``transformers``).
 
 ``build_model(name, num_classes, in_channels, input_size, **model_args)``; every model returns logits
 ``[B, num_classes]`` and accepts any input size (global average pooling). Text models take token ids:

@@ -75,7 +75,8 @@ class PretrainedTextClassifier(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, pad_id: int = 0, max_len: int = 512,
                  path: "str | None" = None, finetune_layers: int = 0, head_hidden: Sequence[int] = (),
-                 dropout: float = 0.1, pooling: str = "mean", normalize: bool = True) -> None:
+                 dropout: float = 0.1, pooling: str = "mean", normalize: bool = True,
+                 encode_len: int = 0) -> None:
         super().__init__()
         from ..data.shipped import minilm_dir
 
@@ -91,14 +92,17 @@ class PretrainedTextClassifier(nn.Module):
             raise ThermoKDError(f"minilm: the data's tokenizer has {vocab_size} tokens but the encoder in {folder} "
                                 f"expects {config.vocab_size}; tokenise with the encoder's own tokenizer "
                                 f"(data.tokenizer={folder})")
-        if max_len > config.max_position_embeddings:
+        if encode_len < 0:
+            raise ThermoKDError(f"minilm: encode_len must be >= 0 (0: every token), got {encode_len}")
+        if min(max_len, encode_len or max_len) > config.max_position_embeddings:
             raise ThermoKDError(f"minilm: documents of up to {max_len} tokens exceed the encoder's "
-                                f"{config.max_position_embeddings} positions; lower data.max_len")
+                                f"{config.max_position_embeddings} positions; lower data.max_len (or set encode_len)")
         layers = self.encoder.encoder.layer
         if not 0 <= finetune_layers <= len(layers):
             raise ThermoKDError(f"minilm: finetune_layers must be in [0, {len(layers)}], got {finetune_layers}")
         self.pad_id, self.pooling, self.normalize = int(pad_id), pooling, bool(normalize)
         self.finetune_layers = int(finetune_layers)
+        self.encode_len = int(encode_len)  # the encoder reads the first encode_len tokens (0: all); a head may read all
         self.encoder.requires_grad_(False)
         for layer in self._tuned_layers():
             layer.requires_grad_(True)
@@ -127,13 +131,15 @@ class PretrainedTextClassifier(nn.Module):
         """A digest of what determines ``encode``: the encoder's weights and the pooling."""
         from ..files import digest
 
-        spec = {"kind": type(self).__name__, "pooling": self.pooling, "normalize": self.normalize,
+        spec = {"kind": "PretrainedTextClassifier", "pooling": self.pooling, "normalize": self.normalize,
                 "pad_id": self.pad_id}
+        if self.encode_len:  # absent when 0, so the keys of existing caches stay valid
+            spec["encode_len"] = self.encode_len
         return digest(spec, *self.encoder.state_dict().values())
 
     def encode(self, x: Tensor) -> Tensor:
-        """Pooled encoder outputs ``[B, hidden]`` for token ids ``[B, L]``."""
-        x = trim_padding(x, self.pad_id)
+        """Pooled encoder outputs ``[B, hidden]`` for token ids ``[B, L]`` (their first ``encode_len``, if set)."""
+        x = trim_padding(x[:, :self.encode_len] if self.encode_len else x, self.pad_id)
         keep = x != self.pad_id
         h = self.encoder(input_ids=x, attention_mask=keep.long()).last_hidden_state
         pooled = masked_mean(h, keep) if self.pooling == "mean" else h[:, 0]
@@ -145,7 +151,7 @@ class PretrainedTextClassifier(nn.Module):
         device = next(self.encoder.parameters()).device
         was_training = self.training
         self.eval()
-        lengths = (x != self.pad_id).sum(1)
+        lengths = (x[:, :self.encode_len] if self.encode_len else x).ne(self.pad_id).sum(1)
         order = torch.argsort(lengths, descending=True)
         out = torch.empty(x.shape[0], self.encoder.config.hidden_size)
         bar = None

@@ -19,7 +19,7 @@ from .wrn import WideResNet
 
 _RESNETS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56,
             "resnet110": 110, "resnet8x4": 8, "resnet32x4": 32}
-TEXT_MODELS = ("embbag", "text-transformer", "minilm")  # they read token ids [B, L]
+TEXT_MODELS = ("embbag", "text-transformer", "minilm", "minilm-tfidf")  # they read token ids [B, L]
 _WRN = re.compile(r"wrn_(\d+)_(\d+)")
 
 
@@ -65,6 +65,11 @@ def _pretrained():
     return PretrainedTextClassifier
 
 
+def _pretrained_tfidf():
+    from .tfidf import TfidfPretrainedClassifier
+    return TfidfPretrainedClassifier
+
+
 _WRN_ENTRY = ModelEntry(lambda: WideResNet, _wrn)
 # model names are exact (``wrn_16_2``, ``MLP`` is not ``mlp``): they name files and configs as written
 MODELS: "Registry[ModelEntry]" = Registry("model", {
@@ -77,6 +82,7 @@ MODELS: "Registry[ModelEntry]" = Registry("model", {
     "embbag": ModelEntry(lambda: EmbeddingBagClassifier, lambda s: _text(s, max_len=False), kind="text"),
     "text-transformer": ModelEntry(lambda: TextTransformer, _text, kind="text"),
     "minilm": ModelEntry(_pretrained, _text, kind="text"),
+    "minilm-tfidf": ModelEntry(_pretrained_tfidf, _text, kind="text"),
 }, exact=True)
 MODEL_NAMES = MODELS.names()
 
@@ -97,7 +103,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, input_size: i
     Bad ``model_args`` (a negative or non-numeric width) and a model too large for this machine's memory are a
     one-line :class:`ThermoKDError`, found before any memory is allocated."""
     args = (name, num_classes, in_channels, input_size, vocab_size, pad_id, max_len, model_args)
-    if name != "minilm":  # minilm reads its weights from disk; the others can be sized without memory first
+    if not name.startswith("minilm"):  # minilm* read weights from disk; the others can be sized without memory first
         with torch.device("meta"):
             model = _guarded(*args)
         _check_size(name, model)
