@@ -142,18 +142,14 @@ def check_same_run(out_dir: Path, requested: dict[str, Any], rerun_changed: bool
                         "pass --rerun-changed to run it again with the new settings, or choose another --out")
 
 
-def distils(cfg: RunConfig) -> bool:
-    """Whether the run's method uses a teacher at all."""
-    return method_loss(cfg).kd_weight > 0
-
-
 def check_configs(configs: dict[Any, RunConfig], folders: dict[Any, Path]) -> None:
     """Before a command that reuses many runs starts anything: refuse, in one line, when any existing run folder
     was made with another config than the one now asked for (teacher and data are checked per run later)."""
     changed = []
     for k, cfg in configs.items():
         recorded = recorded_identity(folders[k])
-        requested = run_identity(cfg, "?" if distils(cfg) else None, None)  # type: ignore[arg-type]
+        loss = method_loss(cfg)  # built once: whether it distils, and its settings
+        requested = run_identity(cfg, "?" if loss.kd_weight > 0 else None, None, loss)
         if recorded is not None:
             diff = differences(recorded, requested)
             if diff:
