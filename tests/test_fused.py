@@ -78,6 +78,12 @@ def test_fused_equals_plain_for_every_method(method: str) -> None:
     _assert_same(*_both(method, h_s, h_t, head_s, head_t, labels, mask, chunk=6))
 
 
+def test_fused_batch_without_valid_rows_gives_every_head_parameter_a_zero_gradient() -> None:
+    """Every row masked: the plain path's zero loss reaches the head's bias too, so the fused one must."""
+    h_s, h_t, head_s, head_t, labels = _models(3, 4, 5, seed=0, bias=True)
+    _assert_same(*_both("kd", h_s, h_t, head_s, head_t, labels, torch.zeros(3, dtype=torch.bool), chunk=2))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.integers(1, 14), hidden=st.integers(1, 6), vocab=st.integers(2, 12), chunk=st.integers(1, 6),
        seed=st.integers(0, 10_000), bias=st.booleans(), masked=st.booleans(), tokens=st.booleans(),

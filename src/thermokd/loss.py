@@ -264,6 +264,8 @@ class DistillationLoss(nn.Module):
         n = hidden.shape[0] if index is None else index.shape[0]
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = hidden[:0].float().sum() + weight[:0].float().sum()
+            if bias is not None:  # a zero gradient for every parameter the plain path's logits touch
+                zero = zero + bias[:0].float().sum()
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
         chunk = chunk_size if chunk_size is not None else (self.chunk_size or default_chunk(vocab, hidden.device))
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
