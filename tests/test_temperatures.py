@@ -100,12 +100,14 @@ def test_cist_fixed_ratio_is_never_recalibrated(hand):
     assert float(strategy.ratio) == 1.5
 
 
-def test_cist_reads_a_ratio_written_in_place_or_loaded(hand, assert_close):
-    """ρ is read once as a float for speed; every later write to the buffer must still be seen."""
+def test_cist_reads_a_ratio_set_or_loaded(hand, assert_close):
+    """ρ is a host float for speed; every public write (set_ratio, load_state_dict, assignment) must be seen.
+    Writes in place to the ``ratio`` buffer are not supported: seeing them needs a device read per step or torch's
+    private version counters."""
     s, t, y = hand.batch(n=12, c=10, seed=8)
     strategy = CIST(student="ratio", ratio=2.0)
-    strategy.temperatures(s, t, y)  # caches ρ
-    strategy.ratio.fill_(3.0)
+    strategy.temperatures(s, t, y)  # reads ρ
+    strategy.set_ratio(3.0)
     assert_close(strategy.temperatures(s, t, y).teacher, (hand.centred_max(t) / 3.0).clamp(0.5, 20.0))
     strategy.load_state_dict({"ratio": torch.tensor(5.0)})
     assert_close(strategy.temperatures(s, t, y).student, (hand.centred_max(s) / 5.0).clamp(0.5, 20.0))
@@ -113,6 +115,29 @@ def test_cist_reads_a_ratio_written_in_place_or_loaded(hand, assert_close):
     assert not strategy.calibrated
     strategy.temperatures(s, t, y)
     assert float(strategy.ratio) == pytest.approx(hand.centred_max(t).median().item() / 4.0, rel=1e-6)
+
+
+def test_cist_ratio_survives_a_state_dict_round_trip_as_a_float(hand, assert_close):
+    """A calibrated ρ goes into ``state_dict`` as a tensor (the key older checkpoints have) and comes back as the
+    float the strategy reads; a checkpoint saved before calibration leaves the loaded strategy uncalibrated."""
+    s, t, y = hand.batch(n=12, c=10, seed=8)
+    saved = CIST(student="ratio")
+    rho = saved.calibrate(t)
+    state = saved.state_dict()
+    assert isinstance(state["ratio"], torch.Tensor) and state["ratio"].dtype == torch.float32
+    assert float(state["ratio"]) == rho  # the float is the value the checkpoint holds, not a float64 neighbour
+    restored = CIST(student="ratio")
+    restored.load_state_dict({"ratio": state["ratio"].clone()})  # as an older checkpoint gives it
+    assert restored.calibrated and isinstance(restored.host_float("ratio"), float)
+    assert restored.host_float("ratio") == rho
+    assert_close(restored.temperatures(s, t, y).teacher, saved.temperatures(s, t, y).teacher)
+    loss = tk.DistillationLoss(CIST(student="ratio"))
+    loss.load_state_dict(tk.DistillationLoss(saved).state_dict())  # through the loss: the child's load is seen too
+    assert loss.temperature.host_float("ratio") == rho
+    loss.load_state_dict(tk.DistillationLoss(CIST()).state_dict())
+    assert not loss.temperature.calibrated
+    with pytest.raises(tk.ThermoKDError, match="ratio must be > 0"):
+        restored.set_ratio(-1.0)
 
 
 def test_cist_under_autocast_keeps_float32_temperatures(hand, assert_close):

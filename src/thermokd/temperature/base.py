@@ -43,6 +43,39 @@ class TemperatureStrategy(nn.Module):
     #: τ of a row depends on that row (and the strategy's state) only, never on the other rows of the batch: a
     #: chunked or fused loss may then compute it chunk by chunk in the same visit as the loss
     row_local: ClassVar[bool] = False
+    #: 0-d buffers the strategy reads as Python floats (CIST's ρ, a fixed τ), so that no step reads the device:
+    #: the float is the value used, the buffer carries it in ``state_dict``. The float follows :meth:`set_float`
+    #: (calibration), an assigned tensor and ``load_state_dict``, and nothing else: a write in place to the buffer
+    #: (``fill_``) is not seen, because noticing one needs a device read per step or torch's private counters.
+    host_floats: ClassVar[tuple[str, ...]] = ()
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in type(self).host_floats:  # a new tensor assigned to the buffer: read it once
+            self._read_host_float(name)
+
+    def host_float(self, name: str) -> float:
+        """The buffer ``name`` (one of :attr:`host_floats`) as a Python float; no device read."""
+        return self.__dict__["_host_floats"][name]
+
+    def set_float(self, name: str, value: float) -> float:
+        """Write ``value`` to the buffer ``name`` and its float (rounded to the buffer's dtype, as a checkpoint
+        would hold it); returns that float. A fill kernel on the device, no wait for it."""
+        buffer = self._buffers[name]
+        exact = float(torch.tensor(float(value), dtype=buffer.dtype))  # a host tensor: the rounding without a sync
+        buffer.fill_(exact)
+        self.__dict__.setdefault("_host_floats", {})[name] = exact
+        return exact
+
+    def _read_host_float(self, name: str) -> None:
+        buffer = self._buffers.get(name)
+        if buffer is not None:  # the one device read: at construction, assignment or load, never per step
+            self.__dict__.setdefault("_host_floats", {})[name] = float(buffer)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in type(self).host_floats:
+            self._read_host_float(name)
 
     def forward(self, rows: Rows) -> Temperatures:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -104,21 +137,6 @@ def scalar(value: float, like: Tensor) -> Tensor:
     """``value`` as a float32 0-d tensor on ``like``'s device, made by a fill kernel (``torch.tensor(value,
     device=...)`` copies from the host, which waits for the device on CUDA)."""
     return torch.full((), float(value), dtype=torch.float32, device=like.device)
-
-
-class BufferFloat:
-    """A 0-d buffer's value as a Python float, read from the tensor once per change of it: again only when the
-    buffer is written in place (``fill_``, ``load_state_dict``) or replaced (``.to(device)``). The cache holds the
-    tensor itself, not its id (which a later tensor could reuse)."""
-
-    def __init__(self) -> None:
-        self._cache: "tuple[Tensor, int, float] | None" = None
-
-    def __call__(self, buffer: Tensor) -> float:
-        cache = self._cache
-        if cache is None or cache[0] is not buffer or cache[1] != buffer._version:
-            cache = self._cache = (buffer, buffer._version, float(buffer))
-        return cache[2]
 
 
 STRATEGIES: "Registry[TemperatureStrategy]" = Registry("temperature strategy")

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import ThermoKDError, choice_error
 from ..rows import Rows
-from .base import BufferFloat, Temperatures, TemperatureStrategy, check_bounds, check_positive, register
+from .base import Temperatures, TemperatureStrategy, check_bounds, check_positive, register
 
 if TYPE_CHECKING:
     from ..loss import LossOutput
@@ -48,8 +48,9 @@ class CIST(TemperatureStrategy):
     """Sample-wise teacher ``τ^t_i = clip(m^t_i/ρ, tau_min, tau_max)`` and a student τ^s by one of four rules.
 
     - ``ratio``: ρ as a number, or ``"auto"`` to calibrate it once so that the median teacher τ equals ``tau0``
-      (from the first batch, or from a whole set of cached teacher logits via :meth:`calibrate`). The calibrated
-      ρ is a buffer, saved and restored with ``state_dict``.
+      (from the first batch, or from a whole set of cached teacher logits via :meth:`calibrate`). ρ is a Python
+      float (no device read per step) kept in a buffer for ``state_dict``; change it with :meth:`set_ratio`,
+      :meth:`calibrate` or ``load_state_dict``, never by writing the buffer in place.
     - ``max_kind``: what ``m`` is (:func:`logit_spread`): ``centred`` (default), ``max-min`` or ``raw``.
     - ``student``: ``ratio`` (``τ^s = m^s/ρ``, the teacher's ρ on the student's logits), ``teacher`` (``τ^s =
       τ^t``), ``own-ratio`` (``τ^s = m^s/ρ_s`` with the student's own ``ρ_s = ρ·exp(c)``, ``c`` a running mean
@@ -63,6 +64,7 @@ class CIST(TemperatureStrategy):
     """
 
     name = "cist"
+    host_floats = ("ratio",)  # ρ is read as a float: at calibration and load, never per step
 
     def __init__(self, tau0: float = 4.0, ratio: "float | str" = "auto", tau_min: float = 0.5,
                  tau_max: float = 20.0, student: str = "interpolate", gamma: float = 0.75, student_floor: float = 0.0,
@@ -88,9 +90,9 @@ class CIST(TemperatureStrategy):
         else:
             raise ThermoKDError(f"CIST ratio must be a positive number or 'auto', got {ratio!r}")
         self.register_buffer("ratio", torch.tensor(initial, dtype=torch.float32))
+        self._read_host_float("ratio")
         if student == "own-ratio":  # c = running mean of log(m^s/m^t); NaN until the first observe (τ^s = τ^t)
             self.register_buffer("student_log_scale", torch.tensor(float("nan"), dtype=torch.float32))
-        self._ratio_float = BufferFloat()  # ρ read as a float once per change of the buffer, not per step
 
     @staticmethod
     def search_space() -> dict[str, Any]:
@@ -99,7 +101,15 @@ class CIST(TemperatureStrategy):
                 "student_floor": (0.0, 1.0, False), "max_kind": list(MAX_KINDS), "scale": list(SCALES)}
 
     def _ratio_value(self) -> float:
-        return self._ratio_float(self._buffers["ratio"])
+        return self.host_float("ratio")
+
+    def set_ratio(self, value: float) -> float:
+        """Set ρ (NaN: not calibrated, so the next batch or :meth:`prepare` calibrates it); returns it as stored.
+        The public way to change ρ besides :meth:`calibrate`, assigning a tensor and ``load_state_dict``: a write
+        in place to the ``ratio`` buffer is not seen (``host_floats``)."""
+        if not math.isnan(value):
+            check_positive("ratio", value)
+        return self.set_float("ratio", value)
 
     @property
     def calibrated(self) -> bool:
@@ -113,8 +123,7 @@ class CIST(TemperatureStrategy):
         if not median > 0:
             raise ThermoKDError(f"cannot calibrate CIST: the median of the teacher's {self.max_kind} max logit is "
                                 f"{median:g}, not > 0 (constant rows, or max_kind='raw' with negative logits)")
-        self.ratio.fill_(median / self.tau0)
-        return float(self.ratio)
+        return self.set_float("ratio", median / self.tau0)
 
     def prepare(self, teacher_logits: torch.Tensor) -> None:
         """With ``ratio="auto"``, calibrate ρ on the whole training set's teacher logits (once)."""
@@ -176,6 +185,6 @@ class CIST(TemperatureStrategy):
         c.copy_(torch.where(torch.isnan(c), value, torch.lerp(value, c, self.momentum)))
 
     def extra_repr(self) -> str:
-        return (f"tau0={self.tau0:g}, ratio={float(self.ratio):g}, tau_min={self.tau_min:g}, "
+        return (f"tau0={self.tau0:g}, ratio={self._ratio_value():g}, tau_min={self.tau_min:g}, "
                 f"tau_max={self.tau_max:g}, student={self.student_rule}, gamma={self.gamma:g}, "
                 f"student_floor={self.student_floor:g}, max_kind={self.max_kind}, scale={self.scale}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..rows import Rows
-from .base import BufferFloat, Temperatures, TemperatureStrategy, check_positive, register
+from .base import Temperatures, TemperatureStrategy, check_positive, register, scalar
 
 
 @register("fixed")
@@ -13,19 +13,20 @@ class Fixed(TemperatureStrategy):
 
     name = "fixed"
     row_local = True
+    host_floats = ("tau",)  # the loss's fast path scales by τ² on the host: no device read per step
 
     def __init__(self, tau: float = 4.0) -> None:
         super().__init__()
         self.register_buffer("tau", torch.tensor(check_positive("tau", tau)))
-        self._tau_float = BufferFloat()  # the loss's fast path scales by τ² on the host: no device read per step
+        self._read_host_float("tau")
 
     def value(self) -> float:
-        """τ as a Python float (read from the buffer once per change of it)."""
-        return self._tau_float(self._buffers["tau"])
+        """τ as a Python float (kept current by assignment and ``load_state_dict``; see ``host_floats``)."""
+        return self.host_float("tau")
 
     def forward(self, rows: Rows) -> Temperatures:
-        tau = self.tau.to(rows.teacher.device)
+        tau = scalar(self.value(), rows.teacher)  # the float the fast path uses, so that both paths agree
         return Temperatures(teacher=tau, student=tau)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau.item():g}"
+        return f"tau={self.value():g}"
