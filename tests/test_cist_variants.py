@@ -329,9 +329,10 @@ def test_max_weight_bound_is_reached_when_one_row_dominates():
     """The bound is tight: one unlearned row among learned ones gets exactly N·R/(R + N − 1) before mixing."""
     weighting = ConfidenceDifficulty(mix=1.0, max_ratio=4.0)
     log_w = torch.tensor([0.0] + [-20.0] * 9)
-    assert weighting.finish(log_w).max().item() == pytest.approx(weighting.max_weight(10), rel=1e-6)
+    assert weighting.shares_of(log_w).max().item() * 10 == pytest.approx(weighting.max_weight(10), rel=1e-6)
     assert weighting.max_weight(10) == pytest.approx(10 * 4 / 13)
-    assert ConfidenceDifficulty(max_ratio=None, mix=1.0).finish(log_w).max().item() == pytest.approx(10, rel=1e-6)
+    assert ConfidenceDifficulty(max_ratio=None, mix=1.0).shares_of(log_w).max().item() * 10 == pytest.approx(
+        10, rel=1e-6)
 
 
 # -- configuration and search spaces ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import thermokd as tk
+from thermokd import normalisation
 from thermokd.rows import Rows
 from thermokd.temperature import CIST, CTKD, DTKD, DTS, EntropyTarget, Fixed, LogitStandardization
 from thermokd.weighting import ConfidenceDifficulty, TeacherEntropy
@@ -76,28 +77,32 @@ def test_weight_shares_are_the_weights_over_n(hand, assert_close, weighting):
     s, t, y = hand.batch(n=18, c=10, seed=4)
     rows = Rows(s, t, y)
     log_w = weighting.log_unnormalised(rows)
-    assert_close(weighting.shares(log_w) * 18, weighting.finish(log_w))
-    assert_close(weighting.finish(log_w), weighting(rows))
+    assert_close(weighting.shares_of(log_w) * 18, normalisation.weights(log_w, weighting.normalisation))
+    assert_close(normalisation.weights(log_w, weighting.normalisation), weighting(rows))
 
 
-def test_a_weighting_that_only_overrides_forward_is_used_as_given(hand, assert_close):
-    class Linear(tk.weighting.Weighting):
-        def forward(self, rows):
-            return torch.linspace(0.5, 1.5, rows.num_rows)
+@pytest.mark.parametrize("hook", ["forward", "finish", "shares", "observe"])
+def test_a_weighting_that_defines_what_the_loss_owns_is_refused(hook):
+    """One hook (log_unnormalised) and a declared normalisation: a method the loss would bypass is an error."""
+    with pytest.raises(tk.ThermoKDError, match=f"Linear defines {hook}: a Weighting defines log_unnormalised"):
+        type("Linear", (tk.weighting.Weighting,), {hook: lambda self, *args: None})
+
+
+def test_a_weighting_without_log_unnormalised_says_so(hand):
+    class Nothing(tk.weighting.Weighting):
+        pass
 
     s, t, y = hand.batch(n=21, c=10, seed=5)
-    w = torch.linspace(0.5, 1.5, 21)
-    out = tk.DistillationLoss(Fixed(3.0), weighting=Linear(), ce_weight=0, kd_weight=1)(s, t, y)
-    assert_close(out.loss, hand.kd(s, t, 3.0, weights=w))
-    assert out.stats["weight_std"] == pytest.approx(w.std(correction=0).item(), rel=1e-5)
-    with pytest.raises(tk.ThermoKDError, match="Linear does not define log_unnormalised"):
-        tk.DistillationLoss(Fixed(3.0), weighting=Linear(), chunk_size=5)(s, t, y)
+    for chunk_size in (None, 5):
+        with pytest.raises(tk.ThermoKDError, match="Nothing does not define log_unnormalised"):
+            tk.DistillationLoss(Fixed(3.0), weighting=Nothing(), chunk_size=chunk_size)(s, t, y)
 
 
-def test_a_weighting_that_only_overrides_finish_is_used_as_given(hand, assert_close):
+def test_a_weighting_declaring_no_normalisation_gets_its_raw_weights(hand, assert_close):
     class Unnormalised(ConfidenceDifficulty):
-        def finish(self, log_w):
-            return log_w.exp()  # raw a·(d+ε), no mean-1 normalisation
+        def __init__(self):
+            super().__init__()
+            self.normalisation = normalisation.Normalisation(mean="none")  # raw a·(d+ε), no mean-1 normalisation
 
     s, t, y = hand.batch(n=15, c=10, seed=6)
     p_t, p_s = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)

@@ -266,7 +266,7 @@ def temperatures_by_chunk(strategy: "TemperatureStrategy", weighting: "Weighting
     weights = None
     if weighting is not None:
         with torch.no_grad():
-            weights = weighting.finish(torch.cat(log_ws))
+            weights = weighting.shares_of(torch.cat(log_ws)) * plan.num_rows
     return ChunkTemperatures(_join(taus_t), _join(taus_s), _join(scales), weights, stats)
 
 

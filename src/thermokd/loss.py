@@ -146,7 +146,7 @@ class DistillationLoss(nn.Module):
         """Whether this call may check its inputs on the KD sum after the strategy and the weighting have run:
         they change no state then (CIST's first-batch calibration and running weight means do: checked first)."""
         return (self._routes()[1] and not self.temperature.needs_batch_preparation
-                and getattr(self.weighting, "normalise", "batch") == "batch")
+                and (self.weighting is None or not self.weighting.normalisation.stateful))
 
     @property
     def objective(self) -> RowObjective:
@@ -360,14 +360,9 @@ class DistillationLoss(nn.Module):
         return LossOutput(total, terms, LazyStats({"loss": total, **terms}, pending, {"rows": float(n)}), progress)
 
     def _weight_shares(self, rows: Rows) -> Tensor:
-        """The weights divided by the number of rows, ``[N]`` (see :meth:`Weighting.shares`)."""
-        w, kind = self.weighting, type(self.weighting)
-        # the usual two-step weighting: no module call, no ×N then ÷N. A subclass that changes ``forward``, or
-        # ``finish`` without a matching ``shares``, is used through its own ``forward``
-        if kind.forward is Weighting.forward and (kind.finish is Weighting.finish
-                                                  or kind.shares is not Weighting.shares):
-            return w.shares(w.log_unnormalised(rows))
-        return w(rows).reshape(-1) / rows.num_rows
+        """The weights divided by the number of rows, ``[N]``: the weighting's one hook, then its declared
+        normalisation (``thermokd.normalisation``); no ×N then ÷N."""
+        return self.weighting.shares_of(self.weighting.log_unnormalised(rows))
 
     def _chunked(self, plan: Plan) -> LossOutput:
         """The loss of ``forward`` evaluated ``plan.chunk_size`` rows at a time (see ``thermokd.chunked``)."""

@@ -1,48 +1,69 @@
-"""Per-sample weights for the distillation term, normalised to mean 1 over the valid rows, never differentiated."""
+"""Per-sample weights for the distillation term (one hook, ``log_unnormalised``, and a declared normalisation),
+never differentiated."""
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from . import normalisation as norm
 from .errors import ThermoKDError, choice_error
 from .functional import soft_label_entropy
+from .normalisation import Normalisation
 from .registry import Registry
 from .rows import Rows
 
 if TYPE_CHECKING:
     from .loss import LossOutput
 
+# what the loss owns: a subclass that defined one of these would be silently bypassed, so it is refused
+_LOSS_OWNED = ("forward", "observe", "finish", "shares")
+
 
 class Weighting(nn.Module):
-    """Base class: ``forward(rows) -> [N]`` weights with mean 1 (rows are the valid rows only).
+    """Base class of per-sample weights. A subclass defines one method, ``log_unnormalised(rows) -> [N]`` (``log
+    w̃`` per row, from that row alone: a chunked loss sees the rows a chunk at a time), and declares how the
+    ``w̃`` are normalised over the batch as data, a :class:`~thermokd.normalisation.Normalisation` (default: mean 1
+    over the valid rows); the loss applies it (``thermokd.normalisation``), the same way on every path.
 
-    A weighting is two steps so that a chunked loss can see the rows a chunk at a time: ``log_unnormalised(rows)``
-    gives ``log w̃`` per row (row-local), and ``finish(log_w)`` normalises over every row of the batch."""
+    ``normalisation``: a class attribute, or an instance's own (pass it to ``__init__``). A ``running`` mean adds
+    the ``running_mean`` buffer (``state_dict``), moved once per optimiser step by :meth:`observe`."""
 
     name = ""
+    normalisation: ClassVar[Normalisation] = Normalisation()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for hook in _LOSS_OWNED:
+            if hook in vars(cls):
+                raise ThermoKDError(f"{cls.__name__} defines {hook}: a Weighting defines log_unnormalised(rows) "
+                                    "only and declares its normalisation (thermokd.normalisation.Normalisation)")
+
+    def __init__(self, normalisation: "Normalisation | None" = None) -> None:
+        super().__init__()
+        self.normalisation = normalisation or type(self).normalisation
+        if self.normalisation.stateful:  # the running mean of the batches' mean w̃; NaN until the first observe
+            self.register_buffer("running_mean", torch.tensor(float("nan")))
+        self.step_means = norm.StepMeans()  # this step's batch means, committed by observe (tensors: no sync)
 
     def log_unnormalised(self, rows: Rows) -> Tensor:
-        raise ThermoKDError(f"{type(self).__name__} does not define log_unnormalised(rows): a weighting that only "
-                            "overrides forward works in a plain loss, but a chunked one (chunk_size) normalises the "
-                            "weights over all chunks and needs log_unnormalised (and, if not a softmax, finish)")
+        raise ThermoKDError(f"{type(self).__name__} does not define log_unnormalised(rows): a Weighting gives "
+                            "log w̃ per row there and declares its normalisation")
 
-    def finish(self, log_w: Tensor) -> Tensor:
-        """``w_i = N·w̃_i/Σw̃``, computed as ``N·softmax(log w̃)`` (stable; mean 1 over the rows given)."""
-        return self.shares(log_w) * log_w.shape[0]
+    def shares_of(self, log_w: Tensor) -> Tensor:
+        """``w_i/N`` of the declared normalisation for the ``log w̃`` of every valid row (what the loss uses)."""
+        return norm.shares(log_w, self.normalisation, self._buffers.get("running_mean"), self.step_means)
 
-    def shares(self, log_w: Tensor) -> Tensor:
-        """``w_i/N``: the weights of :meth:`finish` divided by the number of rows (they sum to 1 when normalised).
-        The loss takes ``Σ_i share_i·D_i`` in one product, which equals ``mean_i w_i·D_i``."""
-        return torch.softmax(log_w, dim=0)
+    def forward(self, rows: Rows) -> Tensor:  # not a hook: see _LOSS_OWNED
+        """The weights ``[N]`` of these (valid) rows: mean 1 under a ``batch`` normalisation."""
+        return self.shares_of(self.log_unnormalised(rows)) * rows.num_rows
 
-    def forward(self, rows: Rows) -> Tensor:
-        return self.finish(self.log_unnormalised(rows))
-
-    def observe(self, output: "LossOutput") -> None:
-        """Called by ``DistillationLoss.observe`` after the optimiser step; stateful weightings update here."""
+    def observe(self, output: "LossOutput | None" = None) -> None:
+        """Called by ``DistillationLoss.observe`` after the optimiser step: a running mean moves (no sync)."""
+        running = self._buffers.get("running_mean")
+        if running is not None:
+            norm.commit(running, self.step_means, self.normalisation.momentum)
 
 
 CONFIDENCES = ("label", "max")
@@ -60,13 +81,11 @@ def _in_unit_interval(label: str, value: float, open_high: bool = False) -> floa
 
 class ConfidenceDifficulty(Weighting):
     """CIST's weights (reconstructed: the paper gives no formula; the bounding options are ours, docs/methods.md):
-    ``w̃_i = a_i^α · (d_i + ε)^β``, then
-
-    1. ``max_ratio`` R (None: off): ``w̃_i ← max(w̃_i, max_j w̃_j / R)``, so no weight is below 1/R of the largest;
-    2. ``normalise``: ``batch`` divides by the batch's mean ``w̃`` (mean 1 over the rows given); ``running`` by a
-       running mean of the batches' mean ``w̃`` (a buffer, moved in :meth:`observe` with ``momentum``; the batch's
-       own mean until the first update), so a batch's weights need not have mean 1;
-    3. ``mix`` λ ∈ [0, 1]: ``w_i = (1 − λ) + λ·ŵ_i``, a blend with uniform weights (λ = 1: off).
+    ``w̃_i = a_i^α · (d_i + ε)^β``, normalised as it declares (``thermokd.normalisation``, in this order):
+    ``max_ratio`` R floors every ``w̃`` at 1/R of the largest (None: off); ``normalise`` divides by the batch's mean
+    ``w̃`` (``batch``) or by a running mean of the batches' means (``running``, a buffer moved once per optimiser
+    step with ``momentum``; the batch's own mean until then); ``mix`` λ blends with uniform weights,
+    ``w_i = (1 − λ) + λ·ŵ_i`` (λ = 1: off).
 
     With ``normalise="batch"`` the largest weight of a batch of N rows is at most
     ``(1 − λ) + λ·N·R/(R + N − 1) < (1 − λ) + λ·R`` (:meth:`max_weight`).
@@ -81,7 +100,6 @@ class ConfidenceDifficulty(Weighting):
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-3, confidence: str = "label",
                  difficulty: str = "error", mix: float = 0.5, max_ratio: "float | None" = 4.0,
                  normalise: str = "batch", momentum: float = 0.9) -> None:
-        super().__init__()
         if not (alpha >= 0 and beta >= 0 and eps > 0):
             raise ThermoKDError(f"ConfidenceDifficulty needs alpha >= 0, beta >= 0, eps > 0; got "
                                 f"alpha={alpha}, beta={beta}, eps={eps}")
@@ -92,16 +110,17 @@ class ConfidenceDifficulty(Weighting):
         if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
                                       or not max_ratio >= 1):
             raise ThermoKDError(f"ConfidenceDifficulty max_ratio must be a number >= 1 or None, got {max_ratio!r}")
+        super().__init__(Normalisation(
+            mean=normalise, max_ratio=None if max_ratio is None else float(max_ratio),
+            mix=_in_unit_interval("mix", mix), momentum=_in_unit_interval("momentum", momentum, open_high=True)))
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
-        self.confidence, self.difficulty, self.normalise = confidence, difficulty, normalise
-        self.mix = _in_unit_interval("mix", mix)
-        self.momentum = _in_unit_interval("momentum", momentum, open_high=True)
-        self.max_ratio = None if max_ratio is None else float(max_ratio)
-        self._log_floor = None if max_ratio is None else math.log(max_ratio)
-        if normalise == "running":  # the running mean of the batches' mean w̃; NaN until the first observe
-            self.register_buffer("running_mean", torch.tensor(float("nan")))
-        # this step's summed batch means and their count, committed by observe (a tensor: no sync)
-        self._pending: "tuple[Tensor, int] | None" = None
+        self.confidence, self.difficulty = confidence, difficulty
+
+    # the normalisation's options, read-only: the declared Normalisation is the one place they live
+    normalise = property(lambda self: self.normalisation.mean)
+    mix = property(lambda self: self.normalisation.mix)
+    max_ratio = property(lambda self: self.normalisation.max_ratio)
+    momentum = property(lambda self: self.normalisation.momentum)
 
     @staticmethod
     def search_space() -> dict[str, Any]:
@@ -113,13 +132,11 @@ class ConfidenceDifficulty(Weighting):
     def max_weight(self, num_rows: int) -> float:
         """The largest weight a batch of ``num_rows`` rows can get with ``normalise="batch"`` (``num_rows`` itself
         without ``max_ratio`` and with ``mix=1``)."""
-        n, lam = float(num_rows), self.mix
-        top = n if self.max_ratio is None else n * self.max_ratio / (self.max_ratio + n - 1.0)
-        return (1.0 - lam) + lam * top
+        return norm.max_weight(self.normalisation, num_rows)
 
     def log_unnormalised(self, rows: Rows) -> Tensor:
         # inputs are detached, so no autograd bookkeeping is needed (this runs every step).
-        # log w̃ = α log a + β log(d+ε), normalised by ``finish`` in one stable softmax
+        # log w̃ = α log a + β log(d+ε); the loss normalises it as declared (thermokd.normalisation)
         if self.alpha == 0.0:  # not 0·log a, which is NaN where a underflows to 0
             log_w = torch.zeros_like(rows.teacher_label_log_prob)
         else:
@@ -136,40 +153,6 @@ class ConfidenceDifficulty(Weighting):
             log_w = log_d.add_(log_w)  # log_d is a fresh tensor: add in place
         return log_w.view(-1)
 
-    def finish(self, log_w: Tensor) -> Tensor:
-        return self._shares(log_w) * log_w.shape[0]
-
-    def shares(self, log_w: Tensor) -> Tensor:
-        # a subclass that changes ``finish`` alone keeps its own weights
-        if type(self).finish is not ConfidenceDifficulty.finish:
-            return self.finish(log_w) / log_w.shape[0]
-        return self._shares(log_w)
-
-    def _shares(self, log_w: Tensor) -> Tensor:
-        """The weights of the class docstring divided by the number of rows."""
-        n = log_w.shape[0]
-        if self._log_floor is not None:
-            log_w = torch.maximum(log_w, log_w.max() - self._log_floor)
-        if self.normalise == "batch":
-            shares = torch.softmax(log_w, dim=0)
-        else:
-            log_mean = torch.logsumexp(log_w, dim=0) - math.log(n)
-            total, count = self._pending or (0.0, 0)
-            self._pending = (log_mean.detach().exp() + total, count + 1)
-            ref = self.running_mean.to(log_w.device).log()
-            shares = (log_w - torch.where(torch.isnan(ref), log_mean, ref)).exp_().div_(n)
-        return shares if self.mix == 1.0 else shares.mul_(self.mix).add_((1.0 - self.mix) / n)  # a fresh tensor
-
-    @torch.no_grad()
-    def observe(self, output: "LossOutput") -> None:
-        """``normalise="running"``: move the running mean towards this step's mean ``w̃`` (tensor ops, no sync)."""
-        if self._pending is None:
-            return
-        value = (self._pending[0] / self._pending[1]).to(self.running_mean.device)
-        self._pending = None
-        r = self.running_mean
-        r.copy_(torch.where(torch.isnan(r), value, torch.lerp(value, r, self.momentum)))
-
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha:g}, beta={self.beta:g}, eps={self.eps:g}, confidence={self.confidence}, "
                 f"difficulty={self.difficulty}, mix={self.mix:g}, max_ratio={self.max_ratio}, "
@@ -184,7 +167,7 @@ class TeacherEntropy(Weighting):
     name = "teacher-entropy"
 
     def __init__(self, tau: float = 4.0, normalize: bool = True) -> None:
-        super().__init__()
+        super().__init__(Normalisation(mean="batch" if normalize else "none"))
         if not tau > 0:
             raise ThermoKDError(f"TeacherEntropy tau must be > 0, got {tau!r}")
         self.tau, self.normalize = float(tau), bool(normalize)
@@ -192,12 +175,6 @@ class TeacherEntropy(Weighting):
     @torch.no_grad()
     def log_unnormalised(self, rows: Rows) -> Tensor:
         return soft_label_entropy(rows.teacher, self.tau).clamp_min(1e-30).log()  # a one-hot row has H = 0
-
-    def finish(self, log_w: Tensor) -> Tensor:
-        return super().finish(log_w) if self.normalize else log_w.exp()
-
-    def shares(self, log_w: Tensor) -> Tensor:
-        return super().shares(log_w) if self.normalize else log_w.exp() / log_w.shape[0]
 
 
 WEIGHTINGS: "Registry[Weighting | None]" = Registry("weighting", {
@@ -209,4 +186,4 @@ def build(name: str, **kwargs) -> "Weighting | None":
     return WEIGHTINGS.build(name, **kwargs)
 
 
-__all__ = ["ConfidenceDifficulty", "TeacherEntropy", "Weighting", "build"]
+__all__ = ["ConfidenceDifficulty", "Normalisation", "TeacherEntropy", "Weighting", "build"]

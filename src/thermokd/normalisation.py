@@ -1,0 +1,116 @@
+"""How a weighting's per-row ``log w̃`` become the weights the loss uses: the one place that maths lives.
+
+A :class:`~thermokd.weighting.Weighting` defines ``log_unnormalised(rows)`` and declares a :class:`Normalisation`
+(data, not code); the loss (plain, chunked and fused paths alike) turns the two into weights here. In order:
+
+1. ``max_ratio`` R (None: off): ``w̃_i ← max(w̃_i, max_j w̃_j / R)``, so no weight is below 1/R of the largest;
+2. ``mean``: ``batch`` divides by the batch's mean ``w̃`` (mean 1 over the rows given); ``running`` by a running
+   mean of the batches' mean ``w̃`` (the weighting's ``running_mean`` buffer, moved by :func:`commit` once per
+   optimiser step with ``momentum``; the batch's own mean until the first commit); ``none`` keeps ``w̃``;
+3. ``mix`` λ ∈ [0, 1]: ``w_i = (1 − λ) + λ·ŵ_i``, a blend with uniform weights (λ = 1: off).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ThermoKDError, choice_error
+
+MEANS = ("batch", "running", "none")
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """A weighting's declared normalisation (see the module docstring); the default is mean 1 over the batch."""
+
+    mean: str = "batch"
+    max_ratio: "float | None" = None
+    mix: float = 1.0
+    momentum: float = 0.9  # of the running mean; unused by the other means
+
+    def __post_init__(self) -> None:
+        if self.mean not in MEANS:
+            raise choice_error("normalisation mean", self.mean, MEANS)
+        if self.max_ratio is not None and not self.max_ratio >= 1:
+            raise ThermoKDError(f"normalisation max_ratio must be >= 1 or None, got {self.max_ratio!r}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ThermoKDError(f"normalisation mix must be in [0, 1], got {self.mix!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ThermoKDError(f"normalisation momentum must be in [0, 1), got {self.momentum!r}")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the weights depend on earlier batches (a ``running`` mean): a loss checks its inputs first."""
+        return self.mean == "running"
+
+
+class StepMeans:
+    """The batch means of ``w̃`` seen since the last :func:`commit` (several with gradient accumulation), summed
+    as a device tensor: no sync. Transient: a checkpoint holds the running mean, not an unfinished step."""
+
+    def __init__(self) -> None:
+        self.total: "Tensor | None" = None
+        self.count = 0
+
+    def add(self, mean: Tensor) -> None:
+        self.total = mean if self.total is None else self.total + mean
+        self.count += 1
+
+    def take(self) -> "Tensor | None":
+        """Their mean (None if none was added), and start afresh."""
+        total, count = self.total, self.count
+        self.total, self.count = None, 0
+        return None if total is None else total / count
+
+
+def shares(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = None,
+           step: "StepMeans | None" = None) -> Tensor:
+    """``w_i/N`` for the ``[N]`` ``log w̃`` of every valid row of a batch: the loss takes ``Σ_i share_i·D_i``,
+    which equals ``mean_i w_i·D_i``. A ``running`` mean reads ``running_mean`` (NaN: not set yet) and records the
+    batch's mean in ``step``."""
+    n = log_w.shape[0]
+    if spec.max_ratio is not None:
+        log_w = torch.maximum(log_w, log_w.max() - math.log(spec.max_ratio))
+    if spec.mean == "batch":  # N·w̃_i/Σw̃ computed as a softmax: stable
+        out = torch.softmax(log_w, dim=0)
+    elif spec.mean == "none":
+        out = log_w.exp().div_(n)
+    else:
+        if running_mean is None or step is None:
+            raise ThermoKDError("a running normalisation needs its running_mean buffer and the step's means")
+        log_mean = torch.logsumexp(log_w, dim=0) - math.log(n)
+        step.add(log_mean.detach().exp())
+        ref = running_mean.to(log_w.device).log()
+        out = (log_w - torch.where(torch.isnan(ref), log_mean, ref)).exp_().div_(n)
+    return out if spec.mix == 1.0 else out.mul_(spec.mix).add_((1.0 - spec.mix) / n)  # a fresh tensor
+
+
+def weights(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = None,
+            step: "StepMeans | None" = None) -> Tensor:
+    """The weights ``w_i`` themselves: :func:`shares` times the number of rows."""
+    return shares(log_w, spec, running_mean, step) * log_w.shape[0]
+
+
+@torch.no_grad()
+def commit(running_mean: Tensor, step: StepMeans, momentum: float) -> None:
+    """Once per optimiser step: move ``running_mean`` towards the step's mean ``w̃`` (its value if still NaN);
+    tensor ops in place, no sync. Nothing happens if no batch was seen."""
+    value = step.take()
+    if value is None:
+        return
+    value = value.to(running_mean.device)
+    running_mean.copy_(torch.where(torch.isnan(running_mean), value, torch.lerp(value, running_mean, momentum)))
+
+
+def max_weight(spec: Normalisation, num_rows: int) -> float:
+    """The largest weight a batch of ``num_rows`` rows can get under a ``batch`` mean: ``(1 − λ) + λ·N·R/(R + N −
+    1) < (1 − λ) + λ·R`` (``N`` itself without ``max_ratio`` and with ``mix=1``)."""
+    n, lam = float(num_rows), spec.mix
+    top = n if spec.max_ratio is None else n * spec.max_ratio / (spec.max_ratio + n - 1.0)
+    return (1.0 - lam) + lam * top
+
+
+__all__ = ["MEANS", "Normalisation", "StepMeans", "commit", "max_weight", "shares", "weights"]
