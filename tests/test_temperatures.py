@@ -136,6 +136,8 @@ def test_cist_ratio_survives_a_state_dict_round_trip_as_a_float(hand, assert_clo
     assert loss.temperature.host_float("ratio") == rho
     loss.load_state_dict(tk.DistillationLoss(CIST()).state_dict())
     assert not loss.temperature.calibrated
+    restored.load_state_dict({"ratio": torch.tensor(0.1, dtype=torch.float64)})  # the float is what the buffer holds
+    assert restored.host_float("ratio") == float(restored.ratio) == float(torch.tensor(0.1, dtype=torch.float32))
     with pytest.raises(tk.ThermoKDError, match="ratio must be > 0"):
         restored.set_ratio(-1.0)
 

@@ -75,7 +75,12 @@ class TemperatureStrategy(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for name in type(self).host_floats:
-            self._read_host_float(name)
+            incoming, buffer = state_dict.get(prefix + name), self._buffers.get(name)
+            if isinstance(incoming, Tensor) and buffer is not None and incoming.numel() == 1:
+                # the value as loaded, read where it came from (a checkpoint's host tensor): no device read
+                self.__dict__.setdefault("_host_floats", {})[name] = float(incoming.detach().to(buffer.dtype))
+            else:
+                self._read_host_float(name)
 
     def forward(self, rows: Rows) -> Temperatures:  # pragma: no cover - abstract
         raise NotImplementedError
