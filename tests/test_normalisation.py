@@ -158,3 +158,25 @@ def test_a_custom_weighting_defining_only_log_unnormalised_works_on_every_path(k
             ref_running = value if ref_running is None else spec.momentum * ref_running + (1 - spec.momentum) * value
             for loss in losses.values():
                 assert_close(loss.weighting.running_mean, ref_running)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["plain", "chunked"])
+def test_a_running_custom_weighting_never_syncs_on_cuda(path):
+    """Forward, backward and observe of a running-mean weighting wait for the device nowhere."""
+    h_s, head_s, h_t, head_t, y = (x.cuda() for x in _heads(seed=0))
+    loss = tk.DistillationLoss(2.0, weighting=RunningMargin(), ignore_index=None,
+                               chunk_size=5 if path == "chunked" else None).cuda()
+    with torch.no_grad():
+        t = head_t(h_t)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            hidden = h_s.clone().requires_grad_()
+            out = loss(head_s(hidden), t, y)
+            out.loss.backward()
+            loss.observe(out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.isnan(loss.weighting.running_mean).item()

@@ -142,6 +142,33 @@ def test_cist_ratio_survives_a_state_dict_round_trip_as_a_float(hand, assert_clo
         restored.set_ratio(-1.0)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature", ["cist", "fixed"])
+def test_host_floats_are_loaded_and_used_on_cuda_without_a_sync(temperature, hand, assert_close):
+    """After calibration, no step waits for the device, nor the first step after loading a host state_dict (a
+    checkpoint, the HF trainer's rank-0 share; the load's own host-to-device copy may wait); the loaded value is
+    used."""
+    s, t, y = (x.cuda() for x in hand.batch(n=40, c=30, seed=3))
+    loss = tk.DistillationLoss(CIST() if temperature == "cist" else Fixed(3.0), ignore_index=None).cuda()
+    loss.observe(loss(s, t, y))  # CIST calibrates here (its one read of the device)
+    saved = {k: v.cpu() * 2 for k, v in loss.state_dict().items()}  # ρ or τ doubled
+    for load in (False, True):
+        if load:
+            loss.load_state_dict(saved)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                out = loss(s.clone().requires_grad_(), t, y)
+                out.loss.backward()
+                loss.observe(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    host = tk.DistillationLoss(CIST() if temperature == "cist" else Fixed(3.0), ignore_index=None)
+    host.load_state_dict(saved)
+    assert_close(out.loss.cpu(), host(s.cpu(), t.cpu(), y.cpu()).loss, rtol=1e-4, atol=1e-6)
+
+
 def test_cist_under_autocast_keeps_float32_temperatures(hand, assert_close):
     """The temperatures are float32 under autocast: none of their reductions may run in a lower precision."""
     s, t, y = hand.batch(n=64, c=1000, seed=9, spread=(0.5, 30.0))
