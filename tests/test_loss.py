@@ -81,7 +81,7 @@ def test_weight_shares_are_the_weights_over_n(hand, assert_close, weighting):
     assert_close(normalisation.weights(log_w, weighting.normalisation), weighting(rows))
 
 
-@pytest.mark.parametrize("hook", ["forward", "finish", "shares", "observe"])
+@pytest.mark.parametrize("hook", ["forward", "observe", "shares_of", "finish", "shares"])
 def test_a_weighting_that_defines_what_the_loss_owns_is_refused(hook):
     """One hook (log_unnormalised) and a declared normalisation: a method the loss would bypass is an error."""
     with pytest.raises(tk.ThermoKDError, match=f"Linear defines {hook}: a Weighting defines log_unnormalised"):

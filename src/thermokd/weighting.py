@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .loss import LossOutput
 
 # what the loss owns: a subclass that defined one of these would be silently bypassed, so it is refused
-_LOSS_OWNED = ("forward", "observe", "finish", "shares")
+_LOSS_OWNED = ("forward", "observe", "shares_of", "finish", "shares")
 
 
 class Weighting(nn.Module):
