@@ -2,7 +2,7 @@
 never differentiated."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from .rows import Rows
 if TYPE_CHECKING:
     from .loss import LossOutput
 
-# what the loss owns: a subclass that defined one of these would be silently bypassed, so it is refused
+# the loss's part of a weighting, which a subclass may not define (the old finish/shares would be bypassed)
 _LOSS_OWNED = ("forward", "observe", "shares_of", "finish", "shares")
 
 
@@ -31,7 +31,7 @@ class Weighting(nn.Module):
     the ``running_mean`` buffer (``state_dict``), moved once per optimiser step by :meth:`observe`."""
 
     name = ""
-    normalisation: ClassVar[Normalisation] = Normalisation()
+    normalisation: Normalisation = Normalisation()  # frozen, so a class-level default is safe to share
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
