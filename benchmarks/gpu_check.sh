@@ -53,7 +53,8 @@ fi
 PYTEST=(-m pytest -q -p no:cacheprovider --tb=short -rfE)
 if "$PY" -c "import pytest" 2>/dev/null; then
   part "cuda tests" 100 "$PY" "${PYTEST[@]}" tests/test_cuda.py
-  part "other tests that need CUDA" 45 "$PY" "${PYTEST[@]}" -k "cuda or gpu" tests/test_temperatures.py tests/test_data.py
+  part "other tests that need CUDA" 45 "$PY" "${PYTEST[@]}" -k "cuda or gpu" tests/test_temperatures.py tests/test_data.py \
+    tests/test_normalisation.py tests/test_fast_path.py
 else
   echo "!!! pytest is not installed for $PY: the tests were not run"
   FAILED+=("tests (no pytest)")

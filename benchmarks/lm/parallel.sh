@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Run an LM config's methods in parallel processes, then assemble one results.json and report.md.
+#
+#   bash benchmarks/lm/parallel.sh CONFIG OUT [JOBS] [--set section.field=value ...]
+#
+# Each method label (with its tuning study, when the config's tune section names it) trains in its own process
+# and folder, OUT/parts/LABEL; the teacher is trained once (the cache's lock makes the other processes wait for
+# it). Then every part's runs/ and tune/ are copied into OUT and `thermokd lm --resume` assembles them without
+# training anything again. Small LMs leave a GPU mostly idle: several processes keep it busy. Everything is
+# resumable: run the same command again after an interruption.
+#
+# Environment: THERMOKD (default `thermokd`) is the command; THERMOKD_CACHE the teacher cache.
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+    echo "usage: bash benchmarks/lm/parallel.sh CONFIG OUT [JOBS] [--set section.field=value ...]" >&2
+    exit 2
+fi
+CONFIG=$1 OUT=$2
+shift 2
+JOBS=4
+if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then JOBS=$1; shift; fi
+SETS=("$@")
+THERMOKD=${THERMOKD:-thermokd}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT/parts"
+
+# the method labels, and those that are tuned, as the config (with the overrides) names them
+read -r -a LABELS <<< "$($PY - "$CONFIG" "${SETS[@]}" <<'EOF'
+import sys
+from thermokd.lm.config import load_lm_config
+sets = [a for a in sys.argv[2:] if a != "--set"]
+print(" ".join(load_lm_config(sys.argv[1], sets).methods))
+EOF
+)"
+TUNED=" $($PY - "$CONFIG" "${SETS[@]}" <<'EOF'
+import sys
+from thermokd.lm.config import load_lm_config
+sets = [a for a in sys.argv[2:] if a != "--set"]
+print(" ".join(getattr(getattr(load_lm_config(sys.argv[1], sets), "tune", None), "methods", []) or []))
+EOF
+) "
+
+run_part() {
+    local label=$1 tune="[]"
+    [[ $TUNED == *" $label "* ]] && tune="[$label]"
+    local dir="$OUT/parts/${label//@/_at_}"
+    if $THERMOKD lm --config "$CONFIG" "${SETS[@]}" --set "methods=[$label]" --set "tune.methods=$tune" \
+            --out "$dir" --resume --no-progress > "$dir.log" 2>&1; then
+        echo "finished $label"
+    else
+        echo "FAILED $label (see $dir.log)"
+    fi
+}
+export -f run_part
+export CONFIG OUT THERMOKD TUNED
+export SETS_TEXT="${SETS[*]:-}"
+
+echo "${#LABELS[@]} methods (${LABELS[*]}), tuned: ${TUNED:- none}; $JOBS processes; logs in $OUT/parts/"
+for label in "${LABELS[@]}"; do
+    echo "$label"
+done | xargs -P "$JOBS" -I{} bash -c 'SETS=($SETS_TEXT); run_part "$1"' _ {}
+
+for part in "$OUT"/parts/*/; do
+    for sub in runs tune; do
+        [ -d "$part$sub" ] && mkdir -p "$OUT/$sub" && cp -r "$part$sub"/. "$OUT/$sub"/
+    done
+done
+$THERMOKD lm --config "$CONFIG" "${SETS[@]}" --out "$OUT" --resume --no-progress
