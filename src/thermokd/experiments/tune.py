@@ -229,7 +229,7 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
         state = trial.state.name.lower()
         score = trial.value if trial.state == TrialState.COMPLETE else max(trial.intermediate_values.values(),
                                                                            default=None)
-        what = "" if score is None else f" {metric.column.split()[0]} {metric.text(score)}"
+        what = "" if score is None else f" {metric.short} {metric.text(score)}"
         try:
             best = f"; best {metric.text(study.best_value)} (trial {study.best_trial.number})"
         except ValueError:

@@ -15,7 +15,7 @@ class Metric:
     ``result_key``: the finished run's field a trial is scored by; ``to_score``: value → maximised score;
     ``from_score``: score → the value shown; ``what``: words for the text, ``column``/``unit``/``digits``: for the
     table, ``axis``/``log_axis``: for the plot; ``rounds``: what
-    one pruning round is."""
+    one pruning round is; ``short``: the score's name in progress lines."""
 
     name: str
     record_key: str
@@ -29,6 +29,7 @@ class Metric:
     axis: str
     log_axis: bool = False
     rounds: str = "epochs"  # what one pruning round is
+    short: str = "val"  # the score's name in progress lines
 
     def score(self, value: float) -> float:
         return float(self.to_score(float(value)))
@@ -47,7 +48,7 @@ ACCURACY = Metric("val_acc", "val_acc", "best_val_acc", lambda v: v, lambda s: 1
 # maximising −log(perplexity) is minimising the mean validation cross-entropy; shown back as a perplexity
 PERPLEXITY = Metric("val_ppl", "val_ppl", "val_ppl", lambda v: -math.log(v), lambda s: math.exp(-s),
                     "validation perplexity", "val ppl", "", 2, "validation perplexity", log_axis=True,
-                    rounds="evaluations")
+                    rounds="evaluations", short="val ppl")
 METRICS = {m.name: m for m in (ACCURACY, PERPLEXITY)}
 
 

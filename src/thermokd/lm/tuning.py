@@ -1,0 +1,59 @@
+"""``thermokd lm``'s ``tune`` section: one Optuna study per tuned label (``OUT/tune/LABEL``), each trial a seed-0
+student scored by its validation perplexity and pruned per evaluation round (``train.steps / train.eval_every``
+rounds). A study is continued where it stopped (a finished one is only summarised), and its SQLite file is opened
+in the current output folder, so a folder copied or merged elsewhere keeps its study."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import MethodConfig
+from ..experiments.tune import TrainFn, knob_text, tune_method
+from ..experiments.tune_metric import PERPLEXITY
+from .config import LMRunConfig, tuned_label
+
+# what the report and results.json keep of a study
+SUMMARY_KEYS = ("params", "best_value", "best_trial", "budget", "complete", "pruned", "failed", "seconds", "sampler",
+                "pruner", "study")
+
+
+def evaluation_rounds(cfg: LMRunConfig) -> int:
+    """How many times a student is evaluated: every ``eval_every`` steps and after the last step."""
+    return math.ceil(cfg.train.steps / min(cfg.train.eval_every, cfg.train.steps))
+
+
+def tuned_config(cfg: LMRunConfig, label: str, method: MethodConfig) -> dict[str, Any]:
+    """The LM config that runs ``LABEL-tuned`` at ``method`` (a study's ``best_config.yaml``)."""
+    whole = cfg.to_dict()
+    whole["variants"][tuned_label(label)] = dataclasses.asdict(method)
+    whole["methods"] = [tuned_label(label)]
+    whole["tune"]["methods"] = []
+    return whole
+
+
+def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Callable[[str], None] = print
+                 ) -> tuple[dict[str, MethodConfig], dict[str, dict[str, Any]]]:
+    """Run or continue the study of every label of ``cfg.tune.methods`` in ``out_dir/tune/LABEL``. Returns each
+    tuned label's (``LABEL-tuned``) method section at the chosen setting, and each study's summary (with
+    ``best_val_ppl``, the chosen trial's validation perplexity)."""
+    chosen, summaries = {}, {}
+    for label in cfg.tune.methods:
+        options = copy.deepcopy(cfg.tune)
+        options.study = f"{options.study}-{label}" if options.study else label  # one study per method
+        result = tune_method(cfg, cfg.method(label), label, Path(out_dir) / "tune" / label, options, train_fn, echo,
+                             metric=PERPLEXITY, rounds=evaluation_rounds(cfg), domain="lm",
+                             config_for=lambda method, label=label: tuned_config(cfg, label, method),
+                             set_prefix=f"variants.{tuned_label(label)}")
+        chosen[tuned_label(label)] = result.method
+        summary = {k: result.summary.get(k) for k in SUMMARY_KEYS}
+        summary["best_val_ppl"] = PERPLEXITY.from_score(result.best_value)
+        summary["chosen_method"] = dataclasses.asdict(result.method)
+        summaries[label] = summary
+        echo(f"  {label}: tuned to {knob_text(result.params)} (validation perplexity "
+             f"{summary['best_val_ppl']:.2f}; {summary['complete']} complete, {summary['pruned']} pruned of "
+             f"{summary['budget']}, {summary['seconds']:.0f} s of trials)")
+    return chosen, summaries
