@@ -301,7 +301,10 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
     chosen, tuning = tune_methods(cfg, out_dir, setup.trial, echo)
     cfg = dataclasses.replace(cfg, variants={**cfg.variants, **chosen})  # LABEL-tuned: LABEL at its chosen setting
     methods = cfg.run_labels()
-    runs, student_parameters = [], 0
+    runs = []
+    # counted here, not from a trained student: a resumed folder whose runs are all finished trains none
+    student_parameters = count_parameters(build_lm(cfg.student.size, data.vocab_size, cfg.data.context,
+                                                   cfg.student.dropout, 0, data.eos))
     for seed in range(cfg.seeds):
         for label in methods:
             run_dir = out_dir / "runs" / label.replace("@", "_at_") / f"seed{seed}"
@@ -325,7 +328,6 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                 f"  {who} step {r['step']}: val ppl {r['val_ppl']:.2f}, acc {r['val_acc']:.4f}"))
                 if progress_bar else None)
             result, student = setup.train(loss_fn, seed, run_dir, resume and same, on_eval)
-            student_parameters = count_parameters(student)
             run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
             test = evaluate(student, data.test, run_device)
             run = {"method": label, "seed": seed, "setting": setting, **result, "ppl": test["ppl"],
