@@ -116,3 +116,16 @@ def test_bad_tune_labels_are_one_line_errors(base, tmp_path, capsys, extra, word
     assert main(_lm(root, corpus, tmp_path / "bad", "kd", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and not (tmp_path / "bad" / "lm_config.json").exists()
+
+
+def test_under_torchrun_only_a_finished_study_is_accepted(base, tmp_path, monkeypatch):
+    from thermokd import ThermoKDError
+    from thermokd.lm.tuning import _check_one_process
+
+    root, _ = base
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _check_one_process(root / "tuned" / "tune" / "kd", "kd", 2)  # finished: summarised by every process
+    with pytest.raises(ThermoKDError, match="trials to go"):
+        _check_one_process(root / "tuned" / "tune" / "kd", "kd", 3)
+    with pytest.raises(ThermoKDError, match="without torchrun"):
+        _check_one_process(tmp_path / "none", "kd", 2)

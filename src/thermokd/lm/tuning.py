@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..config import MethodConfig
+from ..errors import ThermoKDError
 from ..experiments.tune import TrainFn, knob_text, tune_method
 from ..experiments.tune_metric import PERPLEXITY
 from .config import LMRunConfig, tuned_label
@@ -35,6 +38,23 @@ def tuned_config(cfg: LMRunConfig, label: str, method: MethodConfig) -> dict[str
     return whole
 
 
+def _check_one_process(folder: Path, label: str, trials: int) -> None:
+    """Trials run in one process (a trial pruned on rank 0 cannot stop the others): under torchrun, only a finished
+    study (summarised, not continued) is accepted."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    try:
+        summary = json.loads((folder / "tune.json").read_text())
+        done = summary["complete"] + summary["pruned"] + summary["failed"]
+        # a grid study's budget is capped at the grid's size
+        finished = done >= trials or (summary["sampler"] == "grid" and done >= summary["budget"])
+    except (OSError, ValueError, KeyError, TypeError):
+        finished = False
+    if not finished:
+        raise ThermoKDError(f"tune.methods: the study of {label} has trials to go, and studies run in one process; "
+                            "run it without torchrun first, then --resume under torchrun")
+
+
 def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Callable[[str], None] = print
                  ) -> tuple[dict[str, MethodConfig], dict[str, dict[str, Any]]]:
     """Run or continue the study of every label of ``cfg.tune.methods`` in ``out_dir/tune/LABEL``. Returns each
@@ -42,6 +62,7 @@ def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Calla
     ``best_val_ppl``, the chosen trial's validation perplexity)."""
     chosen, summaries = {}, {}
     for label in cfg.tune.methods:
+        _check_one_process(Path(out_dir) / "tune" / label, label, cfg.tune.trials)
         options = copy.deepcopy(cfg.tune)
         options.study = f"{options.study}-{label}" if options.study else label  # one study per method
         result = tune_method(cfg, cfg.method(label), label, Path(out_dir) / "tune" / label, options, train_fn, echo,
