@@ -95,10 +95,15 @@ def test_folders_of_separate_processes_merge_without_training(base, tmp_path, ca
                 shutil.copytree(tmp_path / part / section, merged / section, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "w-kd")  # the study is opened where it lies now, not where it was made
     capsys.readouterr()
-    assert main(_lm(root, corpus, merged, "ce,kd", "--set", "tune.methods=[kd]", "--set", "tune.trials=2",
-                    "--resume")) == 0
+    elsewhere = tmp_path / "fresh-cache"  # e.g. merged on another machine: the teacher is neither there nor needed
+    args = _lm(root, corpus, merged, "ce,kd", "--set", "tune.methods=[kd]", "--set", "tune.trials=2", "--resume")
+    args[args.index("--cache") + 1] = str(elsewhere)
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("finished earlier (kept)") == 3 and "trials to go" not in printed
+    assert "the teacher is not needed" in printed and not list(elsewhere.glob("lm-teachers/*"))
+    teacher = _results(merged)["teacher"]
+    assert teacher["test_ppl"] == _results(tmp_path / "w-ce")["teacher"]["test_ppl"]
     runs = _results(merged)["runs"]
     assert [r["method"] for r in runs] == ["ce", "kd", "kd-tuned"]
     assert runs[0]["val_ppl"] == _results(tmp_path / "w-ce")["runs"][0]["val_ppl"]

@@ -23,7 +23,7 @@ import torch
 from ..errors import ThermoKDError
 from ..files import FolderLock, read_json, write_json
 from ..loss import DistillationLoss
-from .config import LMRunConfig
+from .config import LMRunConfig, tuned_label
 from .data import LMData, prepare_data, windows_key
 from .evaluate import evaluate
 from .models import build_lm, count_parameters, parse_size
@@ -266,6 +266,36 @@ def _setting(method: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(method)))
 
 
+def _nothing_to_train(cfg: LMRunConfig, out_dir: Path) -> "dict[str, Any] | None":
+    """The teacher's info as the finished runs recorded it when every study and every run of ``cfg`` is finished in
+    ``out_dir`` at its current setting (nothing will train, so the teacher need not be loaded or trained), else
+    None."""
+    from .tuning import finished_study
+
+    chosen = {}
+    for label in cfg.tune.methods:
+        summary = finished_study(out_dir / "tune" / label, cfg.tune.trials)
+        if summary is None or "chosen_method" not in summary:
+            return None
+        chosen[tuned_label(label)] = summary["chosen_method"]
+    info = None
+    for seed in range(cfg.seeds):
+        for label in cfg.run_labels():
+            done = _run_dir(out_dir, label, seed) / "result.json"
+            if not done.is_file():
+                return None
+            run = read_json(done, f"delete {done} to run it again")
+            setting = chosen[label] if label in chosen else _setting(cfg.method(label))
+            if run.get("setting") != setting or not isinstance(run.get("teacher"), dict):
+                return None
+            info = run["teacher"]
+    return info
+
+
+def _run_dir(out_dir: Path, label: str, seed: int) -> Path:
+    return out_dir / "runs" / label.replace("@", "_at_") / f"seed{seed}"
+
+
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
                        echo: Callable[[str], None]) -> dict[str, Any]:
     from ..experiments.compare import machine_description
@@ -285,10 +315,14 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
     needs_teacher = any(loss.kd_weight for loss in losses.values())
     file_only = cfg.teacher.source == "topk" and cfg.teacher.file and Path(cfg.teacher.file).is_file()
     teacher, info = None, {"source": cfg.teacher.source}
-    if needs_teacher and file_only:
+    recorded = _nothing_to_train(cfg, out_dir) if resume else None
+    if recorded is not None:  # e.g. a folder merged from others: its runs say what the teacher was
+        echo("every study and run is finished: the teacher is not needed (its figures are the runs' record)")
+        info, needs_teacher = recorded, False
+    elif needs_teacher and file_only:
         echo(f"teacher: top-k file {cfg.teacher.file} (the teacher model is not needed)")
         info.update(size=str(parse_size(cfg.teacher.size)), file=cfg.teacher.file)
-    elif needs_teacher or cfg.teacher.source == "online":
+    elif needs_teacher or (cfg.teacher.source == "online" and recorded is None):
         teacher, teacher_info = _teacher(cfg, data, device, precision, cache_dir, echo, progress_bar)
         info.update(teacher_info)
     source = _source(cfg, data, teacher, info.get("dir"), device) if needs_teacher else None
@@ -307,7 +341,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                                                    cfg.student.dropout, 0, data.eos))
     for seed in range(cfg.seeds):
         for label in methods:
-            run_dir = out_dir / "runs" / label.replace("@", "_at_") / f"seed{seed}"
+            run_dir = _run_dir(out_dir, label, seed)
             done = run_dir / "result.json"
             setting = _setting(cfg.method(label))
             if resume and done.is_file():
@@ -331,7 +365,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
             run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
             test = evaluate(student, data.test, run_device)
             run = {"method": label, "seed": seed, "setting": setting, **result, "ppl": test["ppl"],
-                   "acc": test["acc"], "ce": test["ce"]}
+                   "acc": test["acc"], "ce": test["ce"], "teacher": info}
             if seed == 0:
                 run["sample"] = sample(student, SAMPLE_PROMPT, tokenizer=data.tokenizer, sampling_temperature=0.8,
                                        top_k=40, stop_id=data.eos)

@@ -38,19 +38,23 @@ def tuned_config(cfg: LMRunConfig, label: str, method: MethodConfig) -> dict[str
     return whole
 
 
-def _check_one_process(folder: Path, label: str, trials: int) -> None:
-    """Trials run in one process (a trial pruned on rank 0 cannot stop the others): under torchrun, only a finished
-    study (summarised, not continued) is accepted."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return
+def finished_study(folder: Path, trials: int) -> "dict[str, Any] | None":
+    """The summary (``tune.json``) of the study in ``folder`` when it has finished ``trials`` trials (or its whole
+    grid), else None."""
     try:
         summary = json.loads((folder / "tune.json").read_text())
         done = summary["complete"] + summary["pruned"] + summary["failed"]
         # a grid study's budget is capped at the grid's size
         finished = done >= trials or (summary["sampler"] == "grid" and done >= summary["budget"])
     except (OSError, ValueError, KeyError, TypeError):
-        finished = False
-    if not finished:
+        return None
+    return summary if finished else None
+
+
+def _check_one_process(folder: Path, label: str, trials: int) -> None:
+    """Trials run in one process (a trial pruned on rank 0 cannot stop the others): under torchrun, only a finished
+    study (summarised, not continued) is accepted."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and finished_study(folder, trials) is None:
         raise ThermoKDError(f"tune.methods: the study of {label} has trials to go, and studies run in one process; "
                             "run it without torchrun first, then --resume under torchrun")
 
