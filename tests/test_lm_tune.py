@@ -46,6 +46,7 @@ def test_a_tuned_method_gets_a_study_and_a_tuned_row(base):
     assert study["metric"] == "val_ppl" and study["complete"] + study["pruned"] == 2
     assert all(t["epochs"] <= 2 for t in study["trials"])  # the resource: 4 steps / eval every 2 = 2 rounds
     assert all(0.25 <= t["params"]["temperature.tau"] <= 4.0 for t in study["trials"])  # the LM range
+    assert study["trials"][0]["params"] == {"temperature.tau": 0.5}  # the LM preset is tried first
     tuned = next(r for r in results["runs"] if r["method"] == "kd-tuned")
     assert tuned["setting"]["temperature"] == {"tau": study["params"]["temperature.tau"]}
     best = next(t for t in study["trials"] if t["number"] == study["best_trial"])
@@ -121,6 +122,23 @@ def test_bad_tune_labels_are_one_line_errors(base, tmp_path, capsys, extra, word
     assert main(_lm(root, corpus, tmp_path / "bad", "kd", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and not (tmp_path / "bad" / "lm_config.json").exists()
+
+
+def test_a_study_starts_at_the_method_s_own_setting_where_the_space_holds_it():
+    from thermokd.config import MethodConfig, TuneConfig
+    from thermokd.experiments.tune import build_space
+    from thermokd.lm.tuning import preset_point
+
+    def point(method, **tune):
+        return preset_point(method, build_space(method, TuneConfig(trials=1, **tune), domain="lm"))
+
+    assert point(MethodConfig(name="cist")) == {"temperature.tau0": 1.0, "temperature.student": "teacher"}
+    assert point(MethodConfig(name="dts")) == {"temperature.t_init": 3.0, "temperature.t_min": 1.0,
+                                               "temperature.t_max": 3.0}
+    assert point(MethodConfig(name="kd", temperature={"tau": 2.0}), kd_weight=True) == {
+        "temperature.tau": 2.0, "loss.kd_weight": 0.9}  # a variant's own values, the loss's default weight
+    assert point(MethodConfig(name="ctkd")) == {"temperature.init": 4.0, "temperature.t_start": 1.0}  # t_end 20: out
+    assert point(MethodConfig(name="kd"), space={"tau": "1:2"}) == {}  # the preset 0.5 is outside: sampled instead
 
 
 def test_under_torchrun_only_a_finished_study_is_accepted(base, tmp_path, monkeypatch):

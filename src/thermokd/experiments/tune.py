@@ -172,14 +172,15 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
                 train_fn: TrainFn, echo: Callable[[str], None] = print, *, metric: Metric = ACCURACY,
                 rounds: "int | None" = None, domain: str = "default",
                 config_for: "Callable[[MethodConfig], dict] | None" = None,
-                set_prefix: str = "method") -> TuneResult:
+                set_prefix: str = "method", start: "dict[str, Any] | None" = None) -> TuneResult:
     """Run (or continue) the study of ``method`` in ``out_dir`` until ``tune.trials`` trials have finished, then
     write ``tune.json``, ``tune.md``, the plot and the chosen setting (``best.yaml``, ``best_config.yaml``).
 
     ``metric``: what a trial is scored by (validation accuracy by default); ``rounds``: the most per-round reports a
     trial makes, the pruner's resource (default ``cfg.train.epochs``); ``domain``: whose search spaces and presets
     (``default`` or ``lm``); ``config_for``: the whole config at a chosen method section, for ``best_config.yaml``
-    (default: ``cfg`` with its ``method`` replaced); ``set_prefix``: where the ``--set`` lines put the knobs."""
+    (default: ``cfg`` with its ``method`` replaced); ``set_prefix``: where the ``--set`` lines put the knobs;
+    ``start``: knob values a new study tries first (e.g. the method's preset; not with the grid sampler)."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
@@ -201,6 +202,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     url = tune.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, rounds))
     check_study(study, url, space, method_base(method, domain))
+    if start and not study.trials and tune.sampler != "grid":
+        study.enqueue_trial(start)  # counts against the budget like any trial
     budget = tune.trials
     if tune.sampler == "grid":
         budget = min(budget, _grid_size(space, tune.grid_points))
