@@ -61,8 +61,8 @@ def _check_one_process(folder: Path, label: str, trials: int) -> None:
 
 def preset_point(method: MethodConfig, space: dict[str, Any]) -> dict[str, Any]:
     """The knobs of ``space`` at ``method``'s own setting (its LM preset, its variant's values, else the strategy's
-    defaults) where that lies inside the space: the first trial of a new study, so that a tuned setting is never
-    worse on validation than the preset it is reported beside."""
+    defaults) where that lies inside the space: the first trial of a new study, so that the chosen setting scores
+    at least as well in the study (seed 0, validation) as the preset it is reported beside."""
     import inspect
 
     from ..methods import LM_PRESETS, METHODS, build_loss
