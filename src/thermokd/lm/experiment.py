@@ -322,7 +322,7 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
     elif needs_teacher and file_only:
         echo(f"teacher: top-k file {cfg.teacher.file} (the teacher model is not needed)")
         info.update(size=str(parse_size(cfg.teacher.size)), file=cfg.teacher.file)
-    elif needs_teacher or (cfg.teacher.source == "online" and recorded is None):
+    elif needs_teacher or cfg.teacher.source == "online":
         teacher, teacher_info = _teacher(cfg, data, device, precision, cache_dir, echo, progress_bar)
         info.update(teacher_info)
     source = _source(cfg, data, teacher, info.get("dir"), device) if needs_teacher else None
