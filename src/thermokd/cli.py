@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lm", help="causal-LM distillation on a corpus (HF Trainer): a teacher, one student per "
                        "method and seed; perplexity and token accuracy; --resume continues a killed run")
     p.add_argument("--config", help="LM config file, or a bundled one (grimm, bench); fields: data, teacher, "
-                   "student, train, on_policy, methods, seeds, variants")
+                   "student, train, on_policy, tune, methods, seeds, variants")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. "
                    "train.steps=200 (repeatable)")
     p.add_argument("--resume", action="store_true", help="keep finished runs in --out, continue unfinished ones")

@@ -52,6 +52,7 @@ def tune_options(args, base) -> "object":
 def tune_command(args) -> None:
     from .cli import load_run_config
     from .experiments.tune import knob_text, markdown, run_tune, set_lines
+    from .experiments.tune_metric import ACCURACY
     from .registry import normalise
 
     cfg = load_run_config(args)
@@ -64,7 +65,7 @@ def tune_command(args) -> None:
     s = result.summary
     print("\n" + "\n".join(line for line in markdown(s) if line.startswith("|")))  # the table of trials
     print(f"\n{label}: chose {knob_text(result.params)} (trial {s['best_trial']}, validation accuracy "
-          f"{100 * result.best_value:.2f} %; {s['complete']} complete, "
+          f"{ACCURACY.text(result.best_value)}; {s['complete']} complete, "
           f"{s['pruned']} pruned, {s['failed']} failed of {s['budget']})")
     print("use it with: " + " ".join(f"--set {line}" for line in set_lines(result.method, result.params)))
     print(f"wrote {args.out / 'tune.json'}, {args.out / 'tune.md'}, {args.out / 'best.yaml'}, "

@@ -55,27 +55,51 @@ KD_WEIGHT: dict[str, FloatRange] = {"lskd": FloatRange(1.0, 20.0, log=True), "dk
 DEFAULT_KD_WEIGHT = FloatRange(0.1, 0.95)
 SECTIONS = ("temperature", "weighting", "loss")
 
+# Language models (``domain="lm"``): a vocabulary of ~1,000 tokens wants τ around 1, not the image range [1, 16]
+# (τ = 4 gives targets at 95 % of maximum entropy); every LM preset (``methods.LM_PRESETS``) sits inside its range.
+LM_TAU = FloatRange(0.25, 4.0, log=True)
+LM_SPACES: dict[str, dict[str, Knob]] = {
+    "ce": {},
+    "kd": {"temperature.tau": LM_TAU},
+    "dkd": {"temperature.tau": LM_TAU},
+    "dtkd": {"temperature.tau": LM_TAU},
+    "erkd": {"temperature.tau": LM_TAU},
+    # the student rule is part of CIST's LM preset, so it is searched with tau0
+    "cist": {"temperature.tau0": LM_TAU, "temperature.student": ["teacher", "interpolate", "ratio"]},
+    "dts": {"temperature.t_init": FloatRange(0.5, 4.0, log=True), "temperature.t_min": FloatRange(0.25, 1.0, log=True),
+            "temperature.t_max": FloatRange(1.0, 4.0, log=True)},  # t_min <= 1 <= t_max: every draw is valid
+    "entropy-target": {"temperature.target": FloatRange(0.1, 0.7)},
+    "lskd": {"temperature.base": FloatRange(0.25, 4.0, log=True)},
+    "ctkd": {"temperature.init": LM_TAU, "temperature.t_start": FloatRange(0.1, 1.0),
+             "temperature.t_end": FloatRange(1.0, 8.0, log=True)},
+}
+DOMAIN_SPACES = {"default": SPACES, "lm": LM_SPACES}
 
-def method_space(method: str, kd_weight: bool = False) -> dict[str, Knob]:
+
+def method_space(method: str, kd_weight: bool = False, domain: str = "default") -> dict[str, Knob]:
     """The knobs ``thermokd tune`` searches for ``method`` (a method name) by default: its temperature knobs from
-    :data:`SPACES` and, with ``kd_weight``, ``loss.kd_weight``. Every method spends its budget on the same kind of
-    knob; the further options a strategy declares (:func:`declared_space`) are searched only when named."""
+    :data:`SPACES` (``domain="lm"``: :data:`LM_SPACES`) and, with ``kd_weight``, ``loss.kd_weight``. Every method
+    spends its budget on the same kind of knob; the further options a strategy declares (:func:`declared_space`) are
+    searched only when named."""
+    from .errors import choice_error
     from .methods import build_loss
 
-    space = dict(SPACES.get(normalise(method), {}))
+    if domain not in DOMAIN_SPACES:
+        raise choice_error("domain", domain, tuple(DOMAIN_SPACES))
+    space = dict(DOMAIN_SPACES[domain].get(normalise(method), {}))
     if kd_weight and build_loss(method).kd_weight > 0:
         space["loss.kd_weight"] = KD_WEIGHT.get(normalise(method), DEFAULT_KD_WEIGHT)
     return space
 
 
-def declared_space(method: str) -> dict[str, Knob]:
+def declared_space(method: str, domain: str = "default") -> dict[str, Knob]:
     """Every knob ``method``'s temperature strategy and weighting declare with a ``search_space()`` static or class
     method (``argument -> (low, high, log)`` or a list of choices), as ``section.argument`` knobs, plus its default
     space: what ``tune --space KNOB`` (a name without a range) may add with its declared range."""
     from .methods import build_loss
 
     loss = build_loss(method)
-    space = method_space(method, kd_weight=True)
+    space = method_space(method, kd_weight=True, domain=domain)
     for section, part in (("temperature", loss.temperature), ("weighting", loss.weighting)):
         extra = getattr(part, "search_space", None)
         if callable(extra):

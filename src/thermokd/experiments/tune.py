@@ -1,9 +1,11 @@
 """``thermokd tune``: a method's temperature setting chosen on the validation split within a budget of trials.
 
 The search is Optuna's: TPE, grid or random sampling over the method's knobs (``thermokd.spaces``), Hyperband or
-successive-halving pruning on each trial's per-epoch validation accuracy, and a study kept in SQLite (in the output
-folder) or any RDB URL, so a killed tune continues where it stopped and several machines can share one study. A
-trial's score is its best validation accuracy; the test split is never read.
+successive-halving pruning on each trial's per-round (per-epoch, or per-evaluation for language models) validation
+score, and a study kept in SQLite (in the output folder) or any RDB URL, so a killed tune continues where it stopped
+and several machines can share one study. A trial's score is its best validation accuracy, or for language models its
+validation perplexity (``tune_metric``); the test split is never read. A study records its search space and the
+method it tunes, and refuses to continue with either changed.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from ..config import MethodConfig, RunConfig, TuneConfig
 from ..errors import ThermoKDError
 from ..files import write_json, write_text
 from ..spaces import FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob, space_to_json
+from .tune_metric import ACCURACY, Metric, metric_of
 
-# (method section, trial folder, per-epoch callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
+# (method section, trial folder, per-round callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
 TrainFn = Callable[[MethodConfig, Path, Callable[[dict[str, Any]], None]], dict[str, Any]]
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is failed (and retried) after GRACE_S seconds
 
@@ -36,15 +39,16 @@ class TuneResult:
     summary: dict[str, Any]
 
 
-def build_space(method: MethodConfig, tune: TuneConfig) -> dict[str, Knob]:
-    """The knobs searched for ``method``: its declared space, with ``tune.space`` overriding or adding knobs
-    (``"LOW:HIGH[:log]"`` strings or lists of choices); each knob is checked by building the method with it."""
+def build_space(method: MethodConfig, tune: TuneConfig, domain: str = "default") -> dict[str, Knob]:
+    """The knobs searched for ``method``: its declared space (of ``domain``: ``default`` or ``lm``), with
+    ``tune.space`` overriding or adding knobs (``"LOW:HIGH[:log]"`` strings or lists of choices); each knob is
+    checked by building the method with it."""
     from ..methods import build_loss
 
-    space = method_space(method.name, kd_weight=tune.kd_weight)
+    space = method_space(method.name, kd_weight=tune.kd_weight, domain=domain)
     for name, value in tune.space.items():
         if value is None:  # a knob named without a range: the range its method declares
-            declared = declared_space(method.name)
+            declared = declared_space(method.name, domain)
             full = resolve_knob(str(name), declared, method.name)
             if full not in declared:
                 raise ThermoKDError(f"knob {full} has no declared range for {method.name}; give one as "
@@ -59,7 +63,8 @@ def build_space(method: MethodConfig, tune: TuneConfig) -> dict[str, Knob]:
         check_knob(name, knob)
         probe = apply_params(method, {name: knob.low if isinstance(knob, FloatRange) else knob[0]})
         try:
-            build_loss(probe.name, temperature=probe.temperature, weighting=probe.weighting, **probe.loss)
+            build_loss(probe.name, domain=domain, temperature=probe.temperature, weighting=probe.weighting,
+                       **probe.loss)
         except ThermoKDError as exc:
             raise ThermoKDError(f"knob {name} does not fit method {method.name}: {exc}") from None
     return space
@@ -85,11 +90,11 @@ def _sampler(tune: TuneConfig, space: dict[str, Knob]):
     return optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=min(10, max(tune.trials // 3, 2)))
 
 
-def _pruner(tune: TuneConfig, epochs: int):
+def _pruner(tune: TuneConfig, rounds: int):
     import optuna
 
     if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rounds, reduction_factor=3)
     if tune.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
@@ -136,34 +141,69 @@ def knob_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def tune_method(cfg: RunConfig, method: MethodConfig, label: str, out_dir: Path, tune: TuneConfig,
-                train_fn: TrainFn, echo: Callable[[str], None] = print) -> TuneResult:
+def method_base(method: MethodConfig, domain: str = "default") -> dict[str, Any]:
+    """What a study tunes from: the method section and every setting of its loss as built (the library's defaults and
+    the domain's presets included), so that a study is never continued from another starting point."""
+    import dataclasses
+
+    from ..engine.identity import loss_settings
+    from ..methods import build_loss
+
+    loss = build_loss(method.name, domain=domain, temperature=method.temperature, weighting=method.weighting,
+                      **method.loss)
+    return {"method": json.loads(json.dumps(dataclasses.asdict(method))), "loss": loss_settings(loss)}
+
+
+def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any]) -> None:
+    """Refuse to continue a study made with another search space or from another method; record both otherwise."""
+    where = f"study {study.study_name!r} in {redact(url)}"
+    stored = study.user_attrs.get("space")
+    if stored is not None and stored != space_to_json(space):
+        raise ThermoKDError(f"{where} was made with another search space ({stored}); use another --study or --out")
+    recorded = study.user_attrs.get("base")
+    if recorded is not None and recorded != base:
+        raise ThermoKDError(f"{where} tunes another method ({recorded['method']} {recorded['loss']}), not "
+                            f"{base['method']} {base['loss']}; use another --study or --out")
+    study.set_user_attr("space", space_to_json(space))
+    study.set_user_attr("base", base)
+
+
+def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune: TuneConfig,
+                train_fn: TrainFn, echo: Callable[[str], None] = print, *, metric: Metric = ACCURACY,
+                rounds: "int | None" = None, domain: str = "default",
+                config_for: "Callable[[MethodConfig], dict] | None" = None,
+                set_prefix: str = "method", start: "dict[str, Any] | None" = None) -> TuneResult:
     """Run (or continue) the study of ``method`` in ``out_dir`` until ``tune.trials`` trials have finished, then
-    write ``tune.json``, ``tune.md``, the plot and the chosen setting (``best.yaml``, ``best_config.yaml``)."""
+    write ``tune.json``, ``tune.md``, the plot and the chosen setting (``best.yaml``, ``best_config.yaml``).
+
+    ``metric``: what a trial is scored by (validation accuracy by default); ``rounds``: the most per-round reports a
+    trial makes, the pruner's resource (default ``cfg.train.epochs``); ``domain``: whose search spaces and presets
+    (``default`` or ``lm``); ``config_for``: the whole config at a chosen method section, for ``best_config.yaml``
+    (default: ``cfg`` with its ``method`` replaced); ``set_prefix``: where the ``--set`` lines put the knobs;
+    ``start``: knob values a new study tries first (e.g. the method's preset; not with the grid sampler)."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     if tune.trials < 1:
         raise ThermoKDError(f"the tuning budget must be >= 1 trial, got {tune.trials}")
-    space = build_space(method, tune)
+    space = build_space(method, tune, domain)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if not space:  # e.g. cross-entropy: nothing to choose
         result = TuneResult(label, {}, copy.deepcopy(method), None, {"label": label, "params": {}, "space": {},
                                                                       "trials": [], "seconds": 0.0})
-        write_outputs(cfg, result, out_dir)
+        write_outputs(cfg, result, out_dir, config_for, set_prefix)
         return result
-    epochs = cfg.train.epochs
+    rounds = rounds or cfg.train.epochs
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # the default study lives in out_dir as given now, so a folder moved or merged elsewhere brings its study along
     url = tune.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
-    study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, epochs))
-    stored = study.user_attrs.get("space")
-    if stored is not None and stored != space_to_json(space):
-        raise ThermoKDError(f"study {tune.study or label!r} in {redact(url)} was made with another search space "
-                            f"({stored}); use another --study or --out")
-    study.set_user_attr("space", space_to_json(space))
+    study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, rounds))
+    check_study(study, url, space, method_base(method, domain))
+    if start and not study.trials and tune.sampler != "grid":
+        study.enqueue_trial(start)  # counts against the budget like any trial
     budget = tune.trials
     if tune.sampler == "grid":
         budget = min(budget, _grid_size(space, tune.grid_points))
@@ -172,26 +212,29 @@ def tune_method(cfg: RunConfig, method: MethodConfig, label: str, out_dir: Path,
         params = {k: (trial.suggest_float(k, v.low, v.high, log=v.log) if isinstance(v, FloatRange)
                       else trial.suggest_categorical(k, v)) for k, v in space.items()}
 
+        done = [0]  # evaluation rounds so far: a trial starts afresh, so this is epochs (or evaluations) trained
+
         def on_epoch(record: dict[str, Any]) -> None:
-            trial.report(record["val_acc"], record["epoch"] + 1)  # resource = epochs trained
-            if record["epoch"] + 1 < epochs and trial.should_prune():  # a finished run is scored, not pruned
-                raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
+            done[0] += 1
+            trial.report(metric.score(record[metric.record_key]), done[0])  # resource = rounds trained
+            if done[0] < rounds and trial.should_prune():  # a finished run is scored, not pruned
+                raise optuna.TrialPruned(f"pruned after round {done[0]}")
 
         folder = out_dir / "trials" / f"trial-{trial.number:04d}"
         if folder.exists():  # left by a killed process: this trial starts afresh
             shutil.rmtree(folder)
         result = train_fn(apply_params(method, params), folder, on_epoch)
         trial.set_user_attr("best_epoch", result.get("best_epoch"))
-        return float(result["best_val_acc"])
+        return metric.score(result[metric.result_key])
 
     def progress(study, trial) -> None:
         done = _finished(study)
         state = trial.state.name.lower()
         score = trial.value if trial.state == TrialState.COMPLETE else max(trial.intermediate_values.values(),
                                                                            default=None)
-        what = "" if score is None else f" val {100 * score:.2f} %"
+        what = "" if score is None else f" {metric.short} {metric.text(score)}"
         try:
-            best = f"; best {100 * study.best_value:.2f} % (trial {study.best_trial.number})"
+            best = f"; best {metric.text(study.best_value)} (trial {study.best_trial.number})"
         except ValueError:
             best = ""
         echo(f"  {label} trial {trial.number} [{done}/{budget}] {state}: {knob_text(trial.params)}{what}{best}")
@@ -199,15 +242,15 @@ def tune_method(cfg: RunConfig, method: MethodConfig, label: str, out_dir: Path,
     remaining = budget - _finished(study)
     if remaining > 0:
         echo(f"tuning {label}: {remaining} of {budget} trials to go ({tune.sampler} sampler, {tune.pruner} pruning, "
-             f"{epochs} epochs max, study {study.study_name!r} in {redact(url)})")
+             f"{rounds} rounds max, study {study.study_name!r} in {redact(url)})")
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         # ThermoKDError in a trial (e.g. a diverging setting) fails that trial, not the study
         study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,),
                        callbacks=[MaxTrialsCallback(budget, states=states), progress])
     # the default study lives beside tune.json: record it relative to the folder, not this machine's absolute path
     shown = redact(url) if tune.storage else "sqlite:///study.db (in this folder)"
-    result = summarize_study(study, label, method, space, tune, budget, time.time() - started, shown)
-    write_outputs(cfg, result, out_dir)
+    result = summarize_study(study, label, method, space, tune, budget, time.time() - started, shown, metric)
+    write_outputs(cfg, result, out_dir, config_for, set_prefix)
     return result
 
 
@@ -219,8 +262,8 @@ def _grid_size(space: dict[str, Knob], points: int) -> int:
 
 
 def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Knob], tune: TuneConfig, budget: int,
-                    seconds: float, storage: str) -> TuneResult:
-    """The trials table and the chosen setting (the best complete trial by validation accuracy)."""
+                    seconds: float, storage: str, metric: Metric = ACCURACY) -> TuneResult:
+    """The trials table and the chosen setting (the best complete trial by ``metric``'s score)."""
     from optuna.trial import TrialState
 
     trials = [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
@@ -233,7 +276,8 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
     if not complete:
         raise ThermoKDError(f"tuning {label}: none of {len(trials)} trials completed (see the failures above)")
     best = max(complete, key=lambda t: (t.value, -t.number))
-    summary = {"label": label, "method": method.name, "study": study.study_name, "storage": storage,
+    summary = {"label": label, "method": method.name, "metric": metric.name, "study": study.study_name,
+               "storage": storage,
                "sampler": tune.sampler, "pruner": tune.pruner, "budget": budget, "space": space_to_json(space),
                "trials": trials, "best_trial": best.number, "best_value": best.value, "params": best.params,
                "complete": len(complete), "pruned": sum(t["state"] == "pruned" for t in trials),
@@ -244,12 +288,14 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
     return TuneResult(label, dict(best.params), apply_params(method, best.params), best.value, summary)
 
 
-def set_lines(method: MethodConfig, params: dict[str, Any]) -> list[str]:
-    """The ``--set`` arguments that select the tuned setting in ``distill`` or ``compare``."""
-    return [f"method.name={method.name}"] + [f"method.{k}={json.dumps(v)}" for k, v in params.items()]
+def set_lines(method: MethodConfig, params: dict[str, Any], prefix: str = "method") -> list[str]:
+    """The ``--set`` arguments that select the tuned setting in ``distill`` or ``compare`` (``prefix``: the config
+    section that holds the method, e.g. ``variants.kd-tuned`` in an LM config)."""
+    return [f"{prefix}.name={method.name}"] + [f"{prefix}.{k}={json.dumps(v)}" for k, v in params.items()]
 
 
-def write_outputs(cfg: RunConfig, result: TuneResult, out_dir: Path) -> None:
+def write_outputs(cfg: Any, result: TuneResult, out_dir: Path,
+                  config_for: "Callable[[MethodConfig], dict] | None" = None, set_prefix: str = "method") -> None:
     """``tune.json`` (the study's trials), ``tune.md``, ``best.yaml`` (the method section), ``best_config.yaml``
     (the whole config at the chosen setting) and, when there are trials, ``tune_vs_knob.png``."""
     import dataclasses
@@ -258,13 +304,17 @@ def write_outputs(cfg: RunConfig, result: TuneResult, out_dir: Path) -> None:
 
 
     method = dataclasses.asdict(result.method)
-    result.summary.update(chosen_method=method, set=set_lines(result.method, result.params))
+    result.summary.update(chosen_method=method, set=set_lines(result.method, result.params, set_prefix))
     summary = result.summary
     write_json(out_dir / "tune.json", summary)
     write_text(out_dir / "best.yaml", yaml.safe_dump({"method": method}, sort_keys=False))
-    full = copy.deepcopy(cfg)
-    full.method = copy.deepcopy(result.method)
-    write_text(out_dir / "best_config.yaml", yaml.safe_dump(full.to_dict(), sort_keys=False))
+    if config_for is None:
+        full = copy.deepcopy(cfg)
+        full.method = copy.deepcopy(result.method)
+        whole = full.to_dict()
+    else:
+        whole = config_for(copy.deepcopy(result.method))
+    write_text(out_dir / "best_config.yaml", yaml.safe_dump(whole, sort_keys=False))
     write_text(out_dir / "tune.md", "\n".join(markdown(summary)) + "\n")
     if summary["trials"]:
         from .tune_plot import plot_trials
@@ -273,25 +323,31 @@ def write_outputs(cfg: RunConfig, result: TuneResult, out_dir: Path) -> None:
 
 
 def markdown(summary: dict[str, Any]) -> list[str]:
+    metric = metric_of(summary)
     lines = [f"# thermokd tune: {summary['label']}", ""]
     if not summary["trials"]:
         return lines + ["This method has no knobs to tune: it runs as configured.", ""]
     lines += [f"- study `{summary['study']}` in `{summary['storage']}`; {summary['sampler']} sampler, "
               f"{summary['pruner']} pruning; budget {summary['budget']} trials "
               f"({summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed)",
-              f"- chosen (best validation accuracy, trial {summary['best_trial']}): "
-              f"{knob_text(summary['params'])} → {100 * summary['best_value']:.2f} %",
+              f"- chosen (best {metric.what}, trial {summary['best_trial']}): "
+              f"{knob_text(summary['params'])} → {metric.text(summary['best_value'])}",
               f"- use it: `--set {' --set '.join(summary['set'])}`, or `--config best_config.yaml`", "",
-              "| trial | state | " + " | ".join(summary["space"]) + " | epochs | val acc % |",
+              "| trial | state | " + " | ".join(summary["space"]) + f" | {metric.rounds} | {metric.column} |",
               "|---:|---|" + "---:|" * len(summary["space"]) + "---:|---:|"]
     for t in summary["trials"]:
         values = [(f"{t['params'][k]:.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k, "—")))
                   for k in summary["space"]]
         score = t["value"] if t["value"] is not None else max(t["val_by_epoch"].values(), default=None)
         lines.append(f"| {t['number']} | {t['state']} | " + " | ".join(values) +
-                     f" | {t['epochs']} | {'—' if score is None else f'{100 * score:.2f}'} |")
-    return lines + ["", "Validation accuracy is a trial's best epoch (for a pruned trial, its best epoch before it was "
-                    "stopped). The test split is not used.", ""]
+                     f" | {t['epochs']} | {metric.cell(score)} |")
+    if metric is ACCURACY:
+        note = ("Validation accuracy is a trial's best epoch (for a pruned trial, its best epoch before it was "
+                "stopped). The test split is not used.")
+    else:
+        note = (f"The {metric.what} is a trial's at its last step (for a pruned trial, its best evaluation before it "
+                "was stopped); the search maximises −log of it. The test split is not used.")
+    return lines + ["", note, ""]
 
 
 class DistillRunner:

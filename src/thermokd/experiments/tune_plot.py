@@ -5,10 +5,13 @@ from pathlib import Path
 from typing import Any
 
 from .report import figure, save_figure
+from .tune_metric import metric_of
 
 
 def plot_trials(summary: dict[str, Any], path: Path) -> Path:
-    """One panel per knob: each trial's validation accuracy (%) at its value; log axes for log ranges."""
+    """One panel per knob: each trial's validation score (accuracy in %, or perplexity) at its value; log axes for
+    log ranges."""
+    metric = metric_of(summary)
     knobs = list(summary["space"])
     fig = figure(3.6 * len(knobs) + 0.6, 3.4)
     axes = fig.subplots(1, len(knobs), squeeze=False)[0]
@@ -20,8 +23,8 @@ def plot_trials(summary: dict[str, Any], path: Path) -> Path:
                       (t["value"] is not None or t["val_by_epoch"])]
             if points:
                 xs, ys = zip(*points)
-                ax.scatter([str(x) if isinstance(x, str) else x for x in xs], [100 * y for y in ys], label=state,
-                           **style)
+                ax.scatter([str(x) if isinstance(x, str) else x for x in xs], [metric.from_score(y) for y in ys],
+                           label=state, **style)
         chosen = summary["params"].get(knob)
         if chosen is not None and not isinstance(chosen, str):
             ax.axvline(chosen, color="tab:red", linestyle="--", linewidth=1, label="chosen")
@@ -29,7 +32,9 @@ def plot_trials(summary: dict[str, Any], path: Path) -> Path:
         if isinstance(spec, dict) and spec.get("log"):
             ax.set_xscale("log")
         ax.set_xlabel(knob)
-        ax.set_ylabel("validation accuracy (%)")
+        if metric.log_axis:
+            ax.set_yscale("log")
+        ax.set_ylabel(metric.axis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"thermokd tune: {summary['label']} ({len(summary['trials'])} trials)")

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import (CompareConfig, MethodConfig, RunConfig, apply_overrides, build_section, resolve_method,
-                      validate_method)
-from ..errors import ConfigError
+from ..config import (CompareConfig, MethodConfig, RunConfig, TuneConfig, apply_overrides, build_section,
+                      resolve_method, validate_method)
+from ..errors import ConfigError, ThermoKDError
 
 
 @dataclass
@@ -91,6 +91,19 @@ class OnPolicyConfig:
 
 
 @dataclass
+class LMTuneConfig(TuneConfig):
+    """``thermokd tune`` inside ``thermokd lm``: each label of ``methods`` (a method name at its LM preset, or a
+    variant) gets a study of ``trials`` trials on the validation documents (seed 0, pruned per evaluation round),
+    then runs for every seed as ``LABEL-tuned`` at the chosen setting. The other fields are ``compare.tune``'s."""
+
+    trials: int = 8
+    methods: list[str] = field(default_factory=list)
+
+
+TUNED_SUFFIX = "-tuned"
+
+
+@dataclass
 class LMRunConfig:
     data: LMDataConfig = field(default_factory=LMDataConfig)
     teacher: LMTeacherConfig = field(default_factory=LMTeacherConfig)
@@ -100,6 +113,7 @@ class LMRunConfig:
     methods: list[str] = field(default_factory=lambda: ["ce", "kd", "cist", "dts", "entropy-target"])
     seeds: int = 3
     variants: dict[str, MethodConfig] = field(default_factory=dict)
+    tune: LMTuneConfig = field(default_factory=LMTuneConfig)
 
     def validate(self) -> "LMRunConfig":
         from .models import parse_size
@@ -145,7 +159,49 @@ class LMRunConfig:
             raise ConfigError("methods: give at least one method")
         for label in self.methods:
             self.method(label)  # a ConfigError naming the label
+        self._validate_tune()
         return self
+
+    def _validate_tune(self) -> None:
+        from ..experiments.tune import build_space
+        from ..registry import normalise
+
+        tune = self.tune
+        tune.methods = list(dict.fromkeys(normalise(label) for label in tune.methods))
+        if not tune.methods:
+            return
+        if tune.trials < 1 or tune.grid_points < 1:
+            raise ConfigError(f"tune.trials and tune.grid_points must be >= 1, got {tune.trials!r} and "
+                              f"{tune.grid_points!r}")
+        for label in tune.methods:
+            if label.startswith("kd@"):
+                raise ConfigError(f"tune.methods: {label} is KD at a fixed τ; tune kd instead")
+            if tuned_label(label) in {normalise(v) for v in self.variants}:
+                raise ConfigError(f"tune.methods: {label} would be run as {tuned_label(label)}, which is already a "
+                                  "variant; rename that variant")
+            try:
+                method = self.method(label)
+            except ConfigError as exc:
+                raise ConfigError(f"tune.methods: {exc}") from None
+            try:
+                space = build_space(method, tune, domain="lm")
+            except ThermoKDError as exc:
+                raise ConfigError(f"tune (for {label}): {exc}") from None
+            if not space:
+                raise ConfigError(f"tune.methods: {label} has nothing to tune (no temperature knobs)")
+
+    def run_labels(self) -> list[str]:
+        """Every label that runs for each seed: ``methods``, each followed by its tuned label when it is tuned, then
+        the tuned labels of tuned methods that ``methods`` does not list."""
+        from ..registry import normalise
+
+        labels = []
+        for label in self.methods:
+            labels.append(label)
+            if normalise(label) in self.tune.methods:
+                labels.append(tuned_label(normalise(label)))
+        listed = {normalise(label) for label in self.methods}
+        return labels + [tuned_label(m) for m in self.tune.methods if m not in listed]
 
     def method(self, label: str) -> MethodConfig:
         """The ``method`` section a label stands for: a variant, ``kd@TAU`` or a method name (LM presets apply)."""
@@ -153,6 +209,11 @@ class LMRunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def tuned_label(label: str) -> str:
+    """The label of ``label`` run at its tuned setting."""
+    return f"{label}{TUNED_SUFFIX}"
 
 
 BUNDLED = Path(__file__).resolve().parent.parent / "configs" / "lm"

@@ -1,7 +1,11 @@
 """``thermokd lm``: a teacher LM trained on a corpus, distilled into a smaller student with each method and seed,
 every run on the Hugging Face Trainer (:mod:`thermokd.lm.trainer`); validation and test perplexity and next-token
-accuracy per run, written to ``results.json`` and ``report.md``. Resumable: finished runs are kept, an unfinished
-one continues from its latest checkpoint."""
+accuracy per run, written to ``results.json`` and ``report.md``. With a ``tune`` section, each tuned method first gets
+an Optuna study on the validation documents (``OUT/tune/LABEL``, :mod:`thermokd.lm.tuning`) and then runs as
+``LABEL-tuned`` at the chosen setting. Resumable: finished runs and studies are kept, an unfinished run continues
+from its latest checkpoint, an unfinished study from its last finished trial; folders made by separate processes
+(e.g. one method each) merge by copying their ``runs/*`` and ``tune/*`` into one folder and running ``--resume``
+there."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +23,7 @@ import torch
 from ..errors import ThermoKDError
 from ..files import FolderLock, read_json, write_json
 from ..loss import DistillationLoss
-from .config import LMRunConfig
+from .config import LMRunConfig, tuned_label
 from .data import LMData, prepare_data, windows_key
 from .evaluate import evaluate
 from .models import build_lm, count_parameters, parse_size
@@ -152,8 +156,10 @@ def run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None" 
         return _run_lm_experiment(cfg, Path(out_dir), cache_dir, resume, progress_bar, echo)
 
 
-# the sections every run of a folder shares; methods, seeds and variants may grow between invocations
+# the sections every run of a folder shares; methods, seeds and variants may grow between invocations, and so may
+# tune's methods and trials, but not its search space (TUNE_FIELDS)
 RUN_SECTIONS = ("data", "teacher", "student", "train", "on_policy")
+TUNE_FIELDS = ("kd_weight", "space")
 
 
 def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
@@ -173,8 +179,11 @@ def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
         if not isinstance(recorded, dict):
             raise ThermoKDError(f"{path} is damaged (not a mapping of settings); delete {path}")
         corpus = recorded.pop(CORPUS_DIGEST, None)  # absent in folders from before it was recorded: not compared
+        requested = _run_settings(cfg)
+        if "tune" not in recorded:  # a folder from before tune was recorded
+            requested.pop("tune")
         changed = differences({"config": recorded, "data": corpus},
-                              {"config": _run_settings(cfg), "data": corpus and _corpus_digest(cfg)})
+                              {"config": requested, "data": corpus and _corpus_digest(cfg)})
         if changed:
             raise ThermoKDError(f"--resume: {out_dir} was made with other settings ({'; '.join(changed)}); use the "
                                 "same settings or another --out")
@@ -184,7 +193,9 @@ CORPUS_DIGEST = "corpus_digest"  # lm_config.json also records the corpus file's
 
 
 def _run_settings(cfg: LMRunConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k in RUN_SECTIONS}
+    settings = cfg.to_dict()
+    return {**{k: v for k, v in settings.items() if k in RUN_SECTIONS},
+            "tune": {k: settings["tune"][k] for k in TUNE_FIELDS}}
 
 
 def _corpus_digest(cfg: LMRunConfig) -> str:
@@ -202,13 +213,97 @@ def record_settings(cfg: LMRunConfig, out_dir: Path) -> None:
         write_json(path, {**_run_settings(cfg), CORPUS_DIGEST: _corpus_digest(cfg)})
 
 
+@dataclasses.dataclass
+class _Setup:
+    """What every student run of an invocation shares: the data, the teacher (or its file) and the device."""
+
+    cfg: LMRunConfig
+    data: LMData
+    device: str
+    precision: str
+    teacher: Any
+    source: Any
+    policy: "dict[str, Any] | None"
+    progress_bar: bool
+    echo: Callable[[str], None]
+
+    def train(self, loss_fn: DistillationLoss, seed: int, run_dir: Path, resume: bool,
+              on_eval: "Callable[[dict[str, Any]], None] | None") -> tuple[dict[str, Any], Any]:
+        """One student of ``seed`` trained with ``loss_fn`` in ``run_dir``: its ``train_run`` result and model."""
+        cfg, data = self.cfg, self.data
+        student = build_lm(cfg.student.size, data.vocab_size, cfg.data.context, cfg.student.dropout, seed, data.eos)
+        distils = bool(loss_fn.kd_weight)
+        result = train_run(student, loss_fn, data.train, data.val,
+                           _settings(cfg, self.device, self.precision, seed, self.progress_bar), run_dir,
+                           teacher=self.teacher if distils and self.source is None else None,
+                           teacher_source=self.source if distils else None,
+                           on_policy=OnPolicy(seed=seed, **self.policy) if self.policy and distils else None,
+                           resume=resume, on_eval=on_eval, echo=self.echo)
+        return result, student
+
+    def trial(self, method: Any, folder: Path, on_eval: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """A tuning trial (:data:`thermokd.experiments.tune.TrainFn`): seed 0 at ``method``'s setting, scored on
+        the validation documents; its checkpoints are removed however it ends (finished, pruned, failed)."""
+        from ..methods import build_loss
+
+        loss_fn = build_loss(method.name, domain="lm", temperature=method.temperature, weighting=method.weighting,
+                             **method.loss)
+        try:
+            result, _ = self.train(loss_fn, 0, folder, False, on_eval)
+        finally:
+            for checkpoint in Path(folder).glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+        result.pop("trainer")
+        if _is_main():
+            write_json(Path(folder) / "result.json", {"setting": _setting(method), **result})
+        return result
+
+
+def _setting(method: Any) -> dict[str, Any]:
+    """A method section as recorded in a run's ``result.json`` (JSON types, to compare with a recorded one)."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(method)))
+
+
+def _nothing_to_train(cfg: LMRunConfig, out_dir: Path) -> "dict[str, Any] | None":
+    """The teacher's info as the finished runs recorded it when every study and every run of ``cfg`` is finished in
+    ``out_dir`` at its current setting (nothing will train, so the teacher need not be loaded or trained), else
+    None."""
+    from .tuning import finished_study
+
+    chosen = {}
+    for label in cfg.tune.methods:
+        summary = finished_study(out_dir / "tune" / label, cfg.tune.trials)
+        if summary is None or "chosen_method" not in summary:
+            return None
+        chosen[tuned_label(label)] = summary["chosen_method"]
+    info = None
+    for seed in range(cfg.seeds):
+        for label in cfg.run_labels():
+            done = _run_dir(out_dir, label, seed) / "result.json"
+            if not done.is_file():
+                return None
+            run = read_json(done, f"delete {done} to run it again")
+            setting = chosen[label] if label in chosen else _setting(cfg.method(label))
+            if run.get("setting") != setting or not isinstance(run.get("teacher"), dict):
+                return None
+            info = run["teacher"]
+    return info
+
+
+def _run_dir(out_dir: Path, label: str, seed: int) -> Path:
+    return out_dir / "runs" / label.replace("@", "_at_") / f"seed{seed}"
+
+
 def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None", resume: bool, progress_bar: bool,
                        echo: Callable[[str], None]) -> dict[str, Any]:
     from ..experiments.compare import machine_description
     from .report import write_report
+    from .tuning import tune_methods
 
-    methods = list(cfg.methods)
-    losses = {label: method_loss(cfg, label) for label in methods}  # an unknown label fails before any training
+    # an unknown label fails before any training
+    losses = {label: method_loss(cfg, label) for label in [*cfg.methods, *cfg.tune.methods]}
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +315,11 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
     needs_teacher = any(loss.kd_weight for loss in losses.values())
     file_only = cfg.teacher.source == "topk" and cfg.teacher.file and Path(cfg.teacher.file).is_file()
     teacher, info = None, {"source": cfg.teacher.source}
-    if needs_teacher and file_only:
+    recorded = _nothing_to_train(cfg, out_dir) if resume else None
+    if recorded is not None:  # e.g. a folder merged from others: its runs say what the teacher was
+        echo("every study and run is finished: the teacher is not needed (its figures are the runs' record)")
+        info, needs_teacher = recorded, False
+    elif needs_teacher and file_only:
         echo(f"teacher: top-k file {cfg.teacher.file} (the teacher model is not needed)")
         info.update(size=str(parse_size(cfg.teacher.size)), file=cfg.teacher.file)
     elif needs_teacher or cfg.teacher.source == "online":
@@ -230,34 +329,43 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
     policy = None
     if cfg.on_policy.fraction:
         policy = {**dataclasses.asdict(cfg.on_policy), "eos_id": data.eos}
+    setup = _Setup(cfg, data, device, precision, teacher, source, policy, progress_bar, echo)
 
     record_settings(cfg, out_dir)
-    runs, student_parameters = [], 0
+    chosen, tuning = tune_methods(cfg, out_dir, setup.trial, echo)
+    cfg = dataclasses.replace(cfg, variants={**cfg.variants, **chosen})  # LABEL-tuned: LABEL at its chosen setting
+    methods = cfg.run_labels()
+    runs = []
+    # counted here, not from a trained student: a resumed folder whose runs are all finished trains none
+    student_parameters = count_parameters(build_lm(cfg.student.size, data.vocab_size, cfg.data.context,
+                                                   cfg.student.dropout, 0, data.eos))
     for seed in range(cfg.seeds):
         for label in methods:
-            run_dir = out_dir / "runs" / label.replace("@", "_at_") / f"seed{seed}"
+            run_dir = _run_dir(out_dir, label, seed)
             done = run_dir / "result.json"
+            setting = _setting(cfg.method(label))
             if resume and done.is_file():
-                runs.append(read_json(done, f"delete {done} to run it again"))
-                echo(f"  {label:16s} seed {seed}: finished earlier (kept)")
-                continue
+                kept = read_json(done, f"delete {done} to run it again")
+                if kept.get("setting", setting) == setting:  # a run from before settings were recorded is kept
+                    runs.append(kept)
+                    echo(f"  {label:16s} seed {seed}: finished earlier (kept)")
+                    continue
+            # a run started (or finished) at another setting, e.g. before a longer study chose another, starts over
+            started_at = run_dir.parent / f"seed{seed}.setting.json"
+            same = not started_at.is_file() or read_json(started_at, f"delete {started_at}") == setting
+            if resume and not same:
+                echo(f"  {label:16s} seed {seed}: its setting changed since it started; training it again")
+            if _is_main():
+                write_json(started_at, setting)
             loss_fn = method_loss(cfg, label)  # fresh state (DTS's T, CIST's ρ) for every run
-            student = build_lm(cfg.student.size, data.vocab_size, cfg.data.context, cfg.student.dropout, seed,
-                               data.eos)
-            student_parameters = count_parameters(student)
             on_eval = ((lambda r, who=f"{label} seed {seed}": echo(
                 f"  {who} step {r['step']}: val ppl {r['val_ppl']:.2f}, acc {r['val_acc']:.4f}"))
                 if progress_bar else None)
-            result = train_run(student, loss_fn, data.train, data.val,
-                               _settings(cfg, device, precision, seed, progress_bar), run_dir,
-                               teacher=teacher if loss_fn.kd_weight and source is None else None,
-                               teacher_source=source if loss_fn.kd_weight else None,
-                               on_policy=OnPolicy(seed=seed, **policy) if policy and loss_fn.kd_weight else None,
-                               resume=resume, on_eval=on_eval, echo=echo)
+            result, student = setup.train(loss_fn, seed, run_dir, resume and same, on_eval)
             run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
             test = evaluate(student, data.test, run_device)
-            run = {"method": label, "seed": seed, **result, "ppl": test["ppl"], "acc": test["acc"],
-                   "ce": test["ce"]}
+            run = {"method": label, "seed": seed, "setting": setting, **result, "ppl": test["ppl"],
+                   "acc": test["acc"], "ce": test["ce"], "teacher": info}
             if seed == 0:
                 run["sample"] = sample(student, SAMPLE_PROMPT, tokenizer=data.tokenizer, sampling_temperature=0.8,
                                        top_k=40, stop_id=data.eos)
@@ -278,7 +386,8 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                         "test_tokens": data.test.num_targets},
                "teacher": info,
                "student": {"size": str(parse_size(cfg.student.size)), "parameters": student_parameters},
-               "runs": runs, "sample_prompt": SAMPLE_PROMPT, "wall_seconds": time.perf_counter() - started}
+               "runs": runs, "tuning": tuning, "sample_prompt": SAMPLE_PROMPT,
+               "wall_seconds": time.perf_counter() - started}
     if _is_main():
         write_json(out_dir / "results.json", results)
         write_report(results, out_dir)

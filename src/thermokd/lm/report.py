@@ -1,5 +1,5 @@
 """``report.md`` for a ``thermokd lm`` run: perplexity and token accuracy per method (mean ± std over seeds),
-the teacher's, and one verdict per method against ``kd``.
+the teacher's, each tuned method's study, and one verdict per method against KD (tuned when it was, else ``kd``).
 
 Spread is the sample std over seeds (ddof=1; 0.0 for one seed). A difference counts as a win or a loss only when
 it exceeds one std of both methods; with one seed the gap is reported without a claim.
@@ -68,6 +68,41 @@ def best_fixed_kd(summary: dict[str, dict[str, Any]]) -> "str | None":
     return min(grid, key=lambda m: summary[m]["val_ppl_mean"]) if len(grid) >= 2 else None
 
 
+def kd_reference(summary: dict[str, dict[str, Any]]) -> "str | None":
+    """What every method is measured against: KD at its tuned setting when it was tuned, else KD at its LM preset,
+    else the first method (None when only one ran)."""
+    from .config import tuned_label
+
+    for label in (tuned_label("kd"), "kd"):
+        if label in summary:
+            return label
+    return next(iter(summary)) if len(summary) > 1 else None
+
+
+def tuning_lines(tuning: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's section on the studies: each tuned label's chosen setting, its validation perplexity, the trials
+    and their compute."""
+    from ..experiments.tune import knob_text
+    from .config import tuned_label
+
+    if not tuning:
+        return []
+    first = next(iter(tuning.values()))
+    lines = ["## Tuning (on the validation documents)", "",
+             f"Each tuned method had the same budget: an Optuna study of {first['budget']} trials "
+             f"({first['sampler']} sampler, {first['pruner']} pruning per evaluation round), every trial a seed-0 "
+             "student scored by its validation perplexity after the last step; `LABEL-tuned` runs every seed at the "
+             "chosen setting. The test documents are never read. Compute is the trials' summed time.", "",
+             "| tuned label | chosen setting | best val perplexity (trial) | trials complete / pruned / failed | "
+             "tuning compute (s) |", "|---|---|---:|---:|---:|"]
+    for label, t in tuning.items():
+        lines.append(f"| {tuned_label(label)} | {knob_text(t['params']) or '—'} | {t['best_val_ppl']:.2f} "
+                     f"({t['best_trial']}) | {t['complete']} / {t['pruned']} / {t['failed']} of {t['budget']} | "
+                     f"{t['seconds']:.0f} |")
+    return lines + ["", "Studies, trial tables and plots: `tune/LABEL/` (`tune.md`, `tune.json`, "
+                    "`tune_vs_knob.png`).", ""]
+
+
 def markdown_table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any], reference: "str | None") -> str:
     header = ["model / method", "val perplexity", "test perplexity", "test token accuracy %"]
     if reference:
@@ -98,7 +133,7 @@ def markdown_table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any], 
 def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     """Write ``out_dir/report.md`` from a ``thermokd lm`` results dict and return its path."""
     summary = summarize(results["runs"])
-    reference = "kd" if "kd" in summary else (next(iter(summary)) if len(summary) > 1 else None)
+    reference = kd_reference(summary)
     cfg, teacher, data = results["config"], results["teacher"], results["data"]
     d, t, tr, op = cfg["data"], cfg["teacher"], cfg["train"], cfg["on_policy"]
     origin = (f"read from the file {teacher['file']} (the model was not here)" if "file" in teacher else
@@ -119,7 +154,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
              + (f"; on-policy fraction λ = {op['fraction']:g} (prompts of {op['prompt_tokens']}, {op['new_tokens']} "
                 f"sampled tokens at sampling temperature {op['sampling_temperature']:g}, top-p {op['top_p']:g})"
                 if op["fraction"] else ""),
-             f"- methods at their language-model presets (`kd@TAU`: KD at a fixed τ = TAU): "
+             f"- methods at their language-model presets (`kd@TAU`: KD at a fixed τ = TAU; `LABEL-tuned`: LABEL at "
+             f"the setting its study chose, see Tuning): "
              f"{', '.join(results['methods'])}; seeds {', '.join(str(s) for s in results['seeds'])}",
              f"- machine: {results['machine']}", f"- created: {results['created']}",
              f"- wall time: {results['wall_seconds'] / 60:.1f} min for this invocation", "",
@@ -134,6 +170,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         lines += [f"The teacher's test perplexity is {gap:.2f} below that of the cross-entropy student: "
                   + ("there is something to distil." if gap > 0 else "the teacher is no better, so distillation "
                      "has nothing to give here."), ""]
+    lines += tuning_lines(results.get("tuning") or {})
     if reference:
         lines += [f"## Verdicts (against {reference})", ""]
         lines += [f"- **{m}**: {v}" for m, v in verdicts(summary, reference).items()]

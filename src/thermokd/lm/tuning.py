@@ -1,0 +1,114 @@
+"""``thermokd lm``'s ``tune`` section: one Optuna study per tuned label (``OUT/tune/LABEL``), each trial a seed-0
+student scored by its validation perplexity and pruned per evaluation round (``train.steps / train.eval_every``
+rounds). A study is continued where it stopped (a finished one is only summarised), and its SQLite file is opened
+in the current output folder, so a folder copied or merged elsewhere keeps its study."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import MethodConfig
+from ..errors import ThermoKDError
+from ..experiments.tune import TrainFn, build_space, knob_text, tune_method
+from ..experiments.tune_metric import PERPLEXITY
+from .config import LMRunConfig, tuned_label
+
+# what the report and results.json keep of a study
+SUMMARY_KEYS = ("params", "best_value", "best_trial", "budget", "complete", "pruned", "failed", "seconds", "sampler",
+                "pruner", "study")
+
+
+def evaluation_rounds(cfg: LMRunConfig) -> int:
+    """How many times a student is evaluated: every ``eval_every`` steps and after the last step."""
+    return math.ceil(cfg.train.steps / min(cfg.train.eval_every, cfg.train.steps))
+
+
+def tuned_config(cfg: LMRunConfig, label: str, method: MethodConfig) -> dict[str, Any]:
+    """The LM config that runs ``LABEL-tuned`` at ``method`` (a study's ``best_config.yaml``)."""
+    whole = cfg.to_dict()
+    whole["variants"][tuned_label(label)] = dataclasses.asdict(method)
+    whole["methods"] = [tuned_label(label)]
+    whole["tune"]["methods"] = []
+    return whole
+
+
+def finished_study(folder: Path, trials: int) -> "dict[str, Any] | None":
+    """The summary (``tune.json``) of the study in ``folder`` when it has finished ``trials`` trials (or its whole
+    grid), else None."""
+    try:
+        summary = json.loads((folder / "tune.json").read_text())
+        done = summary["complete"] + summary["pruned"] + summary["failed"]
+        # a grid study's budget is capped at the grid's size
+        finished = done >= trials or (summary["sampler"] == "grid" and done >= summary["budget"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return summary if finished else None
+
+
+def _check_one_process(folder: Path, label: str, trials: int) -> None:
+    """Trials run in one process (a trial pruned on rank 0 cannot stop the others): under torchrun, only a finished
+    study (summarised, not continued) is accepted."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and finished_study(folder, trials) is None:
+        raise ThermoKDError(f"tune.methods: the study of {label} has trials to go, and studies run in one process; "
+                            "run it without torchrun first, then --resume under torchrun")
+
+
+def preset_point(method: MethodConfig, space: dict[str, Any]) -> dict[str, Any]:
+    """The knobs of ``space`` at ``method``'s own setting (its LM preset, its variant's values, else the strategy's
+    defaults) where that lies inside the space: the first trial of a new study, so that the chosen setting scores
+    at least as well in the study (seed 0, validation) as the preset it is reported beside."""
+    import inspect
+
+    from ..methods import LM_PRESETS, METHODS, build_loss
+    from ..spaces import FloatRange
+
+    key = METHODS.key(method.name)
+    factory = METHODS.get(key).temperature
+    defaults = {name: p.default for name, p in inspect.signature(factory).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    temperature = {**defaults, **LM_PRESETS.get(key, {}).get("temperature", {}), **method.temperature}
+    loss = build_loss(method.name, domain="lm", temperature=method.temperature, weighting=method.weighting,
+                      **method.loss)
+    point = {}
+    for knob, rng in space.items():
+        section, argument = knob.split(".", 1)
+        value = temperature.get(argument) if section == "temperature" else \
+            getattr(loss, argument, None) if section == "loss" else method.weighting.get(argument)
+        inside = (isinstance(value, (int, float)) and not isinstance(value, bool) and rng.low <= value <= rng.high
+                  if isinstance(rng, FloatRange) else value in rng)
+        if inside:
+            point[knob] = float(value) if isinstance(rng, FloatRange) else value
+    return point
+
+
+def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Callable[[str], None] = print
+                 ) -> tuple[dict[str, MethodConfig], dict[str, dict[str, Any]]]:
+    """Run or continue the study of every label of ``cfg.tune.methods`` in ``out_dir/tune/LABEL``. Returns each
+    tuned label's (``LABEL-tuned``) method section at the chosen setting, and each study's summary (with
+    ``best_val_ppl``, the chosen trial's validation perplexity)."""
+    chosen, summaries = {}, {}
+    for label in cfg.tune.methods:
+        _check_one_process(Path(out_dir) / "tune" / label, label, cfg.tune.trials)
+        options = copy.deepcopy(cfg.tune)
+        options.study = f"{options.study}-{label}" if options.study else label  # one study per method
+        method = cfg.method(label)
+        start = preset_point(method, build_space(method, options, domain="lm"))
+        result = tune_method(cfg, method, label, Path(out_dir) / "tune" / label, options, train_fn, echo,
+                             metric=PERPLEXITY, rounds=evaluation_rounds(cfg), domain="lm",
+                             config_for=lambda method, label=label: tuned_config(cfg, label, method),
+                             set_prefix=f"variants.{tuned_label(label)}", start=start)
+        chosen[tuned_label(label)] = result.method
+        summary = {k: result.summary.get(k) for k in SUMMARY_KEYS}
+        summary["best_val_ppl"] = PERPLEXITY.from_score(result.best_value)
+        summary["chosen_method"] = dataclasses.asdict(result.method)
+        summaries[label] = summary
+        echo(f"  {label}: tuned to {knob_text(result.params)} (validation perplexity "
+             f"{summary['best_val_ppl']:.2f}; {summary['complete']} complete, {summary['pruned']} pruned of "
+             f"{summary['budget']}, {summary['seconds']:.0f} s of trials)")
+    return chosen, summaries
