@@ -321,6 +321,37 @@ def test_report_verdicts_claim_a_difference_only_beyond_the_noise():
     assert best_fixed_kd(summary) == "kd@1" and best_fixed_kd({"kd": summary["kd"]}) is None
 
 
+def test_report_paired_differences_are_per_seed_with_t_intervals():
+    from scipy.stats import t
+
+    from thermokd.lm.report import paired_lines
+
+    runs = [{"method": m, "seed": i, "ppl": p, "acc": a} for m, ppls, accs in
+            (("kd", [30.0, 31.0, 32.0], [0.30, 0.31, 0.32]), ("dts", [29.0, 30.5, 31.0], [0.30, 0.31, 0.32]),
+             ("ce", [40.0, 41.0], [0.20, 0.21]))
+            for i, (p, a) in enumerate(zip(ppls, accs))]
+    lines = paired_lines(runs, ["kd", "dts", "ce"], ["kd"])
+    dts = next(line for line in lines if line.startswith("| dts |"))
+    diffs = [-1.0, -0.5, -1.0]  # dts − kd per seed: the seed's own luck cancels
+    mean, sd = sum(diffs) / 3, (sum((d + 2.5 / 3) ** 2 for d in diffs) / 2) ** 0.5
+    half = t.ppf(0.975, 2) * sd / 3 ** 0.5
+    assert f"**{mean:+.2f}** [{mean - half:+.2f}, {mean + half:+.2f}]" in dts  # resolved: the interval excludes 0
+    assert "| +0.00 [+0.00, +0.00] |" in dts  # equal accuracies: Δ 0 with no spread, not bold
+    ce = next(line for line in lines if line.startswith("| ce |"))
+    assert "**+10.00** [+10.00, +10.00]" in ce  # two shared seeds (0, 1)
+    assert paired_lines(runs[:1], ["kd"], ["kd"]) == []  # one seed: no intervals to give
+
+
+def test_report_says_where_each_run_trained():
+    from thermokd.lm.report import run_devices
+
+    runs = [{"device": "cuda", "mixed_precision": "bf16"}] * 3 + [{"device": "cpu", "mixed_precision": "no"}]
+    assert run_devices({"runs": runs}) == ("cuda (mixed precision: bf16) for 3 runs; cpu (mixed precision: no) "
+                                           "for 1 run")
+    older = {"runs": [{}, {}], "device": "cpu", "mixed_precision": "no"}  # runs from before they recorded it
+    assert run_devices(older) == "cpu (mixed precision: no)"
+
+
 def test_three_way_split_is_disjoint_seeded_and_carves_validation_from_training():
     from thermokd.lm.data import split_three
 

@@ -365,7 +365,8 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
             run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
             test = evaluate(student, data.test, run_device)
             run = {"method": label, "seed": seed, "setting": setting, **result, "ppl": test["ppl"],
-                   "acc": test["acc"], "ce": test["ce"], "teacher": info}
+                   "acc": test["acc"], "ce": test["ce"], "teacher": info,
+                   "device": torch.device(run_device).type, "mixed_precision": setup.precision}
             if seed == 0:
                 run["sample"] = sample(student, SAMPLE_PROMPT, tokenizer=data.tokenizer, sampling_temperature=0.8,
                                        top_k=40, stop_id=data.eos)

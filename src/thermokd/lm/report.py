@@ -79,6 +79,48 @@ def kd_reference(summary: dict[str, dict[str, Any]]) -> "str | None":
     return next(iter(summary)) if len(summary) > 1 else None
 
 
+def run_devices(results: dict[str, Any]) -> str:
+    """Where the students ran: the device and precision each run recorded (runs of one folder may come from
+    several machines, e.g. assembled after a parallel run), else the invocation's own."""
+    fallback = (results.get("device", "cpu"), results.get("mixed_precision", "no"))
+    counts: dict[tuple[str, str], int] = {}
+    for run in results["runs"]:
+        where = (run.get("device", fallback[0]), run.get("mixed_precision", fallback[1]))
+        counts[where] = counts.get(where, 0) + 1
+    if len(counts) <= 1:
+        device, precision = next(iter(counts), fallback)
+        return f"{device} (mixed precision: {precision})"
+    return "; ".join(f"{device} (mixed precision: {precision}) for {n} run{'s' * (n > 1)}"
+                     for (device, precision), n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def paired_lines(runs: list[dict[str, Any]], methods: list[str], references: list[str]) -> list[str]:
+    """The paired differences (method − reference, per seed: same window order and initialisation) of test
+    perplexity and token accuracy, with 95 % Student-t intervals; a gap is resolved when its interval excludes 0."""
+    from ..experiments.stats import paired_difference
+
+    if not references or len({r.get("seed") for r in runs}) < 2:
+        return []
+    header = ["method"] + [f"{what} vs {ref}" for ref in references for what in ("Δ test ppl", "Δ acc (pp)")]
+    lines = ["## Paired differences (per seed, 95 % CI)", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for method in methods:
+        cells = [method]
+        for ref in references:
+            for key, scale in (("ppl", 1.0), ("acc", 100.0)):
+                d = None if method == ref else paired_difference(runs, method, ref, key)
+                if method == ref:
+                    cells.append("reference")
+                elif d is None or d["lo"] is None:
+                    cells.append("—" if d is None else f"{scale * d['mean']:+.2f} (1 seed)")
+                else:
+                    mark = "**" if d["lo"] > 0 or d["hi"] < 0 else ""
+                    cells.append(f"{mark}{scale * d['mean']:+.2f}{mark} [{scale * d['lo']:+.2f}, "
+                                 f"{scale * d['hi']:+.2f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Bold: the interval excludes 0 (lower perplexity and higher accuracy are better).", ""]
+
+
 def tuning_lines(tuning: dict[str, dict[str, Any]]) -> list[str]:
     """The report's section on the studies: each tuned label's chosen setting, its validation perplexity, the trials
     and their compute."""
@@ -150,14 +192,15 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
              f"{'online' if t['source'] == 'online' else 'from a ' + t['source'] + ' file'}",
              f"- students: GPT-2 {results['student']['size']}, {results['student']['parameters']:,} parameters, "
              f"{tr['steps']} steps, batch {tr['batch_size']}, lr {tr['lr']:g}, the same window order per seed, on "
-             f"{results.get('device', 'cpu')} (mixed precision: {results.get('mixed_precision', 'no')})"
+             f"{run_devices(results)}"
              + (f"; on-policy fraction λ = {op['fraction']:g} (prompts of {op['prompt_tokens']}, {op['new_tokens']} "
                 f"sampled tokens at sampling temperature {op['sampling_temperature']:g}, top-p {op['top_p']:g})"
                 if op["fraction"] else ""),
              f"- methods at their language-model presets (`kd@TAU`: KD at a fixed τ = TAU; `LABEL-tuned`: LABEL at "
              f"the setting its study chose, see Tuning): "
              f"{', '.join(results['methods'])}; seeds {', '.join(str(s) for s in results['seeds'])}",
-             f"- machine: {results['machine']}", f"- created: {results['created']}",
+             f"- machine (of the invocation that wrote this report): {results['machine']}",
+             f"- created: {results['created']}",
              f"- wall time: {results['wall_seconds'] / 60:.1f} min for this invocation", "",
              "## Results", "", markdown_table(summary, teacher, reference), "",
              "Perplexity is exp of the mean next-token cross-entropy of the model itself (τ = 1, never the "
@@ -175,6 +218,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         lines += [f"## Verdicts (against {reference})", ""]
         lines += [f"- **{m}**: {v}" for m, v in verdicts(summary, reference).items()]
         lines.append("")
+    lines += paired_lines(results["runs"], list(summary), [r for r in (reference, "ce") if r in summary])
     tuned = best_fixed_kd(summary)
     if tuned is not None and tuned != reference:
         lines += [f"## Verdicts (against KD at its best grid τ, {tuned})", "",
