@@ -34,7 +34,7 @@ demo: $(STAMP)
 demo-lm: $(STAMP)
 	$(VENV)/bin/thermokd lm --config grimm --out runs/lm-demo --resume --no-progress
 
-# The LM benchmark (docs/lm.md): a 5.0 M-parameter teacher trained 2,000 steps, every method at its LM preset and tuned
+# The LM benchmark (docs/lm.md): Friends transcripts, a 5.0 M-parameter teacher trained 2,000 steps, every method at its LM preset and tuned
 # (8 trials each), 3 seeds, 1,000 student steps. Hours on 2 CPU cores (less on a GPU); run it again to continue a killed run.
 bench-lm: $(STAMP)
 	$(VENV)/bin/thermokd lm --config bench --out benchmarks/results/lm --resume --no-progress
