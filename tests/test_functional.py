@@ -66,7 +66,6 @@ def test_kd_is_tau_squared_kl(hand, assert_close):
     out.loss.backward()
     p, q = torch.softmax(t.double() / 4, -1), torch.softmax(s.detach().double() / 4, -1)
     assert_close(s.grad, 4.0 * (q - p) / 32)
-    assert_close(F.kd_loss(s.detach(), t, 4.0), expected)
 
 
 @pytest.mark.parametrize("ce_weight,kd_weight", [(0.1, 0.9), (1.0, 0.0), (0.0, 1.0), (0.5, 2.0)])
@@ -135,12 +134,6 @@ def test_centred_max_is_shift_invariant(hand, assert_close):
     assert F.centred_max(t).shape == (12, 1)
 
 
-def test_standardize_logits_uses_unbiased_std(hand, assert_close):
-    z = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
-    mean, std = 3.0, math.sqrt((4 + 1 + 0 + 9) / 3)  # unbiased: divide by C − 1
-    assert_close(F.standardize_logits(z), (z - mean) / (std + 1e-7))
-
-
 def test_maths_run_in_float32_whatever_the_dtype(hand):
     s, t, y = hand.batch(n=16, c=10, seed=10)
     s16, t16 = s.to(torch.bfloat16), t.to(torch.bfloat16)
@@ -149,10 +142,3 @@ def test_maths_run_in_float32_whatever_the_dtype(hand):
     out32 = loss(s16.float(), t16.float(), y)
     assert out16.loss.dtype == torch.float32
     assert out16.loss.item() == out32.loss.item()
-
-
-def test_masked_mean():
-    v = torch.tensor([1.0, 2.0, 3.0, 10.0])
-    assert F.masked_mean(v, torch.tensor([True, True, True, False])).item() == pytest.approx(2.0)
-    assert F.masked_mean(v, torch.zeros(4, dtype=torch.bool)).item() == 0.0
-    assert F.masked_mean(v).item() == pytest.approx(4.0)

@@ -69,26 +69,3 @@ def centred_max(logits: Tensor) -> Tensor:
 def logit_std(logits: Tensor, eps: float = 1e-7) -> Tensor:
     """Unbiased per-row standard deviation plus ``eps``, keepdim."""
     return as_float32(logits).std(-1, keepdim=True) + eps
-
-
-def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Logit standardisation (Sun et al. 2024): ``(z − mean z) / (std z + eps)`` per row, unbiased std."""
-    z = as_float32(logits)
-    return (z - z.mean(-1, keepdim=True)) / logit_std(z, eps)
-
-
-def masked_mean(values: Tensor, mask: "Tensor | None" = None) -> Tensor:
-    """Mean of ``values`` over entries where ``mask`` is true; 0 when nothing is selected."""
-    if mask is None:
-        return values.mean() if values.numel() else values.sum()
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp_min(1.0)
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: "Tensor | float" = 4.0) -> Tensor:
-    """Hinton KD in one call: ``τ² · mean_i KL(σ(z^t_i/τ) ‖ σ(z^s_i/τ))``, for a shared τ."""
-    per_row = divergence(tempered_log_softmax(teacher_logits, tau), tempered_log_softmax(student_logits, tau))
-    scale = tau * tau
-    if isinstance(scale, Tensor):
-        scale = scale.squeeze(-1)
-    return (scale * per_row).mean()
