@@ -408,10 +408,30 @@ DDP_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_hf_trainer import DDP_METHODS, _run_ddp_case
+from thermokd.integrations.hf import DistillationTrainer
+
+share, host_reads = DistillationTrainer._share_rank0_state, []
+def counted(self):  # after the first step, sharing rank 0's state reads nothing back to the host
+    first, real, calls = not self._host_floats_shared, {{}}, []
+    for attr in ("cpu", "item", "tolist", "__float__"):
+        real[attr] = getattr(torch.Tensor, attr)
+        setattr(torch.Tensor, attr, lambda t, *a, _f=real[attr], _n=attr, **k: (calls.append(_n), _f(t, *a, **k))[1])
+    try:
+        share(self)
+    finally:
+        for attr, f in real.items():
+            setattr(torch.Tensor, attr, f)
+    if not first:
+        host_reads.extend(calls)
+DistillationTrainer._share_rank0_state = counted
+
 for name in DDP_METHODS:
     trainer = _run_ddp_case(os.path.join({out!r}, name), name, batch=2, accum=2)
+    temperature = trainer.distillation_loss.temperature
     torch.save({{"params": {{k: v.detach() for k, v in trainer.model.named_parameters()}},
-                "loss": trainer.distillation_loss.state_dict()}},
+                "loss": trainer.distillation_loss.state_dict(), "host_reads": list(host_reads),
+                "host_floats": {{n: (temperature.host_float(n), float(getattr(temperature, n)))
+                                for n in type(temperature).host_floats}}}},
                os.path.join({out!r}, f"{{name}}-rank{{trainer.args.process_index}}.pt"))
 torch.distributed.destroy_process_group()  # gloo left to interpreter shutdown can abort after the work is done
 """
@@ -434,7 +454,8 @@ def _run_ddp_case(out, name: str, batch: int, accum: int):
 def test_two_processes_match_one_process(tmp_path):
     """2 CPU processes × 2 micro-batches of 2 against one process with batches of 8: DTS's T and CTKD's θ (gradients
     averaged by hand) end equal on both ranks and equal to one process; CIST's ρ (calibrated on every process's rows,
-    gathered) too. CIST's per-sample weights are normalised per micro-batch, so only its state is compared."""
+    gathered) too, its host float included. Sharing rank 0's state after the first step reads nothing to the host.
+    CIST's per-sample weights are normalised per micro-batch, so only its state is compared."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     if not os.path.exists(torchrun):
         pytest.skip("torchrun not installed")
@@ -450,6 +471,10 @@ def test_two_processes_match_one_process(tmp_path):
         for k, v in single.distillation_loss.state_dict().items():
             for rank in ranks:
                 torch.testing.assert_close(rank["loss"][k], v, rtol=1e-5, atol=1e-6)
+        for rank in ranks:
+            assert rank["host_reads"] == []  # rank 0's state is broadcast in place, never copied to the host
+            for host, buffer in rank["host_floats"].values():  # CIST's ρ: its float follows the broadcast buffer
+                assert host == buffer
         if name != "cist":
             assert_same_weights(ranks[0]["params"], params(single.model))
             assert_same_weights(ranks[1]["params"], params(single.model))

@@ -235,6 +235,7 @@ class DistillationTrainer(Trainer):
         self._check_output_sizes()
         self._check_given_optimizer()
         self._step_window, self._log_window = StatWindow(), StatWindow()
+        self._host_floats_shared = False
         self.add_callback(_OptimizerStepHooks(self))
 
     # -- set-up checks ---------------------------------------------------------------------------------------------
@@ -414,14 +415,19 @@ class DistillationTrainer(Trainer):
         self._share_rank0_state()
 
     def _share_rank0_state(self) -> None:
-        """Every process keeps rank 0's strategy state (CIST's ρ is calibrated on each process's first batch)."""
-        if self.accelerator.num_processes == 1 or not self.distillation_loss.state_dict():
+        """Every process keeps rank 0's strategy state (CIST's ρ is calibrated on each process's first batch),
+        broadcast in place where it lives: on a GPU that is a collective on the stream, not a copy to the host that
+        would wait for the device every step. The strategies' host floats (CIST's ρ, a fixed τ) are read again once,
+        after the first step's broadcast: they never change after calibration."""
+        if self.accelerator.num_processes == 1:
             return
-        from accelerate.utils import broadcast_object_list
-
-        box = [{k: v.cpu() for k, v in self.distillation_loss.state_dict().items()}]
-        broadcast_object_list(box, from_process=0)
-        self.distillation_loss.load_state_dict(box[0])
+        for tensor in self.distillation_loss.state_dict(keep_vars=True).values():
+            torch.distributed.broadcast(tensor.data, src=0)
+        if not self._host_floats_shared:
+            self._host_floats_shared = True
+            for module in self.distillation_loss.modules():
+                for name in getattr(type(module), "host_floats", ()):
+                    module._read_host_float(name)
 
     # -- logging ---------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: "float | None" = None) -> None:
@@ -446,6 +452,7 @@ class DistillationTrainer(Trainer):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             load_loss_state(self.distillation_loss, os.fspath(resume_from_checkpoint))
         self._step_window, self._log_window = StatWindow(), StatWindow()
+        self._host_floats_shared = False  # read once more after this run's first step
         self.distillation_loss.zero_grad(set_to_none=True)  # the Trainer's model.zero_grad() misses θ
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)
