@@ -6,12 +6,15 @@ import inspect
 import json
 from pathlib import Path
 
+import pytest
+
 from thermokd.config import load_config, resolve_method
 from thermokd.temperature import CIST
 from thermokd.weighting import ConfidenceDifficulty
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "benchmarks" / "cist_ablation" / "fashion_mnist_mlp.yaml"
+TEXT_CONFIG = ROOT / "benchmarks" / "cist_ablation" / "20newsgroups_hybrid.yaml"
 OPTIONS = {"temperature": {"student", "gamma", "student_floor", "max_kind", "scale"},
            "weighting": set(inspect.signature(ConfidenceDifficulty).parameters) - {"momentum"}}
 
@@ -23,11 +26,12 @@ def _table_module():
     return module
 
 
-def test_every_cist_label_spells_out_its_settings():
+@pytest.mark.parametrize("config, labels", [(CONFIG, 16), (TEXT_CONFIG, 8)])
+def test_every_cist_label_spells_out_its_settings(config, labels):
     """A label keeps its meaning when CIST's defaults change: each names every option it is compared on."""
-    cfg = load_config(CONFIG).validate()
+    cfg = load_config(config).validate()
     cist_labels = [label for label in cfg.compare.methods if resolve_method(cfg, label).name == "cist"]
-    assert len(cist_labels) == 16 and {"ce", "kd"} <= set(cfg.compare.methods)
+    assert len(cist_labels) == labels and {"ce", "kd"} <= set(cfg.compare.methods)
     for label in cist_labels:
         method = resolve_method(cfg, label)
         assert set(method.temperature) == OPTIONS["temperature"], label

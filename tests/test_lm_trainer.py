@@ -101,6 +101,10 @@ def test_config_file_sets_and_shorthands(tmp_path):
     from thermokd.lm.models import build_lm, count_parameters
 
     assert count_parameters(build_lm(bench.teacher.size, bench.data.vocab_size, bench.data.context)) >= 4_000_000
+    assert bench.tune.methods and set(bench.tune.methods) <= set(bench.methods)  # every tuned label also at its preset
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "lm"
+    for shipped in ("presets.yaml", "presets_tune.yaml"):  # the configs the LM docs' tables come from still load
+        assert load_lm_config(root / shipped).data.corpus == "grimm-tales"
     for overrides, needle in ((["on_policy.fraction=0.5", "teacher.source=logits"], "needs teacher.source: online"),
                               (["train.batch_size=10", "train.grad_accum=4"], "divisible"),
                               (["methods=[kd, nope]"], "unknown method 'nope'"),
