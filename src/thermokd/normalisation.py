@@ -31,20 +31,26 @@ class Normalisation:
     mix: float = 1.0
     momentum: float = 0.9  # of the running mean; unused by the other means
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the one place these options are checked (ConfidenceDifficulty's included)
         if self.mean not in MEANS:
             raise choice_error("normalisation mean", self.mean, MEANS)
-        if self.max_ratio is not None and not self.max_ratio >= 1:
-            raise ThermoKDError(f"normalisation max_ratio must be >= 1 or None, got {self.max_ratio!r}")
-        if not 0.0 <= self.mix <= 1.0:
-            raise ThermoKDError(f"normalisation mix must be in [0, 1], got {self.mix!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ThermoKDError(f"normalisation momentum must be in [0, 1), got {self.momentum!r}")
+        for name, allowed, ok in (("max_ratio", ">= 1 or None", lambda v: v is None or (_number(v) and v >= 1)),
+                                  ("mix", "in [0, 1]", lambda v: _number(v) and 0.0 <= v <= 1.0),
+                                  ("momentum", "in [0, 1)", lambda v: _number(v) and 0.0 <= v < 1.0)):
+            value = getattr(self, name)
+            if not ok(value):
+                raise ThermoKDError(f"normalisation {name} must be {allowed} (a number), got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, float(value))
 
     @property
     def stateful(self) -> bool:
         """Whether the weights depend on earlier batches (a ``running`` mean): a loss checks its inputs first."""
         return self.mean == "running"
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class StepMeans:

@@ -71,14 +71,6 @@ DIFFICULTIES = ("error", "ce")
 NORMALISATIONS = ("batch", "running")
 
 
-def _in_unit_interval(label: str, value: float, open_high: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0.0 <= value < 1.0 if open_high else 0.0 <= value <= 1.0):
-        raise ThermoKDError(f"ConfidenceDifficulty {label} must be in [0, 1{')' if open_high else ']'}, "
-                            f"got {value!r}")
-    return float(value)
-
-
 class ConfidenceDifficulty(Weighting):
     """CIST's weights (reconstructed: the paper gives no formula; the bounding options are ours, docs/methods.md):
     ``w̃_i = a_i^α · (d_i + ε)^β``, normalised as it declares (``thermokd.normalisation``, in this order):
@@ -107,12 +99,8 @@ class ConfidenceDifficulty(Weighting):
                                      ("normalise", normalise, NORMALISATIONS)):
             if value not in allowed:
                 raise choice_error(f"ConfidenceDifficulty {kind}", value, allowed)
-        if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
-                                      or not max_ratio >= 1):
-            raise ThermoKDError(f"ConfidenceDifficulty max_ratio must be a number >= 1 or None, got {max_ratio!r}")
-        super().__init__(Normalisation(
-            mean=normalise, max_ratio=None if max_ratio is None else float(max_ratio),
-            mix=_in_unit_interval("mix", mix), momentum=_in_unit_interval("momentum", momentum, open_high=True)))
+        # Normalisation checks max_ratio, mix and momentum (one place for the weights' options)
+        super().__init__(Normalisation(mean=normalise, max_ratio=max_ratio, mix=mix, momentum=momentum))
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
         self.confidence, self.difficulty = confidence, difficulty
 

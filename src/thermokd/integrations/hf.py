@@ -62,6 +62,7 @@ from ..loss import DistillationLoss, LossOutput
 from ..methods import build_loss, method_names
 from ..progress import Progress
 from ..steps import StatWindow, loss_parameter_group
+from ..temperature.base import TemperatureStrategy
 
 TASKS = ("auto", "causal-lm", "sequence-classification", "token-classification")
 LOSS_STATE_NAME = "thermokd_loss.safetensors"
@@ -426,8 +427,8 @@ class DistillationTrainer(Trainer):
         if not self._host_floats_shared:
             self._host_floats_shared = True
             for module in self.distillation_loss.modules():
-                for name in getattr(type(module), "host_floats", ()):
-                    module._read_host_float(name)
+                if isinstance(module, TemperatureStrategy):
+                    module.refresh_host_floats()
 
     # -- logging ---------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: "float | None" = None) -> None:

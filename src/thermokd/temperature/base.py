@@ -67,6 +67,12 @@ class TemperatureStrategy(nn.Module):
         self.__dict__.setdefault("_host_floats", {})[name] = exact
         return exact
 
+    def refresh_host_floats(self) -> None:
+        """Read every host float from its buffer again (one device read each): after the buffers were written in
+        place by someone else, e.g. a broadcast from another process."""
+        for name in type(self).host_floats:
+            self._read_host_float(name)
+
     def _read_host_float(self, name: str) -> None:
         buffer = self._buffers.get(name)
         if buffer is not None:  # the one device read: at construction, assignment or load, never per step
