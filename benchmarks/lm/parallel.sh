@@ -25,21 +25,16 @@ THERMOKD=${THERMOKD:-thermokd}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/parts"
 
-# the method labels, and those that are tuned, as the config (with the overrides) names them
-read -r -a LABELS <<< "$($PY - "$CONFIG" "${SETS[@]}" <<'EOF'
+# the method labels, and those that are tuned, as the config (with the overrides) names them: one line each
+{ read -r -a LABELS; read -r TUNED; } < <($PY - "$CONFIG" "${SETS[@]}" <<'EOF'
 import sys
 from thermokd.lm.config import load_lm_config
-sets = [a for a in sys.argv[2:] if a != "--set"]
-print(" ".join(load_lm_config(sys.argv[1], sets).methods))
+cfg = load_lm_config(sys.argv[1], [a for a in sys.argv[2:] if a != "--set"])
+print(" ".join(cfg.methods))
+print(" ".join(cfg.tune.methods))
 EOF
-)"
-TUNED=" $($PY - "$CONFIG" "${SETS[@]}" <<'EOF'
-import sys
-from thermokd.lm.config import load_lm_config
-sets = [a for a in sys.argv[2:] if a != "--set"]
-print(" ".join(getattr(getattr(load_lm_config(sys.argv[1], sets), "tune", None), "methods", []) or []))
-EOF
-) "
+)
+TUNED=" $TUNED "
 
 run_part() {
     local label=$1 tune="[]"
