@@ -183,3 +183,6 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert "unknown method" in _stderr_line(["tune", "--config", cfg, "--method", "magic", "--out",
                                              str(tmp_path / "t")], capsys)
     assert "does not fit" in _stderr_line(base + ["--space", "temperature.nope=1:2"], capsys)
+    assert "SECTION.ARGUMENT" in _stderr_line(base + ["--hold", "tau"], capsys)
+    assert "both searched" in _stderr_line(base + ["--hold", "temperature.tau", "--space", "temperature.tau=1:2"],
+                                           capsys)

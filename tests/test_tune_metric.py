@@ -72,6 +72,19 @@ def test_lm_spaces_hold_every_lm_preset_and_build_valid_losses():
                                                                                        "temperature.student"}
 
 
+def test_held_knobs_leave_the_space_and_each_label_keeps_its_own_setting():
+    hold = TuneConfig(trials=1, hold=["temperature.student"])
+    variant = MethodConfig(name="cist", temperature={"student": "interpolate", "gamma": 0.5})
+    assert set(build_space(variant, hold, "lm")) == {"temperature.tau0"}
+    assert set(build_space(MethodConfig(name="kd"), hold, "lm")) == {"temperature.tau"}  # not a kd knob: no effect
+    for bad, words in ((["student"], "SECTION.ARGUMENT"), (["model.tau"], "SECTION.ARGUMENT"),
+                       ([3], "not a knob")):
+        with pytest.raises(ThermoKDError, match=words):
+            build_space(variant, TuneConfig(trials=1, hold=bad), "lm")
+    with pytest.raises(ThermoKDError, match="both searched"):
+        build_space(variant, TuneConfig(trials=1, hold=["temperature.tau0"], space={"temperature.tau0": "1:2"}), "lm")
+
+
 def test_a_perplexity_study_finds_the_lowest_perplexity_and_shows_perplexities(tmp_path):
     calls: list = []
     result = tune_method(_cfg(), MethodConfig(name="kd"), "kd", tmp_path, TuneConfig(trials=20, seed=1),

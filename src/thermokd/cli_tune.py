@@ -23,6 +23,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-weight", action="store_true", help="also tune loss.kd_weight")
     p.add_argument("--space", action="append", metavar="KNOB=LOW:HIGH[:log]|A,B,C",
                    help="override or add a knob's range (repeatable), e.g. tau=2:8:log")
+    p.add_argument("--hold", action="append", metavar="SECTION.ARGUMENT",
+                   help="leave a knob out of the search (repeatable): the method keeps its own setting of it, "
+                   "e.g. temperature.student")
     p.add_argument("--storage", help="Optuna RDB URL, e.g. postgresql://user@host/db (default: SQLite in --out)")
     p.add_argument("--study", help="study name (default: the method's label)")
     p.add_argument("--sampler-seed", type=int, help="the sampler's seed (default 0)")
@@ -42,6 +45,7 @@ def tune_options(args, base) -> "object":
     for item in args.space or []:
         name, knob = parse_knob(item)
         tune.space[name] = knob
+    tune.hold = list(dict.fromkeys([*tune.hold, *(args.hold or [])]))
     if tune.trials < 1:
         raise ThermoKDError(f"--trials must be >= 1 (the tuning budget), got {tune.trials}")
     if tune.grid_points < 1:

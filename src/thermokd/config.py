@@ -138,7 +138,9 @@ class TuneConfig:
     validation split: ``trials`` per method (the budget), ``sampler`` (``tpe``, ``grid`` with ``grid_points`` values
     per float knob, ``random``), ``pruner`` on per-epoch validation accuracy (``hyperband``, ``halving``, ``none``),
     ``kd_weight`` (also tune the distillation weight), ``space`` (knob → ``"LOW:HIGH[:log]"`` or a list of choices,
-    overriding the method's declared ranges), ``storage`` (an RDB URL; default: SQLite in the output folder),
+    overriding the method's declared ranges), ``hold`` (knobs left out of every method's space, so that each label
+    keeps its own setting of them: e.g. ``temperature.student`` when CIST variants that differ by their student rule
+    should each be tuned on ``tau0`` alone), ``storage`` (an RDB URL; default: SQLite in the output folder),
     ``study`` (the study's name; default: the method's label) and ``seed`` (the sampler's)."""
 
     trials: int = 0
@@ -147,6 +149,7 @@ class TuneConfig:
     grid_points: int = 5
     kd_weight: bool = False
     space: dict[str, Any] = field(default_factory=dict)
+    hold: list[str] = field(default_factory=list)
     storage: "str | None" = None
     study: "str | None" = None
     seed: int = 0

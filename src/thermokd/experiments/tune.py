@@ -22,7 +22,8 @@ from typing import Any
 from ..config import MethodConfig, RunConfig, TuneConfig
 from ..errors import ThermoKDError
 from ..files import write_json, write_text
-from ..spaces import FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob, space_to_json
+from ..spaces import (SECTIONS, FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob,
+                      space_to_json)
 from .tune_metric import ACCURACY, Metric, metric_of
 
 # (method section, trial folder, per-round callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
@@ -41,11 +42,20 @@ class TuneResult:
 
 def build_space(method: MethodConfig, tune: TuneConfig, domain: str = "default") -> dict[str, Knob]:
     """The knobs searched for ``method``: its declared space (of ``domain``: ``default`` or ``lm``), with
-    ``tune.space`` overriding or adding knobs (``"LOW:HIGH[:log]"`` strings or lists of choices); each knob is
-    checked by building the method with it."""
+    ``tune.space`` overriding or adding knobs (``"LOW:HIGH[:log]"`` strings or lists of choices) and the knobs of
+    ``tune.hold`` left out (the method keeps its own setting of them); each knob is checked by building the method
+    with it."""
     from ..methods import build_loss
 
     space = method_space(method.name, kd_weight=tune.kd_weight, domain=domain)
+    held = set()
+    for name in tune.hold:  # SECTION.ARGUMENT only: a held knob need not be one of this method's
+        if not isinstance(name, str) or name.count(".") != 1 or name.split(".", 1)[0] not in SECTIONS:
+            raise ThermoKDError(f"tune.hold: {name!r} is not a knob; name it as SECTION.ARGUMENT with SECTION one of "
+                                f"{', '.join(SECTIONS)}, e.g. temperature.student")
+        if name in tune.space:
+            raise ThermoKDError(f"knob {name} is both searched (tune.space) and held (tune.hold); keep one")
+        held.add(name)
     for name, value in tune.space.items():
         if value is None:  # a knob named without a range: the range its method declares
             declared = declared_space(method.name, domain)
@@ -59,6 +69,7 @@ def build_space(method: MethodConfig, tune: TuneConfig, domain: str = "default")
             value = FloatRange(float(value.get("low", "nan")), float(value.get("high", "nan")), bool(value.get("log")))
         knob = parse_knob(f"{name}={value}")[1] if isinstance(value, str) else value
         space[resolve_knob(str(name), space, method.name)] = knob
+    space = {name: knob for name, knob in space.items() if name not in held}
     for name, knob in space.items():
         check_knob(name, knob)
         probe = apply_params(method, {name: knob.low if isinstance(knob, FloatRange) else knob[0]})

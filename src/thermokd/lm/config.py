@@ -155,8 +155,8 @@ class LMRunConfig:
             raise ConfigError(f"train.warmup must be in [0, 1) (a fraction of the steps), got {self.train.warmup!r}")
         for label, variant in self.variants.items():
             validate_method(variant, f"variants.{label}")
-        if not self.methods:
-            raise ConfigError("methods: give at least one method")
+        if not self.methods and not self.tune.methods:  # tuned labels alone are a run too (LABEL-tuned only)
+            raise ConfigError("methods: give at least one method (or a tune.methods label)")
         for label in self.methods:
             self.method(label)  # a ConfigError naming the label
         self._validate_tune()
