@@ -124,6 +124,16 @@ def test_bad_tune_labels_are_one_line_errors(base, tmp_path, capsys, extra, word
     assert len(err) == 1 and words in err[0] and not (tmp_path / "bad" / "lm_config.json").exists()
 
 
+def test_tuned_labels_alone_are_a_run_and_nothing_at_all_is_refused():
+    from thermokd.config import ConfigError
+    from thermokd.lm.config import load_lm_config
+
+    cfg = load_lm_config("grimm", ["methods=[]", "tune.methods=[kd, cist]"])
+    assert cfg.run_labels() == ["kd-tuned", "cist-tuned"]
+    with pytest.raises(ConfigError, match="at least one method"):
+        load_lm_config("grimm", ["methods=[]", "tune.methods=[]"])
+
+
 def test_a_study_starts_at_the_method_s_own_setting_where_the_space_holds_it():
     from thermokd.config import MethodConfig, TuneConfig
     from thermokd.experiments.tune import build_space
