@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from thermokd import ThermoKDError
 from thermokd.cli import main
@@ -170,6 +171,36 @@ def test_a_second_process_waits_for_the_teacher_being_trained(tmp_path):
     assert time.monotonic() - started > 0.5 and said[0].startswith("waiting for") and not info["cached"]
     _, again = obtain_teacher(spec, build, windows, windows, settings, tmp_path)
     assert again["cached"] and again["key"] == info["key"] == folder.name
+
+
+def test_a_teacher_trained_on_another_device_is_loaded_where_the_students_run(tmp_path, monkeypatch):
+    """teacher.device/mixed_precision key the teacher by where it was trained; a cached one is loaded on the run's
+    device (here a stand-in for a GPU-trained teacher: stored under the cuda/bf16 key, trained on the CPU)."""
+    import dataclasses
+
+    import thermokd.lm.trainer as trainer
+    from thermokd.lm.teacher import obtain_teacher
+
+    windows = make_windows([list(range(1, 30)), list(range(5, 40))] * 3, 12, pad_id=0)
+    gpu = trainer.RunSettings(steps=2, batch_size=2, eval_every=2, save_every=2, device="cuda",
+                              mixed_precision="bf16")
+    spec = {"what": "a test teacher"}
+    build = lambda: build_lm("1x16x2", 40, 12, dropout=0.0, seed=0)  # noqa: E731
+    if not torch.cuda.is_available():  # nothing cached: it would be trained on cuda, which is not here
+        with pytest.raises(ThermoKDError, match=r"^teacher.device \(cuda: no teacher trained there is cached"):
+            obtain_teacher(spec, build, windows, windows, gpu, tmp_path, run_device="cpu")
+    train_here = trainer.train_run
+    monkeypatch.setattr(trainer, "check_device", lambda *args: None)
+    monkeypatch.setattr(trainer, "train_run", lambda model, loss, train, val, settings, *a, **k: train_here(
+        model, loss, train, val, dataclasses.replace(settings, device="cpu", mixed_precision="no"), *a, **k))
+    _, made = obtain_teacher(spec, build, windows, windows, gpu, tmp_path, run_device="cpu")
+    monkeypatch.undo()
+    model, loaded = obtain_teacher(spec, build, windows, windows, gpu, tmp_path, run_device="cpu")
+    assert loaded["cached"] and loaded["key"] == made["key"] and loaded["val_ppl"] == made["val_ppl"]
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    _, here = obtain_teacher(spec, build, windows, windows, dataclasses.replace(gpu, device="cpu",
+                                                                                mixed_precision="no"), tmp_path)
+    assert not here["cached"] and here["key"] != made["key"]  # trained elsewhere or here: two teachers
 
 
 def test_sources_refuse_damaged_and_foreign_files(tmp_path):

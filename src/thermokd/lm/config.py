@@ -37,7 +37,10 @@ class LMTeacherConfig:
     reads its logits from: ``online`` (a forward pass per batch), ``logits`` (a memory-mapped file of full
     logits, for small vocabularies) or ``topk`` (a file of k log-probabilities + the rest mass per token).
     ``file``: the logits/top-k file (default: in the cache, keyed by the teacher); with ``source: topk`` and a
-    given file, the teacher is never built."""
+    given file, the teacher is never built. ``device`` and ``mixed_precision``: where and how the teacher is
+    *trained* (``auto``: as the students, ``train.device`` and ``train.mixed_precision``); both are part of its cache
+    key, and a cached teacher is loaded onto the students' device whatever it was trained on (e.g. a teacher trained
+    on a GPU in bf16, reused on a CPU with ``teacher.device: cuda``, ``teacher.mixed_precision: bf16``)."""
 
     size: str = "3x192"
     steps: int = 500
@@ -50,6 +53,8 @@ class LMTeacherConfig:
     k: int = 64
     capture_tau: float = 1.0
     logits_dtype: Literal["float16", "float32"] = "float32"
+    device: str = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
 
 
 @dataclass

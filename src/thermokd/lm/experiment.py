@@ -31,7 +31,7 @@ from .onpolicy import OnPolicy
 from .sample import sample
 from .sources import LogitsFile, TopKFile, capture_topk_file, write_logits_file
 from .teacher import obtain_teacher
-from .trainer import RunSettings, train_run
+from .trainer import RunSettings, check_device, train_run
 
 SAMPLE_PROMPT = "Once upon a time"
 
@@ -51,10 +51,7 @@ def resolve_device(cfg: LMRunConfig) -> tuple[str, str]:
     device = cfg.train.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise ThermoKDError(f"device {device!r} is not usable here: {str(exc).splitlines()[0]}") from None
+    check_device(device, "train.device")
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
@@ -84,13 +81,15 @@ def _teacher_spec(cfg: LMRunConfig, data: LMData) -> dict[str, Any]:
 
 def _teacher(cfg: LMRunConfig, data: LMData, device: str, precision: str, cache_dir: "Path | None",
              echo: Callable[[str], None], progress_bar: bool) -> tuple[Any, dict[str, Any]]:
-    """The trained teacher (from the cache, or trained now) and its info."""
+    """The trained teacher (from the cache, or trained now on ``teacher.device``) on ``device``, and its info."""
     build = lambda: build_lm(cfg.teacher.size, data.vocab_size, cfg.data.context, cfg.teacher.dropout,  # noqa: E731
                              cfg.teacher.seed, data.eos)
     on_eval = (lambda r: echo(f"  teacher step {r['step']}: val ppl {r['val_ppl']:.2f}")) if progress_bar else None
+    trained_on = device if cfg.teacher.device == "auto" else cfg.teacher.device
+    trained_with = precision if cfg.teacher.mixed_precision == "auto" else cfg.teacher.mixed_precision
     teacher, info = obtain_teacher(_teacher_spec(cfg, data), build, data.train, data.val,
-                                   _settings(cfg, device, precision, 0, progress_bar, teacher=True), cache_dir,
-                                   on_eval, echo)
+                                   _settings(cfg, trained_on, trained_with, 0, progress_bar, teacher=True), cache_dir,
+                                   on_eval, echo, run_device=device)
     test = evaluate(teacher, data.test, device)
     info.update(size=str(parse_size(cfg.teacher.size)), parameters=count_parameters(teacher), test_ppl=test["ppl"],
                 test_acc=test["acc"], sample=sample(teacher, SAMPLE_PROMPT, tokenizer=data.tokenizer,

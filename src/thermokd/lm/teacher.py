@@ -45,13 +45,15 @@ def teacher_folder(spec: dict[str, Any], cache_dir: "Path | None") -> Path:
 def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: Windows, val: Windows,
                    settings: Any, cache_dir: "Path | None" = None,
                    on_eval: "Callable[[dict[str, Any]], None] | None" = None,
-                   echo: "Callable[[str], None] | None" = None) -> tuple[nn.Module, dict[str, Any]]:
+                   echo: "Callable[[str], None] | None" = None, run_device: "str | None" = None
+                   ) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher for ``spec`` (a JSON-able description of everything that determines it besides ``settings``,
     a :class:`~thermokd.lm.trainer.RunSettings`): read from ``cache_dir/lm-teachers/<key>/`` or trained there now
     with cross-entropy (continuing from its checkpoints if a previous attempt was killed; another process training
-    the same teacher is waited for). Returns the model (eval mode, on ``settings.device``) and its info: key,
-    folder, validation metrics, training seconds, cached or not."""
-    from .trainer import train_run
+    the same teacher is waited for). Returns the model (eval mode, on ``run_device``, default ``settings.device``:
+    a teacher trained elsewhere is loaded where the students run) and its info: key, folder, validation metrics,
+    training seconds, cached or not."""
+    from .trainer import check_device, train_run
 
     spec = {**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}}
     entry = teacher_entry(spec, cache_dir)
@@ -60,6 +62,8 @@ def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: 
     with entry.lock(echo):  # one process trains it, others wait
         cached = entry.exists()
         if not cached:
+            check_device(settings.device, f"teacher.device ({settings.device}: no teacher trained there is cached, "
+                                          "so it would be trained now)")
             result = train_run(model, build_loss("ce"), train, val, settings, folder / "training", resume=True,
                                on_eval=on_eval, echo=echo)
             if result["trainer"].is_world_process_zero():
@@ -67,8 +71,9 @@ def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: 
                 shutil.rmtree(folder / "training", ignore_errors=True)  # its checkpoints served resumption only
             result["trainer"].accelerator.wait_for_everyone()
     stored = entry.load(model)  # also after training: every process reads the same verified file
-    model = model.to(settings.device).eval()
-    metrics = evaluate(model, val, settings.device)
+    device = run_device or settings.device
+    model = model.to(device).eval()
+    metrics = evaluate(model, val, device)
     return model, {"key": key, "dir": str(folder), "cached": cached, "val_ppl": metrics["ppl"],
                    "val_acc": metrics["acc"], "val_ce": metrics["ce"], "train_seconds": stored.get("train_seconds"),
                    "history": stored.get("history", [])}

@@ -61,6 +61,14 @@ class RunSettings(LMTrainConfig):
             dataloader_drop_last=True, eval_strategy="no", save_only_model=False)
 
 
+def check_device(device: str, what: str = "device") -> None:
+    """Raise a one-line error unless a tensor can be made on ``device`` here (``what`` names the setting)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ThermoKDError(f"{what}: device {device!r} is not usable here: {str(exc).splitlines()[0]}") from None
+
+
 class LMTrainer(DistillationTrainer):
     """``DistillationTrainer`` for causal LMs on windows: ``teacher_source`` (an object with
     ``logits(index, device)``, e.g. :class:`~thermokd.lm.sources.TopKFile`) replaces the teacher's forward pass;
