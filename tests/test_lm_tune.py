@@ -124,6 +124,21 @@ def test_bad_tune_labels_are_one_line_errors(base, tmp_path, capsys, extra, word
     assert len(err) == 1 and words in err[0] and not (tmp_path / "bad" / "lm_config.json").exists()
 
 
+def test_a_folder_recorded_before_teacher_device_existed_still_resumes(base, tmp_path, capsys):
+    root, corpus = base
+    old = tmp_path / "old"
+    shutil.copytree(root / "tuned", old)
+    recorded = json.loads((old / "lm_config.json").read_text())
+    for name in ("device", "mixed_precision"):  # what a folder from before these fields records
+        del recorded["teacher"][name]
+    (old / "lm_config.json").write_text(json.dumps(recorded))
+    extra = ("--set", "tune.methods=[kd]", "--set", "tune.trials=2", "--resume")
+    assert main(_lm(root, corpus, old, "ce,kd", *extra)) == 0  # the defaults do what the folder did
+    capsys.readouterr()
+    assert main(_lm(root, corpus, old, "ce,kd", *extra, "--set", "teacher.device=cpu")) == 2
+    assert "teacher.device: '(absent)' -> 'cpu'" in capsys.readouterr().err
+
+
 def test_tuned_labels_alone_are_a_run_and_nothing_at_all_is_refused():
     from thermokd.config import ConfigError
     from thermokd.lm.config import load_lm_config

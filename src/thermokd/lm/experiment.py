@@ -159,6 +159,9 @@ def run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None" 
 # tune's methods and trials, but not its search space (TUNE_FIELDS)
 RUN_SECTIONS = ("data", "teacher", "student", "train", "on_policy")
 TUNE_FIELDS = ("kd_weight", "space")
+# fields added after folders were first recorded, at the default that does what those folders did: a folder that
+# does not record one matches a request that leaves it at this default
+LATER_FIELDS = {("teacher", "device"): "auto", ("teacher", "mixed_precision"): "auto"}
 
 
 def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
@@ -181,6 +184,9 @@ def check_resumable(cfg: LMRunConfig, out_dir: Path, resume: bool) -> None:
         requested = _run_settings(cfg)
         if "tune" not in recorded:  # a folder from before tune was recorded
             requested.pop("tune")
+        for (section, name), default in LATER_FIELDS.items():
+            if name not in recorded.get(section, {name: None}) and requested.get(section, {}).get(name) == default:
+                requested[section].pop(name)
         changed = differences({"config": recorded, "data": corpus},
                               {"config": requested, "data": corpus and _corpus_digest(cfg)})
         if changed:
