@@ -78,8 +78,9 @@ class ClosedFormKL(torch.autograd.Function):
 
 
 def _incoming(g_total: "Tensor | None", weight: float, g_own: "Tensor | None") -> "Tensor | None":
-    """How much of a term's gradient reaches the logits: ``g_loss·weight`` plus the term's own incoming gradient."""
-    scale = g_total * weight if g_total is not None else None
+    """How much of a term's gradient reaches the logits: ``g_loss·weight`` plus the term's own incoming gradient
+    (None: nothing, e.g. a term with weight 0 that nobody backpropagates alone)."""
+    scale = g_total * weight if g_total is not None and weight else None
     if g_own is not None:
         scale = g_own if scale is None else scale + g_own
     return scale
