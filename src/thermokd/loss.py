@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from . import temperature as temperature_mod
 from . import weighting as weighting_mod
+from .closed_form import ClosedFormKL
 from .checks import check_finite_sum, check_finite_value, check_rows, explain_labels
 from .chunked import LinearRows, LogitRows, Plan, attach, sweep, tau_columns, temperatures_by_chunk
 from .errors import ThermoKDError, choice_error
@@ -25,7 +26,7 @@ from .objective import RowObjective
 from .progress import Progress, require_progress
 from .rows import Rows
 from .stats import LazyStats, row_statistics
-from .temperature import CIST, DTKD, DTS, Fixed, Scheduled, TemperatureStrategy
+from .temperature import CIST, DTKD, DTS, EntropyTarget, Fixed, Scheduled, TemperatureStrategy
 from .weighting import ConfidenceDifficulty, TeacherEntropy, Weighting
 
 FAMILIES = ("kd", "dkd")
@@ -34,6 +35,9 @@ _NO_LABEL = -(2**62)  # F.nll_loss's ignore_index; ignored rows never reach it
 # strategies and weightings whose forward changes no state (CIST: once calibrated; see _late_check)
 _STATELESS_STRATEGIES = (Fixed, CIST, DTS, DTKD, Scheduled)
 _STATELESS_WEIGHTINGS = (type(None), ConfidenceDifficulty, TeacherEntropy)
+# built-in parts whose τ, scale and weights never read the student's graph: their rows may be handed over detached
+_DETACHED_STRATEGIES = _STATELESS_STRATEGIES + (EntropyTarget,)
+_DETACHED_WEIGHTINGS = _STATELESS_WEIGHTINGS
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # torch.is_autocast_enabled raises for other types
 
 
@@ -126,9 +130,11 @@ class DistillationLoss(nn.Module):
         super().__setattr__(name, value)
         self.__dict__["_route"] = None  # any change (a new strategy, weighting, weight) re-decides the fast path
 
-    def _routes(self) -> tuple[bool, bool]:
+    def _routes(self) -> tuple[bool, bool, bool]:
         """(Hinton: a fixed τ, forward KL, τ² scale, no weighting; late check: forward KL with a strategy and a
-        weighting whose forward changes no state, so the finiteness check may come after it, on the KD sum).
+        weighting whose forward changes no state, so the finiteness check may come after it, on the KD sum;
+        closed form: forward KL on checked inputs with a built-in strategy without a learnable τ and a built-in
+        weighting, so the plain path is one :class:`~thermokd.closed_form.ClosedFormKL` node).
         Decided once per change of the loss's attributes, not per call."""
         route = self.__dict__.get("_route")
         if route is None:
@@ -136,7 +142,9 @@ class DistillationLoss(nn.Module):
             route = self.__dict__["_route"] = (
                 kl and type(self.temperature) is Fixed and self.weighting is None and self.scale == "product",
                 kl and type(self.temperature) in _STATELESS_STRATEGIES
-                and type(self.weighting) in _STATELESS_WEIGHTINGS)
+                and type(self.weighting) in _STATELESS_WEIGHTINGS,
+                kl and self.check_inputs and type(self.temperature) in _DETACHED_STRATEGIES
+                and type(self.weighting) in _DETACHED_WEIGHTINGS)
         return route
 
     def _fixed_tau_kl(self) -> bool:
@@ -225,6 +233,8 @@ class DistillationLoss(nn.Module):
         late = self.check_inputs and self._late_check()
         if self.check_inputs and not late:  # labels: the cross-entropy kernel refuses out-of-range ones itself
             check_finite_sum(s, t)
+        if self._routes()[2]:
+            return self._closed_form(s, t, labels, progress, late)
         return self._plain(s, t, labels, progress, late)
 
     def forward_hidden(self, student_hidden: Tensor, student_head: "HeadLike", teacher_hidden: "Tensor | None" = None,
@@ -328,34 +338,62 @@ class DistillationLoss(nn.Module):
         tensors.update(terms)
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(rows.num_rows)}), progress)
 
+    def _closed_form(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None",
+                     late_check: bool) -> LossOutput:
+        """The plain path's value and gradients for forward KL with τ and weights that carry no gradient, as one
+        autograd node (:class:`~thermokd.closed_form.ClosedFormKL`). The strategy and the weighting see the rows
+        detached; the τ=1 log-probabilities they may read (``Rows.student_log_probs``) are the CE's too."""
+        rows = Rows(student.detach().float(), teacher.float(), labels, progress)
+        n = rows.num_rows
+        try:
+            temps = self.temperature(rows)
+            tau_t, tau_s = tau_columns(self.temperature, temps, n)
+            shares = self._weight_shares(rows) if self.weighting is not None else None
+            scale = self.objective.row_scale(tau_t, tau_s, temps.scale)
+            row_coef = RowObjective.factor(scale, shares) if shares is not None else \
+                (1.0 / n if scale is None else scale / n)
+            total, kd, ce = ClosedFormKL.apply(
+                student, rows.student, rows.teacher, None if labels is None else rows.student_log_probs, labels,
+                tau_t, tau_s, row_coef, self.kd_weight, self.ce_weight, _NO_LABEL)
+        except (IndexError, RuntimeError):
+            if labels is not None:  # a label out of range (a gather or the CE kernel refused it): say which
+                explain_labels(labels, rows.num_classes)
+            raise
+        if late_check:  # forward KL ≥ 0 with factors ≥ 0: finite iff every logit was (NaN fails "< inf")
+            check_finite_value(kd < math.inf, rows.student, rows.teacher)
+        terms = {"kd": kd} if ce is None else {"ce": ce, "kd": kd}
+        tensors = {**temps.stats, "loss": total, **terms}
+        taus, teacher_rows = (tau_t, tau_s), rows.teacher
+
+        def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
+            entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
+            return row_statistics(*taus, entropy, None if shares is None else shares * n)
+
+        return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(n)}), progress)
+
     def _hinton(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
                 ) -> LossOutput:
-        """The plain path's value for a fixed τ without weights, in the kernels a hand-written Hinton KD uses: the
-        τ² and 1/N factors are host floats, the input check rides on the KL sum (finite only if every logit is),
-        and the teacher's entropy is computed only if a statistic is read."""
+        """The closed-form path for a fixed τ without weights, with nothing per call but the loss itself: τ, τ² and
+        1/N are host floats, the input check rides on the KL sum (finite only if every logit is), and the teacher's
+        entropy is computed only if a statistic is read."""
         tau = self.temperature.value()
         n = student.shape[0]
-        s32 = student.float()  # one cast: half-precision gradients of both terms add up in float32, then round once
-        log_p = torch.log_softmax(teacher.float() / tau, dim=-1)
-        kl = F.kl_div(torch.log_softmax(s32 / tau, dim=-1), log_p, reduction="sum", log_target=True)
-        if self.check_inputs:  # KL ≥ 0 is never −inf: below +inf (one comparison, NaN fails it) means finite
-            check_finite_value(kl < math.inf, student, teacher)
-        terms: dict[str, Tensor] = {}
-        kd = kl * (tau * tau / n)
-        if labels is not None:
-            try:
-                terms["ce"] = ce = F.cross_entropy(s32, labels, ignore_index=_NO_LABEL)
-            except (IndexError, RuntimeError):
+        s32, t32 = student.detach().float(), teacher.float()
+        try:
+            total, kd, ce = ClosedFormKL.apply(
+                student, s32, t32, None if labels is None else torch.log_softmax(s32, dim=-1), labels,
+                tau, tau, tau * tau / n, self.kd_weight, self.ce_weight, _NO_LABEL)
+        except (IndexError, RuntimeError):
+            if labels is not None:  # the CE kernel refused a label: say which
                 explain_labels(labels, student.shape[-1])
-                raise
-            total = torch.add(ce * self.ce_weight, kd, alpha=self.kd_weight)
-        else:
-            total = kd * self.kd_weight
-        terms["kd"] = kd
+            raise
+        if self.check_inputs:  # KL ≥ 0 is never −inf: below +inf (one comparison, NaN fails it) means finite
+            check_finite_value(kd < math.inf, student, teacher)
+        terms = {"kd": kd} if ce is None else {"ce": ce, "kd": kd}
 
         def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
             tau_t = torch.full((), tau, dtype=torch.float32, device=teacher.device)
-            return row_statistics(tau_t, tau_t, RowObjective.teacher_entropy(teacher.float(), tau_t), None)
+            return row_statistics(tau_t, tau_t, RowObjective.teacher_entropy(t32, tau_t), None)
 
         return LossOutput(total, terms, LazyStats({"loss": total, **terms}, pending, {"rows": float(n)}), progress)
 

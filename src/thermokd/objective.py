@@ -38,6 +38,30 @@ def _softmax_pair(x: Tensor, fresh: bool = False) -> tuple[Tensor, Tensor]:
     return log_p, p.div_(norm)
 
 
+def kl_summands(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Forward KL's ``p·(log p − log q)`` per entry, ``[N, C]``, written into ``log_p`` (no temporary block)."""
+    return log_p.sub_(log_q).mul_(p)
+
+
+@torch.no_grad()
+def closed_form_gradient(q: Tensor, p: Tensor, kd_coef: "Tensor | float", sigma: "Tensor | None",
+                         column: "Tensor | None", ce_coef: "Tensor | float") -> Tensor:
+    """``kd_coef·(q − p) + ce_coef·(σ(z^s) − onehot(y))``, written into ``q``: the gradient of forward KL
+    (``kd_coef`` = each row's factor/τ^s, scalar or ``[N, 1]``) plus cross-entropy (``sigma`` = σ(z^s) at τ=1 and
+    ``column`` = the labels as ``[N, 1]``; None: no CE). Coefficients may be tensors (an incoming gradient, no
+    host read) or floats."""
+    grad = q.sub_(p).mul_(kd_coef)
+    if column is not None:
+        if isinstance(ce_coef, Tensor):
+            grad.addcmul_(sigma, ce_coef)
+            minus = ce_coef.neg().expand(column.shape)
+        else:
+            grad.add_(sigma, alpha=ce_coef)
+            minus = torch.full(column.shape, -ce_coef, dtype=grad.dtype, device=grad.device)
+        grad.scatter_add_(-1, column, minus)  # − ce_coef at each row's label: N entries, no one-hot block
+    return grad
+
+
 class RowDivergence(NamedTuple):
     """``per_row``: ``[N]`` divergence before scale and weights; ``dkd``: DKD's unscaled (TCKD, NCKD) rows;
     ``entropy``: the teacher's soft-label entropy per row ``[N]`` (a statistic, no gradient)."""
@@ -159,17 +183,15 @@ class RowObjective:
         # a teacher block made for this chunk (a head's output) is scaled in place: one [n, C] block less alive
         log_p, p = _softmax_pair(teacher.div_(tau_t) if fresh_teacher else teacher / tau_t, fresh=True)
         del teacher
-        log_q, grad = _softmax_pair(student / tau_s, fresh=True)
+        log_q, q = _softmax_pair(student / tau_s, fresh=True)
         entropy = -(p * log_p).sum(-1)
-        kl = (p * log_p.sub_(log_q)).sum(-1)
+        kl = kl_summands(p, log_p, log_q).sum(-1)
         del log_p, log_q
-        grad.sub_(p)  # q − p
-        del p
         coef = kd_coef / tau_s / n
         if factor is not None:
             coef = coef * (factor.unsqueeze(-1) if factor.dim() else factor)
-        grad.mul_(coef)
-        ce = grad.new_zeros(())
+        ce = q.new_zeros(())
+        probs = column = None
         if labels is not None:
             # σ(z^s) and log σ(z^s)_y = (z_y − max) − log Σ exp(z − max) from one [n, C] block (no log σ block)
             column = labels.unsqueeze(-1)
@@ -177,9 +199,8 @@ class RowObjective:
             probs = (student - top).exp_()
             norm = probs.sum(-1, keepdim=True)
             ce = -(student.gather(-1, column) - top).sub_(norm.log()).sum()
-            if ce_weight:
-                soft = probs.div_(norm).scatter_add_(-1, column, torch.full_like(column, -1.0, dtype=grad.dtype))
-                grad.add_(soft, alpha=ce_weight / n)
-            del probs
+            probs.div_(norm)
+        grad = closed_form_gradient(q, p, coef, probs, column if ce_weight else None, ce_weight / n)
+        del p, probs
         weighted = kl if factor is None else kl * factor
         return ClosedFormChunk(grad, weighted.sum(), ce, entropy)

@@ -22,7 +22,7 @@ def dts_multiplier(ce_gap: "float | Tensor") -> "float | Tensor":
     tensor gap gives a tensor, computed on its device (no read back to the host)."""
     gap = torch.as_tensor(ce_gap, dtype=torch.float64 if not isinstance(ce_gap, Tensor) else None)
     s = gap / (gap + 1.0 + 1e-4)
-    mult = torch.where(s <= 1.0, torch.ones_like(s), torch.where(s <= 2.0, s, torch.full_like(s, 1.35)))
+    mult = torch.where(s <= 1.0, 1.0, torch.where(s <= 2.0, s, 1.35))  # scalars: no constant tensors to fill
     return mult if isinstance(ce_gap, Tensor) else float(mult)
 
 
