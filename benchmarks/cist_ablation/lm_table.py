@@ -20,10 +20,10 @@ REFERENCE = "f-cist-lm-tuned"  # the floor-0.05 preset: what the other f- labels
 CHANGES = {
     "ce": "no distillation",
     "kd-tuned": "Hinton KD, τ tuned",
-    "cist-lm-tuned": "CIST's LM preset: student τ = τ^t, floor 0.5",
+    "cist-lm-tuned": "the earlier LM preset: student τ = τ^t, floor 0.5, λ = 0.5",
     "t-interpolate-tuned": "`interpolate` γ = 0.75, floor 0.5",
     "t-ratio-tuned": "`ratio`, floor 0.5",
-    "f-cist-lm-tuned": "the preset with floor 0.05",
+    "f-cist-lm-tuned": "floor 0.05 (the earlier preset otherwise)",
     "f-t-interpolate-tuned": "`interpolate` γ = 0.75",
     "f-t-ratio-tuned": "`ratio`",
     "f-m-max-min-tuned": "max − min",
