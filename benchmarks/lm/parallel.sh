@@ -24,6 +24,12 @@ SETS=("$@")
 THERMOKD=${THERMOKD:-thermokd}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/parts"
+# one invocation per OUT at a time: a second would start a second process on every part (and truncate its log)
+exec 9> "$OUT/parts/.parallel.lock"
+if ! flock -n 9; then
+    echo "another benchmarks/lm/parallel.sh is running on $OUT; wait for it or stop it first" >&2
+    exit 2
+fi
 
 # the labels to run (methods, then tuned labels not among them), those run at their preset, and those tuned, as the
 # config (with the overrides) names them: one line each
