@@ -139,6 +139,25 @@ def test_a_folder_recorded_before_teacher_device_existed_still_resumes(base, tmp
     assert "teacher.device: '(absent)' -> 'cpu'" in capsys.readouterr().err
 
 
+def test_a_run_made_under_another_preset_is_trained_again(base, tmp_path, capsys, monkeypatch):
+    """A run records its loss as built: a changed LM preset (or library default) is not kept on --resume."""
+    from thermokd import methods
+
+    root, corpus = base
+    out = tmp_path / "again"
+    shutil.copytree(root / "tuned", out)
+    kept = json.loads((out / "runs" / "kd" / "seed0" / "result.json").read_text())
+    assert "tau=0.5" in kept["loss"]  # KD's LM preset, as built
+    capsys.readouterr()
+    assert main(_lm(root, corpus, out, "ce,kd", "--resume")) == 0
+    assert "kd               seed 0: finished earlier (kept)" in capsys.readouterr().out
+    monkeypatch.setitem(methods.LM_PRESETS, "kd", {"temperature": {"tau": 0.75}})
+    assert main(_lm(root, corpus, out, "ce,kd", "--resume")) == 0
+    said = capsys.readouterr().out
+    assert "kd               seed 0: its loss as built changed" in said and "ce               seed 0: finished" in said
+    assert "tau=0.75" in json.loads((out / "runs" / "kd" / "seed0" / "result.json").read_text())["loss"]
+
+
 def test_tuned_labels_alone_are_a_run_and_nothing_at_all_is_refused():
     from thermokd.config import ConfigError
     from thermokd.lm.config import load_lm_config

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..config import MethodConfig
+from ..engine.identity import loss_settings
 from ..errors import ThermoKDError
 from ..files import FolderLock, read_json, write_json
 from ..loss import DistillationLoss
@@ -39,9 +41,12 @@ SAMPLE_PROMPT = "Once upon a time"
 def method_loss(cfg: LMRunConfig, label: str) -> DistillationLoss:
     """The loss for a method label at the LM presets (``build_loss(name, domain="lm")``) with the label's
     overrides (``kd@TAU``, a variant of ``cfg.variants``)."""
+    return _lm_loss(cfg.method(label))
+
+
+def _lm_loss(method: MethodConfig) -> DistillationLoss:
     from ..methods import build_loss
 
-    method = cfg.method(label)
     return build_loss(method.name, domain="lm", temperature=method.temperature, weighting=method.weighting,
                       **method.loss)
 
@@ -290,8 +295,10 @@ def _nothing_to_train(cfg: LMRunConfig, out_dir: Path) -> "dict[str, Any] | None
             if not done.is_file():
                 return None
             run = read_json(done, f"delete {done} to run it again")
-            setting = chosen[label] if label in chosen else _setting(cfg.method(label))
-            if run.get("setting") != setting or not isinstance(run.get("teacher"), dict):
+            method = MethodConfig(**chosen[label]) if label in chosen else cfg.method(label)
+            if run.get("setting") != _setting(method) or not isinstance(run.get("teacher"), dict):
+                return None
+            if "loss" in run and run["loss"] != loss_settings(_lm_loss(method)):  # a preset or default changed
                 return None
             info = run["teacher"]
     return info
@@ -349,12 +356,18 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
             run_dir = _run_dir(out_dir, label, seed)
             done = run_dir / "result.json"
             setting = _setting(cfg.method(label))
+            loss_fn = method_loss(cfg, label)  # fresh state (DTS's T, CIST's ρ) for every run
+            built = loss_settings(loss_fn)
             if resume and done.is_file():
                 kept = read_json(done, f"delete {done} to run it again")
-                if kept.get("setting", setting) == setting:  # a run from before settings were recorded is kept
+                # runs from before settings (or losses as built) were recorded are kept
+                if kept.get("setting", setting) == setting and kept.get("loss", built) == built:
                     runs.append(kept)
                     echo(f"  {label:16s} seed {seed}: finished earlier (kept)")
                     continue
+                if kept.get("setting", setting) == setting:
+                    echo(f"  {label:16s} seed {seed}: its loss as built changed since it ran (a preset or a library "
+                         "default); training it again")
             # a run started (or finished) at another setting, e.g. before a longer study chose another, starts over
             started_at = run_dir.parent / f"seed{seed}.setting.json"
             same = not started_at.is_file() or read_json(started_at, f"delete {started_at}") == setting
@@ -362,14 +375,13 @@ def _run_lm_experiment(cfg: LMRunConfig, out_dir: Path, cache_dir: "Path | None"
                 echo(f"  {label:16s} seed {seed}: its setting changed since it started; training it again")
             if _is_main():
                 write_json(started_at, setting)
-            loss_fn = method_loss(cfg, label)  # fresh state (DTS's T, CIST's ρ) for every run
             on_eval = ((lambda r, who=f"{label} seed {seed}": echo(
                 f"  {who} step {r['step']}: val ppl {r['val_ppl']:.2f}, acc {r['val_acc']:.4f}"))
                 if progress_bar else None)
             result, student = setup.train(loss_fn, seed, run_dir, resume and same, on_eval)
             run_device = result.pop("trainer").args.device  # under torchrun, this process's own GPU
             test = evaluate(student, data.test, run_device)
-            run = {"method": label, "seed": seed, "setting": setting, **result, "ppl": test["ppl"],
+            run = {"method": label, "seed": seed, "setting": setting, "loss": built, **result, "ppl": test["ppl"],
                    "acc": test["acc"], "ce": test["ce"], "teacher": info,
                    "device": torch.device(run_device).type, "mixed_precision": setup.precision}
             if seed == 0:
