@@ -33,7 +33,7 @@ CHANGES = {
 }
 
 
-def _mean(results: dict, label: str, key: str) -> "list[float]":
+def _values(results: dict, label: str, key: str) -> "list[float]":
     return [r[key] for r in results["runs"] if r["method"] == label and r.get(key) is not None]
 
 
@@ -55,12 +55,12 @@ def _knob(results: dict, label: str) -> str:
 
 
 def table(results: dict) -> list[str]:
-    labels = [label for label in CHANGES if _mean(results, label, "val_ppl")]
-    labels.sort(key=lambda label: statistics.fmean(_mean(results, label, "val_ppl")))
+    labels = [label for label in CHANGES if _values(results, label, "val_ppl")]
+    labels.sort(key=lambda label: statistics.fmean(_values(results, label, "val_ppl")))
     lines = ["| label | changes | tuned | mean val ppl | Δ val ppl vs `f-cist-lm` | test ppl | "
              "Δ test ppl vs tuned KD | Δ test ppl vs CE |", "|" + "---|" * 8]
     for label in labels:
-        val, test = _mean(results, label, "val_ppl"), _mean(results, label, "ppl")
+        val, test = _values(results, label, "val_ppl"), _values(results, label, "ppl")
         spread = f" ± {statistics.stdev(test):.2f}" if len(test) > 1 else ""
         lines.append(f"| `{label}` | {CHANGES[label]} | {_knob(results, label)} | {statistics.fmean(val):.2f} | "
                      f"{_delta(results, label, REFERENCE, 'val_ppl')} | {statistics.fmean(test):.2f}{spread} | "

@@ -288,17 +288,20 @@ def _nothing_to_train(cfg: LMRunConfig, out_dir: Path) -> "dict[str, Any] | None
         if summary is None or "chosen_method" not in summary:
             return None
         chosen[tuned_label(label)] = summary["chosen_method"]
+    expected = {}  # label -> (its setting, its loss as built), the same for every seed
+    for label in cfg.run_labels():
+        method = MethodConfig(**chosen[label]) if label in chosen else cfg.method(label)
+        expected[label] = (_setting(method), loss_settings(_lm_loss(method)))
     info = None
     for seed in range(cfg.seeds):
-        for label in cfg.run_labels():
+        for label, (setting, built) in expected.items():
             done = _run_dir(out_dir, label, seed) / "result.json"
             if not done.is_file():
                 return None
             run = read_json(done, f"delete {done} to run it again")
-            method = MethodConfig(**chosen[label]) if label in chosen else cfg.method(label)
-            if run.get("setting") != _setting(method) or not isinstance(run.get("teacher"), dict):
+            if run.get("setting") != setting or not isinstance(run.get("teacher"), dict):
                 return None
-            if "loss" in run and run["loss"] != loss_settings(_lm_loss(method)):  # a preset or default changed
+            if run.get("loss", built) != built:  # a preset or library default changed since it ran
                 return None
             info = run["teacher"]
     return info
