@@ -1,14 +1,15 @@
 """GPU figures for thermokd's hot path (run by ``benchmarks/gpu_check.sh`` on a CUDA machine).
 
     python benchmarks/gpu_check.py step-rate [--device cuda] [--model resnet8x4] [--rounds 6] [--steps 50]
-    python benchmarks/gpu_check.py fused-memory [--shape 8,512,768,50304] [--chunk N]
+    python benchmarks/gpu_check.py fused-memory [--shape 8,512,768,50304] [--chunk N] [--method kd] [--profile N]
     python benchmarks/gpu_check.py bf16
 
 ``step-rate``: training steps per second of a CIFAR-style ResNet student (batch 64, 32×32, 100 classes, teacher
 logits given, SGD), the step's loss being thermokd's (``kd``, ``cist``) or a hand-written Hinton KD; rounds
 interleaved, ratio of medians (target ≥ 0.97× for ``kd``). A loss that makes the host wait for the device every
 step shows here. ``fused-memory``: peak CUDA memory (``max_memory_allocated`` above the inputs) and time of the
-plain path (heads → logits → loss) against ``forward_hidden``. ``bf16``: every method's loss under bf16 autocast
+plain path (heads → logits → loss) against ``forward_hidden``, rounds interleaved (``--profile N``: and the N
+kernels that take the most device time in one call of each). ``bf16``: every method's loss under bf16 autocast
 against the same bf16 logits in float32, and the fused path under autocast.
 """
 from __future__ import annotations
@@ -91,6 +92,11 @@ def step_rate(args) -> None:
               + ("   target >= 0.97x" if name == "kd" else ""))
 
 
+def _quartiles(values: "list[float]") -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return f"{q[0]:.3f}-{q[2]:.3f}"
+
+
 def fused_memory(args) -> None:
     device = torch.device(args.device)
     b, length, hidden, vocab = (int(v) for v in args.shape.split(","))
@@ -100,7 +106,7 @@ def fused_memory(args) -> None:
     head_s, head_t = torch.nn.Linear(hidden, vocab).to(device), torch.nn.Linear(hidden, vocab).to(device)
     head_t.requires_grad_(False)
     labels = torch.randint(0, vocab, (b * length,), generator=g).to(device)
-    loss_fn = tk.build_loss("kd", ignore_index=None)
+    loss_fn = tk.build_loss(args.method, ignore_index=None)
 
     def plain():
         with torch.no_grad():
@@ -110,34 +116,47 @@ def fused_memory(args) -> None:
     def fused():
         loss_fn.forward_hidden(h_s, head_s, h_t, head_t, labels, chunk_size=args.chunk).loss.backward()
 
-    results = {}
-    for name, fn in (("plain", plain), ("fused", fused)):
-        fn()  # warm-up
+    def fresh() -> None:
         h_s.grad = None
         head_s.zero_grad(set_to_none=True)
         _sync(device)
+
+    variants = {"plain": plain, "fused": fused}
+    peaks = {}
+    for name, fn in variants.items():
+        fn()  # warm-up
+        fresh()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
         _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        times = []
-        for _ in range(args.rounds):
-            h_s.grad = None
-            head_s.zero_grad(set_to_none=True)
-            _sync(device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) - before
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.rounds):  # interleaved, the order alternating, so drift hits both alike
+        for name in (("plain", "fused") if r % 2 == 0 else ("fused", "plain")):
+            fresh()
             start = time.perf_counter()
-            fn()
+            variants[name]()
             _sync(device)
-            times.append(time.perf_counter() - start)
-        results[name] = (peak, statistics.median(times))
-    (mem_p, t_p), (mem_f, t_f) = results["plain"], results["fused"]
+            times[name].append(time.perf_counter() - start)
+    ratios = [f / p for f, p in zip(times["fused"], times["plain"])]
+    t_p, t_f = statistics.median(times["plain"]), statistics.median(times["fused"])
     chunk = args.chunk or default_chunk(vocab, device)
-    print(f"fused-memory: {b}x{length} tokens, hidden {hidden}, V={vocab}, chunk {chunk}"
-          f"{'' if args.chunk else ' (the default)'}, float32, "
+    print(f"fused-memory: {args.method}, {b}x{length} tokens, hidden {hidden}, V={vocab}, chunk {chunk}"
+          f"{'' if args.chunk else ' (the default)'}, float32, {args.rounds} interleaved rounds, "
           f"{torch.cuda.get_device_name(device)}")
-    print(f"  plain {mem_p / 2**20:.0f} MiB {t_p * 1e3:.1f} ms; fused {mem_f / 2**20:.0f} MiB {t_f * 1e3:.1f} ms; "
-          f"memory {mem_f / mem_p:.3f}x (target <= 0.15), time {t_f / t_p:.3f}x (target <= 1.1)")
+    print(f"  plain {peaks['plain'] / 2**20:.0f} MiB {t_p * 1e3:.1f} ms; fused {peaks['fused'] / 2**20:.0f} MiB "
+          f"{t_f * 1e3:.1f} ms; memory {peaks['fused'] / peaks['plain']:.3f}x (target <= 0.15), time "
+          f"{t_f / t_p:.3f}x [{_quartiles(ratios)}] (target <= 1.1)")
+    if args.profile:  # where the time goes: the kernels of one call of each, by device time
+        from torch.profiler import ProfilerActivity, profile
+        for name, fn in variants.items():
+            fresh()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                _sync(device)
+            print(f"  profile of one {name} call (top {args.profile} by device time):")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile))
 
 
 def bf16(args) -> None:
@@ -177,6 +196,9 @@ def main() -> None:
     parser.add_argument("--shape", default="8,512,768,50304", help="B,L,H,V for fused-memory")
     parser.add_argument("--chunk", type=int, default=None, help="fused-memory: rows per chunk (default: the "
                                                                    "library's default for the device and vocabulary)")
+    parser.add_argument("--method", default="kd", help="fused-memory: the method whose loss is measured")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="fused-memory: also print the N kernels taking the most device time in one call of each")
     args = parser.parse_args()
     {"step-rate": step_rate, "fused-memory": fused_memory, "bf16": bf16}[args.what](args)
 
