@@ -143,3 +143,26 @@ def test_chunked_value_within_1e6_of_float64(tau: float) -> None:
         loss_fn = DistillationLoss(tau, ce_weight=ce_weight, kd_weight=kd_weight, chunk_size=16)
         out = loss_fn(student.clone().requires_grad_(), teacher, labels)
         assert abs(float(out.loss.detach().double()) - float(want)) <= 1e-6 * abs(float(want))
+
+
+@pytest.mark.parametrize("method", ["kd", "cist", "dts", "erkd"])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_the_fused_softmax_kernels_branch_gives_the_same_loss(monkeypatch, method, labelled):
+    """On CUDA the closed-form chunk uses torch's one-kernel log-softmax (and σ(z^s) from log σ(z^s)) instead of the
+    explicit passes the CPU needs for precision: the same value, gradient and statistics (the branch, run here)."""
+    import thermokd.objective as objective
+
+    if method == "dts" and not labelled:
+        pytest.skip("DTS reads the labels (its update is the cross-entropy gap)")
+    student, teacher, labels = _inputs(seed=5)
+    y = labels if labelled else None
+    plain, chunked = _pair(method, 5)
+    out_p, grads_p = _run(plain, student, teacher, y)
+    calls = []
+    monkeypatch.setattr(objective, "native_softmax", lambda x: calls.append(x.device) or True)
+    out_n, grads_n = _run(chunked, student, teacher, y)
+    assert calls, "the chunked loss did not reach the closed-form chunk"
+    torch.testing.assert_close(out_n.loss, out_p.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads_n[0], grads_p[0], rtol=1e-4, atol=1e-6)
+    for key in out_p.stats:
+        assert out_n.stats[key] == pytest.approx(out_p.stats[key], rel=1e-4, abs=1e-6), key

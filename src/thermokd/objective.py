@@ -38,6 +38,21 @@ def _softmax_pair(x: Tensor, fresh: bool = False) -> tuple[Tensor, Tensor]:
     return log_p, p.div_(norm)
 
 
+def native_softmax(x: Tensor) -> bool:
+    """Whether the chunked and fused paths use torch's fused log-softmax kernel on ``x``'s device: on CUDA (one
+    kernel instead of six passes over the block; its reduction is a tree, accurate to float32 round-off at a
+    50k vocabulary), not on the CPU, whose accumulation is the error ``log_softmax(precise=True)`` avoids."""
+    return x.device.type == "cuda"
+
+
+def _tempered_pair(x: Tensor, native: bool) -> tuple[Tensor, Tensor]:
+    """``(log σ(x), σ(x))`` of a temporary block ``x`` that may be overwritten: two blocks alive, not three."""
+    if not native:
+        return _softmax_pair(x, fresh=True)
+    log_p = torch.log_softmax(x, dim=-1)
+    return log_p, torch.exp(log_p, out=x)
+
+
 def kl_summands(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     """Forward KL's ``p·(log p − log q)`` per entry, ``[N, C]``, written into ``log_p`` (no temporary block)."""
     return log_p.sub_(log_q).mul_(p)
@@ -181,10 +196,11 @@ class RowObjective:
         Per-row sums are plain ``.sum`` reductions (a ``bmm`` row dot product loses ~4e-5 relative in float32).
         ``fresh_teacher``: ``teacher`` is a temporary of the caller's that may be overwritten."""
         # a teacher block made for this chunk (a head's output) is scaled in place: one [n, C] block less alive
-        log_p, p = _softmax_pair(teacher.div_(tau_t) if fresh_teacher else teacher / tau_t, fresh=True)
+        native = native_softmax(student)
+        log_p, p = _tempered_pair(teacher.div_(tau_t) if fresh_teacher else teacher / tau_t, native)
         del teacher
-        log_q, q = _softmax_pair(student / tau_s, fresh=True)
-        entropy = -(p * log_p).sum(-1)
+        entropy = -(p * log_p).sum(-1)  # before the student's blocks exist: its temporary is not the peak
+        log_q, q = _tempered_pair(student / tau_s, native)
         kl = kl_summands(p, log_p, log_q).sum(-1)
         del log_p, log_q
         coef = kd_coef / tau_s / n
@@ -193,13 +209,18 @@ class RowObjective:
         ce = q.new_zeros(())
         probs = column = None
         if labels is not None:
-            # σ(z^s) and log σ(z^s)_y = (z_y − max) − log Σ exp(z − max) from one [n, C] block (no log σ block)
             column = labels.unsqueeze(-1)
-            top = student.amax(-1, keepdim=True)
-            probs = (student - top).exp_()
-            norm = probs.sum(-1, keepdim=True)
-            ce = -(student.gather(-1, column) - top).sub_(norm.log()).sum()
-            probs.div_(norm)
+            if native:  # log σ(z^s) in one kernel, then σ(z^s) in its place
+                probs = torch.log_softmax(student, dim=-1)
+                ce = -probs.gather(-1, column).sum()
+                probs.exp_()
+            else:
+                # σ(z^s) and log σ(z^s)_y = (z_y − max) − log Σ exp(z − max) from one [n, C] block (no log σ block)
+                top = student.amax(-1, keepdim=True)
+                probs = (student - top).exp_()
+                norm = probs.sum(-1, keepdim=True)
+                ce = -(student.gather(-1, column) - top).sub_(norm.log()).sum()
+                probs.div_(norm)
         grad = closed_form_gradient(q, p, coef, probs, column if ce_weight else None, ce_weight / n)
         del p, probs
         weighted = kl if factor is None else kl * factor
