@@ -128,7 +128,7 @@ def test_build_loss_lm_domain_uses_the_presets():
     assert cist.student_rule == LM_PRESETS["cist"]["temperature"]["student"]
     assert cist.tau_min == LM_PRESETS["cist"]["temperature"]["tau_min"] == 0.05  # below KD's tuned LM τ
     assert tk.build_loss("cist").temperature.tau_min == 0.5  # the image default is unchanged
-    assert tk.build_loss("cist", domain="lm").weighting.mix == 1.0 != tk.build_loss("cist").weighting.mix
+    assert tk.build_loss("cist", domain="lm").weighting.mix == 0.0 != tk.build_loss("cist").weighting.mix  # w ≡ 1
     assert tk.build_loss("cist", domain="lm", weighting={"mix": 0.25}).weighting.mix == 0.25  # overrides win
     assert tk.build_loss("kd", domain="lm", temperature={"tau": 3.0}).temperature.tau == 3.0  # overrides win
     with pytest.raises(tk.ThermoKDError, match="domain"):
