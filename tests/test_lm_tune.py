@@ -166,6 +166,9 @@ def test_tuned_labels_alone_are_a_run_and_nothing_at_all_is_refused():
     assert cfg.run_labels() == ["kd-tuned", "cist-tuned"]
     with pytest.raises(ConfigError, match="at least one method"):
         load_lm_config("grimm", ["methods=[]", "tune.methods=[]"])
+    assert load_lm_config("grimm", ["tune.methods=[kd]", "tune.min_rounds=3"]).tune.min_rounds == 3
+    with pytest.raises(ConfigError, match="tune.min_rounds must be >= 1"):
+        load_lm_config("grimm", ["tune.methods=[kd]", "tune.min_rounds=0"])
 
 
 def test_a_study_starts_at_the_method_s_own_setting_where_the_space_holds_it():

@@ -89,6 +89,25 @@ def test_tpe_finds_the_optimum_of_a_synthetic_curve(tmp_path):
     assert str(tmp_path) not in (tmp_path / "tune.json").read_text()  # the default study is recorded relatively
 
 
+@pytest.mark.parametrize("pruner", ["hyperband", "halving"])
+def test_min_rounds_keeps_every_trial_until_that_round(tmp_path, pruner):
+    """No trial is pruned before its `min_rounds`-th evaluation; with the default a poor one may stop at its first."""
+    def last_epochs(min_rounds: int) -> dict[int, int]:
+        calls: list = []
+        tune = TuneConfig(trials=12, seed=1, pruner=pruner, min_rounds=min_rounds)
+        run_tune(_cfg(), "kd", tmp_path / f"{pruner}-{min_rounds}", tune, train_fn=synthetic(calls),
+                 echo=lambda s: None)
+        ends: dict[int, int] = {}
+        trial = -1
+        for _, epoch in calls:
+            trial += epoch == 0
+            ends[trial] = epoch
+        return ends
+
+    assert min(last_epochs(1).values()) == 0  # pruned after one evaluation round
+    assert min(last_epochs(3).values()) >= 2  # every trial ran at least three rounds
+
+
 def test_grid_sampler_runs_each_point_once_and_picks_the_best(tmp_path):
     calls: list = []
     tune = TuneConfig(trials=50, sampler="grid", pruner="none", grid_points=5)
@@ -179,6 +198,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert "empty" in _stderr_line(base + ["--space", "tau=8:2"], capsys)
     assert "--space" in _stderr_line(base + ["--space", "tau="], capsys)
     assert "--trials" in _stderr_line(base + ["--trials", "0"], capsys)
+    assert "--min-rounds" in _stderr_line(base + ["--min-rounds", "0"], capsys)
     assert "storage" in _stderr_line(base + ["--storage", "nosuchdb://x/y"], capsys)
     assert "unknown method" in _stderr_line(["tune", "--config", cfg, "--method", "magic", "--out",
                                              str(tmp_path / "t")], capsys)

@@ -20,6 +20,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruner", choices=["hyperband", "halving", "none"], help="pruning on per-epoch validation "
                    "accuracy (default hyperband)")
     p.add_argument("--grid-points", type=int, help="values per float knob for --sampler grid (default 5)")
+    p.add_argument("--min-rounds", type=int, help="the first evaluation round (epoch) at which the pruner may stop "
+                                                   "a trial (default 1)")
     p.add_argument("--kd-weight", action="store_true", help="also tune loss.kd_weight")
     p.add_argument("--space", action="append", metavar="KNOB=LOW:HIGH[:log]|A,B,C",
                    help="override or add a knob's range (repeatable), e.g. tau=2:8:log")
@@ -38,6 +40,7 @@ def tune_options(args, base) -> "object":
     tune = copy.deepcopy(base)
     tune.trials = args.trials if args.trials is not None else (tune.trials or DEFAULT_TRIALS)
     for option, field in (("sampler", "sampler"), ("pruner", "pruner"), ("grid_points", "grid_points"),
+                          ("min_rounds", "min_rounds"),
                           ("storage", "storage"), ("study", "study"), ("sampler_seed", "seed")):
         if getattr(args, option) is not None:
             setattr(tune, field, getattr(args, option))
@@ -50,6 +53,8 @@ def tune_options(args, base) -> "object":
         raise ThermoKDError(f"--trials must be >= 1 (the tuning budget), got {tune.trials}")
     if tune.grid_points < 1:
         raise ThermoKDError(f"--grid-points must be >= 1, got {tune.grid_points}")
+    if tune.min_rounds < 1:
+        raise ThermoKDError(f"--min-rounds must be >= 1 (the first round a trial may be pruned), got {tune.min_rounds}")
     return tune
 
 

@@ -137,16 +137,19 @@ class TuneConfig:
     """How ``thermokd tune`` (and ``compare`` with ``compare.tune.trials > 0``) searches a method's knobs on the
     validation split: ``trials`` per method (the budget), ``sampler`` (``tpe``, ``grid`` with ``grid_points`` values
     per float knob, ``random``), ``pruner`` on per-epoch validation accuracy (``hyperband``, ``halving``, ``none``),
-    ``kd_weight`` (also tune the distillation weight), ``space`` (knob → ``"LOW:HIGH[:log]"`` or a list of choices,
-    overriding the method's declared ranges), ``hold`` (knobs left out of every method's space, so that each label
-    keeps its own setting of them: e.g. ``temperature.student`` when CIST variants that differ by their student rule
-    should each be tuned on ``tau0`` alone), ``storage`` (an RDB URL; default: SQLite in the output folder),
-    ``study`` (the study's name; default: the method's label) and ``seed`` (the sampler's)."""
+    ``min_rounds`` (the first evaluation round at which a trial may be pruned: 1 by default, more when the early
+    rounds say little about the end), ``kd_weight`` (also tune the distillation weight), ``space`` (knob →
+    ``"LOW:HIGH[:log]"`` or a list of choices, overriding the method's declared ranges), ``hold`` (knobs left out
+    of every method's space, so that each label keeps its own setting of them: e.g. ``temperature.student`` when
+    CIST variants that differ by their student rule should each be tuned on ``tau0`` alone), ``storage`` (an RDB
+    URL; default: SQLite in the output folder), ``study`` (the study's name; default: the method's label) and
+    ``seed`` (the sampler's)."""
 
     trials: int = 0
     sampler: Literal["tpe", "grid", "random"] = "tpe"
     pruner: Literal["hyperband", "halving", "none"] = "hyperband"
     grid_points: int = 5
+    min_rounds: int = 1
     kd_weight: bool = False
     space: dict[str, Any] = field(default_factory=dict)
     hold: list[str] = field(default_factory=list)
@@ -202,6 +205,7 @@ class RunConfig:
         if self.compare.tune.trials < 0 or self.compare.tune.grid_points < 1:
             raise ConfigError(f"compare.tune.trials must be >= 0 and grid_points >= 1, got "
                               f"{self.compare.tune.trials} and {self.compare.tune.grid_points}")
+        _positive("compare.tune.min_rounds", self.compare.tune.min_rounds)
         for label, variant in self.compare.variants.items():
             key = normalise(label)
             if key in method_names() or "@" in key or "," in key or not key:

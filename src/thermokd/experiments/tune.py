@@ -104,10 +104,11 @@ def _sampler(tune: TuneConfig, space: dict[str, Knob]):
 def _pruner(tune: TuneConfig, rounds: int):
     import optuna
 
+    first = min(tune.min_rounds, rounds)  # no trial is pruned before it has been evaluated `first` times
     if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rounds, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=rounds, reduction_factor=3)
     if tune.pruner == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 

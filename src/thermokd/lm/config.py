@@ -175,6 +175,9 @@ class LMRunConfig:
         tune.methods = list(dict.fromkeys(normalise(label) for label in tune.methods))
         if not tune.methods:
             return
+        if tune.min_rounds < 1:
+            raise ConfigError(f"tune.min_rounds must be >= 1 (the first round a trial may be pruned), got "
+                              f"{tune.min_rounds!r}")
         if tune.trials < 1 or tune.grid_points < 1:
             raise ConfigError(f"tune.trials and tune.grid_points must be >= 1, got {tune.trials!r} and "
                               f"{tune.grid_points!r}")
