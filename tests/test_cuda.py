@@ -8,6 +8,8 @@ import torch
 import thermokd as tk
 from thermokd.methods import method_names
 
+from loss_helpers import assert_chunked_value_matches_float64
+
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 PROGRESS = tk.Progress(step=3, total_steps=100, epoch=1, total_epochs=10)
 OPTIONS = {"entropy-target": {"temperature": {"early_exit": False}}}
@@ -109,14 +111,4 @@ def test_bf16_autocast_keeps_float32_maths(method):
 def test_chunked_value_within_1e6_of_float64_on_the_device(tau, chunk):
     """The chunked path on CUDA uses torch's one-kernel log-softmax: its value against Hinton KD + CE written in
     float64, at a language-model vocabulary (the CPU's explicit passes are held to the same bound elsewhere)."""
-    g = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(1024, 32000, generator=g) * 2, torch.randn(1024, 32000, generator=g) * 3
-    labels = torch.randint(0, 32000, (1024,), generator=g)
-    log_p = torch.log_softmax(teacher.double() / tau, -1)
-    log_q = torch.log_softmax(student.double() / tau, -1)
-    kd = tau * tau * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    ce = -torch.log_softmax(student.double(), -1).gather(-1, labels[:, None]).mean()
-    for kd_weight, ce_weight, want in ((0.9, 0.1, 0.9 * kd + 0.1 * ce), (1.0, 0.0, kd)):
-        loss_fn = tk.DistillationLoss(tau, ce_weight=ce_weight, kd_weight=kd_weight, chunk_size=chunk)
-        out = loss_fn(student.cuda().requires_grad_(), teacher.cuda(), labels.cuda())
-        assert abs(float(out.loss.detach().double()) - float(want)) <= 1e-6 * abs(float(want))
+    assert_chunked_value_matches_float64(1024, tau, chunk, device="cuda")
