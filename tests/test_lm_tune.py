@@ -173,11 +173,10 @@ def test_tuned_labels_alone_are_a_run_and_nothing_at_all_is_refused():
 
 def test_a_study_starts_at_the_method_s_own_setting_where_the_space_holds_it():
     from thermokd.config import MethodConfig, TuneConfig
-    from thermokd.experiments.tune import build_space
-    from thermokd.lm.tuning import preset_point
+    from thermokd.experiments.tune import build_space, start_point
 
     def point(method, **tune):
-        return preset_point(method, build_space(method, TuneConfig(trials=1, **tune), domain="lm"))
+        return start_point(method, build_space(method, TuneConfig(trials=1, **tune), domain="lm"), domain="lm")
 
     assert point(MethodConfig(name="cist")) == {"temperature.tau0": 1.0, "temperature.student": "teacher"}
     assert point(MethodConfig(name="dts")) == {"temperature.t_init": 3.0, "temperature.t_min": 1.0,

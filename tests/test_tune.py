@@ -16,7 +16,7 @@ import yaml
 from thermokd import ThermoKDError
 from thermokd.cli import main
 from thermokd.config import TuneConfig, config_from_dict, resolve_method
-from thermokd.experiments.tune import build_space, run_tune
+from thermokd.experiments.tune import build_space, run_tune, start_point
 from thermokd.spaces import SPACES, FloatRange, declared_space, method_space, parse_knob
 
 from engine_helpers import TINY, env, write_config
@@ -87,6 +87,36 @@ def test_tpe_finds_the_optimum_of_a_synthetic_curve(tmp_path):
         result.params["temperature.tau"]
     assert (tmp_path / "tune_vs_knob.png").is_file() and "| trial | state |" in (tmp_path / "tune.md").read_text()
     assert str(tmp_path) not in (tmp_path / "tune.json").read_text()  # the default study is recorded relatively
+
+
+def test_a_new_study_tries_the_method_s_own_setting_first(tmp_path):
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path / "a", TuneConfig(trials=3, seed=1), train_fn=synthetic(calls),
+             echo=lambda s: None)
+    assert calls[0][0] == 4.0  # KD's default τ
+    cfg = _cfg()
+    cfg.compare.variants["kd-2"] = resolve_method(cfg, "kd")
+    cfg.compare.variants["kd-2"].temperature = {"tau": 2.0}
+    calls.clear()
+    run_tune(cfg, "kd-2", tmp_path / "b", TuneConfig(trials=2, seed=1), train_fn=synthetic(calls), echo=lambda s: None)
+    assert calls[0][0] == 2.0  # a variant's own value
+    calls.clear()
+    run_tune(_cfg(), "kd", tmp_path / "a", TuneConfig(trials=5, seed=1), train_fn=synthetic(calls),
+             echo=lambda s: None)
+    assert calls and calls[0][0] != 4.0  # a continued study is not sent back to its start
+
+
+def test_the_start_point_holds_each_method_s_defaults_inside_the_space():
+    def point(name, **tune):
+        from thermokd.config import MethodConfig
+
+        method = MethodConfig(name=name)
+        return start_point(method, build_space(method, TuneConfig(trials=1, **tune)))
+
+    assert point("kd") == {"temperature.tau": 4.0}
+    assert point("cist")["temperature.tau0"] == 4.0
+    assert point("kd", kd_weight=True) == {"temperature.tau": 4.0, "loss.kd_weight": 0.9}
+    assert point("kd", space={"tau": "1:2"}) == {}  # τ = 4 lies outside: sampled instead
 
 
 @pytest.mark.parametrize("pruner", ["hyperband", "halving"])

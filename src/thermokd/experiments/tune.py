@@ -180,6 +180,39 @@ def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any]) -
     study.set_user_attr("base", base)
 
 
+def start_point(method: MethodConfig, space: dict[str, Knob], domain: str = "default") -> dict[str, Any]:
+    """The knobs of ``space`` at ``method``'s own setting (the domain's preset, a variant's values, else the
+    factories' defaults) where that lies inside the space: the first trial of a new study, so that the chosen
+    setting scores at least as well in the study (seed 0, validation) as the setting it is reported beside."""
+    import inspect
+
+    from ..methods import LM_PRESETS, METHODS, build_loss
+
+    def defaults(factory) -> dict[str, Any]:
+        if factory is None:
+            return {}
+        return {name: p.default for name, p in inspect.signature(factory).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    key = METHODS.key(method.name)
+    preset = LM_PRESETS.get(key, {}) if domain == "lm" else {}
+    sections = {
+        "temperature": {**defaults(METHODS.get(key).temperature), **preset.get("temperature", {}),
+                        **method.temperature},
+        "weighting": {**defaults(METHODS.get(key).weighting), **preset.get("weighting", {}), **method.weighting}}
+    loss = build_loss(method.name, domain=domain, temperature=method.temperature, weighting=method.weighting,
+                      **method.loss)
+    point = {}
+    for knob, rng in space.items():
+        section, argument = knob.split(".", 1)
+        value = getattr(loss, argument, None) if section == "loss" else sections.get(section, {}).get(argument)
+        inside = (isinstance(value, (int, float)) and not isinstance(value, bool) and rng.low <= value <= rng.high
+                  if isinstance(rng, FloatRange) else value in rng)
+        if inside:
+            point[knob] = float(value) if isinstance(rng, FloatRange) else value
+    return point
+
+
 def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune: TuneConfig,
                 train_fn: TrainFn, echo: Callable[[str], None] = print, *, metric: Metric = ACCURACY,
                 rounds: "int | None" = None, domain: str = "default",
@@ -192,7 +225,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     trial makes, the pruner's resource (default ``cfg.train.epochs``); ``domain``: whose search spaces and presets
     (``default`` or ``lm``); ``config_for``: the whole config at a chosen method section, for ``best_config.yaml``
     (default: ``cfg`` with its ``method`` replaced); ``set_prefix``: where the ``--set`` lines put the knobs;
-    ``start``: knob values a new study tries first (e.g. the method's preset; not with the grid sampler)."""
+    ``start``: knob values a new study tries first (default: :func:`start_point`, the method's own setting; not with
+    the grid sampler)."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
@@ -214,6 +248,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     url = tune.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, rounds))
     check_study(study, url, space, method_base(method, domain))
+    if start is None:
+        start = start_point(method, space, domain)
     if start and not study.trials and tune.sampler != "grid":
         study.enqueue_trial(start)  # counts against the budget like any trial
     budget = tune.trials

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import MethodConfig
 from ..errors import ThermoKDError
-from ..experiments.tune import TrainFn, build_space, knob_text, tune_method
+from ..experiments.tune import TrainFn, knob_text, tune_method
 from ..experiments.tune_metric import PERPLEXITY
 from .config import LMRunConfig, tuned_label
 
@@ -59,34 +59,6 @@ def _check_one_process(folder: Path, label: str, trials: int) -> None:
                             "run it without torchrun first, then --resume under torchrun")
 
 
-def preset_point(method: MethodConfig, space: dict[str, Any]) -> dict[str, Any]:
-    """The knobs of ``space`` at ``method``'s own setting (its LM preset, its variant's values, else the strategy's
-    defaults) where that lies inside the space: the first trial of a new study, so that the chosen setting scores
-    at least as well in the study (seed 0, validation) as the preset it is reported beside."""
-    import inspect
-
-    from ..methods import LM_PRESETS, METHODS, build_loss
-    from ..spaces import FloatRange
-
-    key = METHODS.key(method.name)
-    factory = METHODS.get(key).temperature
-    defaults = {name: p.default for name, p in inspect.signature(factory).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    temperature = {**defaults, **LM_PRESETS.get(key, {}).get("temperature", {}), **method.temperature}
-    loss = build_loss(method.name, domain="lm", temperature=method.temperature, weighting=method.weighting,
-                      **method.loss)
-    point = {}
-    for knob, rng in space.items():
-        section, argument = knob.split(".", 1)
-        value = temperature.get(argument) if section == "temperature" else \
-            getattr(loss, argument, None) if section == "loss" else method.weighting.get(argument)
-        inside = (isinstance(value, (int, float)) and not isinstance(value, bool) and rng.low <= value <= rng.high
-                  if isinstance(rng, FloatRange) else value in rng)
-        if inside:
-            point[knob] = float(value) if isinstance(rng, FloatRange) else value
-    return point
-
-
 def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Callable[[str], None] = print
                  ) -> tuple[dict[str, MethodConfig], dict[str, dict[str, Any]]]:
     """Run or continue the study of every label of ``cfg.tune.methods`` in ``out_dir/tune/LABEL``. Returns each
@@ -98,11 +70,10 @@ def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Calla
         options = copy.deepcopy(cfg.tune)
         options.study = f"{options.study}-{label}" if options.study else label  # one study per method
         method = cfg.method(label)
-        start = preset_point(method, build_space(method, options, domain="lm"))
         result = tune_method(cfg, method, label, Path(out_dir) / "tune" / label, options, train_fn, echo,
                              metric=PERPLEXITY, rounds=evaluation_rounds(cfg), domain="lm",
                              config_for=lambda method, label=label: tuned_config(cfg, label, method),
-                             set_prefix=f"variants.{tuned_label(label)}", start=start)
+                             set_prefix=f"variants.{tuned_label(label)}")
         chosen[tuned_label(label)] = result.method
         summary = {k: result.summary.get(k) for k in SUMMARY_KEYS}
         summary["best_val_ppl"] = PERPLEXITY.from_score(result.best_value)
