@@ -157,3 +157,32 @@ def test_the_fused_softmax_kernels_branch_gives_the_same_loss(monkeypatch, metho
     torch.testing.assert_close(grads_n[0], grads_p[0], rtol=1e-4, atol=1e-6)
     for key in out_p.stats:
         assert out_n.stats[key] == pytest.approx(out_p.stats[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_a_uniform_weighting_is_skipped_and_changes_nothing(monkeypatch, chunk):
+    """``mix`` 0 makes every weight 1 (CIST's LM preset): the loss computes none of it, and gives what CIST without a
+    weighting gives; a chunked CIST then visits the rows once (its τ is row-local once ρ is calibrated)."""
+    import thermokd.chunked as chunked
+    from thermokd.weighting import ConfidenceDifficulty
+
+    student, teacher, labels = _inputs(seed=7)
+    uniform = build_loss("cist", weighting={"mix": 0.0}, chunk_size=chunk)
+    bare = build_loss("cist", chunk_size=chunk)
+    bare.weighting = None
+    for loss in (uniform, bare):
+        loss.temperature.calibrate(teacher)
+    calls = []
+    monkeypatch.setattr(ConfidenceDifficulty, "log_unnormalised", lambda self, rows: calls.append(rows))
+    visits = []
+    first_pass = chunked.temperatures_by_chunk
+    monkeypatch.setattr(chunked, "temperatures_by_chunk", lambda *a, **k: visits.append(1) or first_pass(*a, **k))
+    import thermokd.loss as loss_module
+    monkeypatch.setattr(loss_module, "temperatures_by_chunk", chunked.temperatures_by_chunk)
+    out_u, grads_u = _run(uniform, student, teacher, labels)
+    out_b, grads_b = _run(bare, student, teacher, labels)
+    assert not calls and not visits
+    torch.testing.assert_close(out_u.loss, out_b.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads_u[0], grads_b[0], rtol=1e-6, atol=1e-7)
+    assert dict(out_u.stats).keys() == dict(out_b.stats).keys()
+    uniform.observe(out_u)

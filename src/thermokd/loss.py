@@ -154,7 +154,7 @@ class DistillationLoss(nn.Module):
         """Whether this call may check its inputs on the KD sum after the strategy and the weighting have run:
         they change no state then (CIST's first-batch calibration and running weight means do: checked first)."""
         return (self._routes()[1] and not self.temperature.needs_batch_preparation
-                and (self.weighting is None or not self.weighting.normalisation.stateful))
+                and (self._active_weighting() is None or not self.weighting.normalisation.stateful))
 
     @property
     def objective(self) -> RowObjective:
@@ -303,7 +303,7 @@ class DistillationLoss(nn.Module):
             objective = self.objective
             temps = self.temperature(rows)
             tau_t, tau_s = tau_columns(self.temperature, temps, rows.num_rows)
-            shares = self._weight_shares(rows) if self.weighting is not None else None
+            shares = self._weight_shares(rows) if self._active_weighting() is not None else None
             factor = objective.factor(objective.row_scale(tau_t, tau_s, temps.scale), shares)
             dkd = None
             # the teacher's entropy (a statistic) is computed only if a statistic is read
@@ -348,7 +348,7 @@ class DistillationLoss(nn.Module):
         try:
             temps = self.temperature(rows)
             tau_t, tau_s = tau_columns(self.temperature, temps, n)
-            shares = self._weight_shares(rows) if self.weighting is not None else None
+            shares = self._weight_shares(rows) if self._active_weighting() is not None else None
             scale = self.objective.row_scale(tau_t, tau_s, temps.scale)
             row_coef = RowObjective.factor(scale, shares) if shares is not None else \
                 (1.0 / n if scale is None else scale / n)
@@ -397,6 +397,11 @@ class DistillationLoss(nn.Module):
 
         return LossOutput(total, terms, LazyStats({"loss": total, **terms}, pending, {"rows": float(n)}), progress)
 
+    def _active_weighting(self) -> "Weighting | None":
+        """The weighting, or None when its weights are all 1 (``Weighting.uniform``): then none of it runs."""
+        weighting = self.weighting
+        return None if weighting is None or weighting.uniform else weighting
+
     def _weight_shares(self, rows: Rows) -> Tensor:
         """The weights divided by the number of rows, ``[N]``: the weighting's one hook, then its declared
         normalisation (``thermokd.normalisation``); no ×N then ÷N."""
@@ -412,10 +417,11 @@ class DistillationLoss(nn.Module):
         temps = None
         if self.kd_weight:
             kd_coef = self.kd_weight * self._warmup(plan.progress)
-            one_visit = (self.weighting is None and not strategy.learnable and not strategy.needs_batch_preparation
+            weighting = self._active_weighting()
+            one_visit = (weighting is None and not strategy.learnable and not strategy.needs_batch_preparation
                          and strategy.row_local)
             if not one_visit:
-                temps = temperatures_by_chunk(strategy, self.weighting, plan, self.check_inputs)
+                temps = temperatures_by_chunk(strategy, weighting, plan, self.check_inputs)
         result = sweep(dataclasses.replace(self.objective, precise=True), plan, kd_coef, self.ce_weight,
                        self.check_inputs, temps, strategy)
         extras: tuple = (None, None, None)
@@ -462,7 +468,7 @@ class DistillationLoss(nn.Module):
         if self._fixed_tau_kl():  # a fixed τ and no weighting: nothing to update
             return
         self.temperature.observe(output)
-        if self.weighting is not None:
+        if self._active_weighting() is not None:
             self.weighting.observe(output)
 
     def extra_repr(self) -> str:

@@ -55,6 +55,12 @@ class Weighting(nn.Module):
         """``w_i/N`` of the declared normalisation for the ``log w̃`` of every valid row (what the loss uses)."""
         return norm.shares(log_w, self.normalisation, self._buffers.get("running_mean"), self.step_means)
 
+    @property
+    def uniform(self) -> bool:
+        """Every weight is 1 whatever the rows (``mix`` 0: the blend is all uniform), so the loss skips computing
+        them: no weights, no weight statistics, nothing to observe."""
+        return self.normalisation.mix == 0.0
+
     def forward(self, rows: Rows) -> Tensor:  # not a hook: see _LOSS_OWNED
         """The weights ``[N]`` of these (valid) rows: mean 1 under a ``batch`` normalisation."""
         return self.shares_of(self.log_unnormalised(rows)) * rows.num_rows

@@ -65,6 +65,9 @@ class CIST(TemperatureStrategy):
 
     name = "cist"
     host_floats = ("ratio",)  # ρ is read as a float: at calibration and load, never per step
+    # once ρ is calibrated (needs_batch_preparation is False until then), τ_i reads row i, ρ and own-ratio's running
+    # scale only; own-ratio's statistic is a mean over rows, which a chunked visit accumulates exactly
+    row_local = True
 
     def __init__(self, tau0: float = 4.0, ratio: "float | str" = "auto", tau_min: float = 0.5,
                  tau_max: float = 20.0, student: str = "interpolate", gamma: float = 0.75, student_floor: float = 0.0,
