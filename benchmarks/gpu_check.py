@@ -1,7 +1,8 @@
 """GPU figures for thermokd's hot path (run by ``benchmarks/gpu_check.sh`` on a CUDA machine).
 
     python benchmarks/gpu_check.py step-rate [--device cuda] [--model resnet8x4] [--rounds 6] [--steps 50]
-    python benchmarks/gpu_check.py fused-memory [--shape 8,512,768,50304] [--chunk N] [--method kd] [--profile N]
+    python benchmarks/gpu_check.py fused-memory [--shape 8,512,768,50304] [--chunk N] [--method kd] [--domain lm]
+        [--profile N]
     python benchmarks/gpu_check.py bf16
 
 ``step-rate``: training steps per second of a CIFAR-style ResNet student (batch 64, 32×32, 100 classes, teacher
@@ -106,7 +107,7 @@ def fused_memory(args) -> None:
     head_s, head_t = torch.nn.Linear(hidden, vocab).to(device), torch.nn.Linear(hidden, vocab).to(device)
     head_t.requires_grad_(False)
     labels = torch.randint(0, vocab, (b * length,), generator=g).to(device)
-    loss_fn = tk.build_loss(args.method, ignore_index=None)
+    loss_fn = tk.build_loss(args.method, domain=args.domain, ignore_index=None)
 
     def plain():
         with torch.no_grad():
@@ -142,7 +143,8 @@ def fused_memory(args) -> None:
     ratios = [f / p for f, p in zip(times["fused"], times["plain"])]
     t_p, t_f = statistics.median(times["plain"]), statistics.median(times["fused"])
     chunk = args.chunk or default_chunk(vocab, device)
-    print(f"fused-memory: {args.method}, {b}x{length} tokens, hidden {hidden}, V={vocab}, chunk {chunk}"
+    name = args.method + (" (LM preset)" if args.domain == "lm" else "")
+    print(f"fused-memory: {name}, {b}x{length} tokens, hidden {hidden}, V={vocab}, chunk {chunk}"
           f"{'' if args.chunk else ' (the default)'}, float32, {args.rounds} interleaved rounds, "
           f"{torch.cuda.get_device_name(device)}")
     print(f"  plain {peaks['plain'] / 2**20:.0f} MiB {t_p * 1e3:.1f} ms; fused {peaks['fused'] / 2**20:.0f} MiB "
@@ -197,6 +199,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="fused-memory: rows per chunk (default: the "
                                                                    "library's default for the device and vocabulary)")
     parser.add_argument("--method", default="kd", help="fused-memory: the method whose loss is measured")
+    parser.add_argument("--domain", choices=("default", "lm"), default="default",
+                        help="fused-memory: the method's defaults or its language-model preset")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="fused-memory: also print the N kernels taking the most device time in one call of each")
     args = parser.parse_args()

@@ -5,7 +5,7 @@
 #      fused = plain on the device, bf16 autocast) and the other tests that need CUDA;
 #   2. steps/s of a ResNet student with thermokd's loss against a hand-written KD (target >= 0.97x);
 #   3. the fused linear-layer loss's peak memory and time at 8x512 tokens, hidden 768, V=50304 (kd at the default
-#      chunk and at 256; cist);
+#      chunk and at 256; cist, with its weights and at its LM preset);
 #   4. every method under bf16 autocast;
 #   5. the loss's own time against a hand-written Hinton KD at [256, 100] and [4096, 32000] (loss_overhead.py).
 # Every part runs even if an earlier one fails; the failures are listed at the end and the exit status is 1.
@@ -66,6 +66,8 @@ part "fused-memory at chunk 256 (the previous default, to compare)" 45 "$PY" ben
   --rounds 5 --chunk 256
 part "fused-memory, cist (with its weights: two visits of the rows)" 45 "$PY" benchmarks/gpu_check.py fused-memory \
   --method cist --rounds 5
+part "fused-memory, cist at its LM preset (w = 1: one visit)" 45 "$PY" benchmarks/gpu_check.py fused-memory \
+  --method cist --domain lm --rounds 5
 part "bf16" 30 "$PY" benchmarks/gpu_check.py bf16
 part "loss-overhead" 60 "$PY" benchmarks/loss_overhead.py --device cuda --large --methods kd,kd-no-ignore,cist \
   --rounds 20 --block 20 --large-rounds 8
