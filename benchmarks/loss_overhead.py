@@ -15,6 +15,8 @@ speed hit every variant alike, and the quartiles show how much one round's ratio
 ``--clock cpu`` times each block by the process's CPU time instead of the wall clock: on a machine shared with
 other jobs the wall clock also counts the time this process waited for a core (use it with one thread).
 ``--device cuda`` runs on the GPU, synchronising before and after each block (wall clock).
+A method name ending in ``-no-ignore`` runs it with ``ignore_index=None``; one ending in ``-lm`` at its
+language-model preset (e.g. ``cist-lm``: CIST without its weights, w ≡ 1).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def hinton_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 def thermokd_step(method: str, device: torch.device) -> Callable:
     """One training step's loss work with thermokd: forward, and ``observe`` after the backward."""
     name, options = (method[: -len("-no-ignore")], {"ignore_index": None}) if method.endswith("-no-ignore") \
-        else (method, {})
+        else (method[: -len("-lm")], {"domain": "lm"}) if method.endswith("-lm") else (method, {})
     loss_fn = tk.build_loss(name, **options).to(device)
 
     def step(student, teacher, labels):
