@@ -186,3 +186,21 @@ def test_a_uniform_weighting_is_skipped_and_changes_nothing(monkeypatch, chunk):
     torch.testing.assert_close(grads_u[0], grads_b[0], rtol=1e-6, atol=1e-7)
     assert dict(out_u.stats).keys() == dict(out_b.stats).keys()
     uniform.observe(out_u)
+
+
+@pytest.mark.parametrize("rule", ["teacher", "ratio", "interpolate", "own-ratio"])
+def test_cist_in_one_visit_equals_the_plain_loss(rule):
+    """Without a weighting, a calibrated CIST's τ is computed chunk by chunk in the loss's own visit (it is
+    row-local): value, gradient, statistics and own-ratio's running scale as the plain loss gives them."""
+    student, teacher, labels = _inputs(seed=11)
+    plain, chunked = _pair("cist", 4, temperature={"student": rule}, weighting={"mix": 0.0})
+    for _ in range(2):  # the second step uses own-ratio's scale from the first observe
+        out_p, grads_p = _run(plain, student, teacher, labels)
+        out_c, grads_c = _run(chunked, student, teacher, labels)
+        torch.testing.assert_close(out_c.loss, out_p.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads_c[0], grads_p[0], rtol=1e-4, atol=1e-6)
+        for key in out_p.stats:
+            assert out_c.stats[key] == pytest.approx(out_p.stats[key], rel=1e-4, abs=1e-6), key
+        plain.observe(out_p)
+        chunked.observe(out_c)
+    torch.testing.assert_close(chunked.temperature.state_dict(), plain.temperature.state_dict())
