@@ -40,6 +40,11 @@ def hinton_kd(student, teacher, labels, tau: float = 4.0):
                                                                      log_target=True) * tau * tau
 
 
+def _quartiles(values: "list[float]") -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return f"{q[0]:.3f}-{q[2]:.3f}"
+
+
 def step_rate(args) -> None:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -87,15 +92,9 @@ def step_rate(args) -> None:
     print(f"  hand-written KD: {base:.1f} steps/s")
     for name in ("kd", "cist"):
         ratios = [a / b for a, b in zip(rates[name], rates["hand-written"])]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         print(f"  thermokd {name:5s} {statistics.median(rates[name]):.1f} steps/s = "
-              f"{statistics.median(rates[name]) / base:.3f}x [{q[0]:.3f}-{q[2]:.3f}]"
+              f"{statistics.median(rates[name]) / base:.3f}x [{_quartiles(ratios)}]"
               + ("   target >= 0.97x" if name == "kd" else ""))
-
-
-def _quartiles(values: "list[float]") -> str:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return f"{q[0]:.3f}-{q[2]:.3f}"
 
 
 def fused_memory(args) -> None:

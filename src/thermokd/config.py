@@ -15,10 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError, ThermoKDError
 from .registry import normalise
+
+if TYPE_CHECKING:
+    from .loss import DistillationLoss
 
 
 @dataclass
@@ -112,6 +115,14 @@ class MethodConfig:
     temperature: dict[str, Any] = field(default_factory=dict)
     weighting: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, domain: str = "default", **defaults: Any) -> "DistillationLoss":
+        """The ``DistillationLoss`` this section describes, at the ``domain``'s presets (``default`` or ``lm``);
+        ``defaults``: loss options the section's own ``loss`` options override."""
+        from .methods import build_loss
+
+        return build_loss(self.name, domain=domain, temperature=self.temperature, weighting=self.weighting,
+                          **{**defaults, **self.loss})
 
 
 @dataclass
@@ -231,7 +242,7 @@ class RunConfig:
 def validate_method(method: MethodConfig, where: str) -> None:
     """Normalise ``method.name`` and build its loss once, so that a typo fails at load time, not mid-run."""
     from .errors import ThermoKDError
-    from .methods import build_loss, method_names
+    from .methods import method_names
 
     name = normalise(method.name)
     for part in ("temperature", "weighting", "loss"):
@@ -241,7 +252,7 @@ def validate_method(method: MethodConfig, where: str) -> None:
         raise ConfigError(f"{where}.name: unknown method {method.name!r}; allowed: {', '.join(method_names())}")
     method.name = name
     try:
-        build_loss(name, temperature=method.temperature, weighting=method.weighting, **method.loss)
+        method.build()
     except ThermoKDError as exc:
         raise ConfigError(f"{where} (temperature/weighting/loss options): {exc}") from None
 

@@ -13,7 +13,6 @@ from ..config import RunConfig
 from ..errors import ThermoKDError
 from ..files import FORMAT, digest, read_json
 from ..loss import DistillationLoss
-from ..methods import build_loss
 
 # fields that change how a run is shown or saved, not what it computes
 _COSMETIC = {"train.progress_bar", "train.eval_batch_size", "train.checkpoint_every"}
@@ -39,8 +38,7 @@ def method_loss(cfg: RunConfig) -> DistillationLoss:
     """The run's loss, from its ``method`` section. Class labels are never ignored, so the loss is built with
     ``ignore_index=None`` unless the section's ``loss`` options name one: looking for ignored labels would make
     the host wait for the device at every step on a GPU (it needs to know how many rows remain)."""
-    m = cfg.method
-    return build_loss(m.name, temperature=m.temperature, weighting=m.weighting, **{"ignore_index": None, **m.loss})
+    return cfg.method.build(ignore_index=None)
 
 
 def loss_settings(loss: DistillationLoss) -> str:

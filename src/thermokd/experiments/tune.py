@@ -45,8 +45,6 @@ def build_space(method: MethodConfig, tune: TuneConfig, domain: str = "default")
     ``tune.space`` overriding or adding knobs (``"LOW:HIGH[:log]"`` strings or lists of choices) and the knobs of
     ``tune.hold`` left out (the method keeps its own setting of them); each knob is checked by building the method
     with it."""
-    from ..methods import build_loss
-
     space = method_space(method.name, kd_weight=tune.kd_weight, domain=domain)
     held = set()
     for name in tune.hold:  # SECTION.ARGUMENT only: a held knob need not be one of this method's
@@ -74,8 +72,7 @@ def build_space(method: MethodConfig, tune: TuneConfig, domain: str = "default")
         check_knob(name, knob)
         probe = apply_params(method, {name: knob.low if isinstance(knob, FloatRange) else knob[0]})
         try:
-            build_loss(probe.name, domain=domain, temperature=probe.temperature, weighting=probe.weighting,
-                       **probe.loss)
+            probe.build(domain)
         except ThermoKDError as exc:
             raise ThermoKDError(f"knob {name} does not fit method {method.name}: {exc}") from None
     return space
@@ -159,10 +156,8 @@ def method_base(method: MethodConfig, domain: str = "default") -> dict[str, Any]
     import dataclasses
 
     from ..engine.identity import loss_settings
-    from ..methods import build_loss
 
-    loss = build_loss(method.name, domain=domain, temperature=method.temperature, weighting=method.weighting,
-                      **method.loss)
+    loss = method.build(domain)
     return {"method": json.loads(json.dumps(dataclasses.asdict(method))), "loss": loss_settings(loss)}
 
 
@@ -186,7 +181,7 @@ def start_point(method: MethodConfig, space: dict[str, Knob], domain: str = "def
     setting scores at least as well in the study (seed 0, validation) as the setting it is reported beside."""
     import inspect
 
-    from ..methods import LM_PRESETS, METHODS, build_loss
+    from ..methods import LM_PRESETS, METHODS
 
     def defaults(factory) -> dict[str, Any]:
         if factory is None:
@@ -200,8 +195,7 @@ def start_point(method: MethodConfig, space: dict[str, Knob], domain: str = "def
         "temperature": {**defaults(METHODS.get(key).temperature), **preset.get("temperature", {}),
                         **method.temperature},
         "weighting": {**defaults(METHODS.get(key).weighting), **preset.get("weighting", {}), **method.weighting}}
-    loss = build_loss(method.name, domain=domain, temperature=method.temperature, weighting=method.weighting,
-                      **method.loss)
+    loss = method.build(domain)
     point = {}
     for knob, rng in space.items():
         section, argument = knob.split(".", 1)

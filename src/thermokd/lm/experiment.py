@@ -41,14 +41,7 @@ SAMPLE_PROMPT = "Once upon a time"
 def method_loss(cfg: LMRunConfig, label: str) -> DistillationLoss:
     """The loss for a method label at the LM presets (``build_loss(name, domain="lm")``) with the label's
     overrides (``kd@TAU``, a variant of ``cfg.variants``)."""
-    return _lm_loss(cfg.method(label))
-
-
-def _lm_loss(method: MethodConfig) -> DistillationLoss:
-    from ..methods import build_loss
-
-    return build_loss(method.name, domain="lm", temperature=method.temperature, weighting=method.weighting,
-                      **method.loss)
+    return cfg.method(label).build("lm")
 
 
 def resolve_device(cfg: LMRunConfig) -> tuple[str, str]:
@@ -254,10 +247,7 @@ class _Setup:
     def trial(self, method: Any, folder: Path, on_eval: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """A tuning trial (:data:`thermokd.experiments.tune.TrainFn`): seed 0 at ``method``'s setting, scored on
         the validation documents; its checkpoints are removed however it ends (finished, pruned, failed)."""
-        from ..methods import build_loss
-
-        loss_fn = build_loss(method.name, domain="lm", temperature=method.temperature, weighting=method.weighting,
-                             **method.loss)
+        loss_fn = method.build("lm")
         try:
             result, _ = self.train(loss_fn, 0, folder, False, on_eval)
         finally:
@@ -291,7 +281,7 @@ def _nothing_to_train(cfg: LMRunConfig, out_dir: Path) -> "dict[str, Any] | None
     expected = {}  # label -> (its setting, its loss as built), the same for every seed
     for label in cfg.run_labels():
         method = MethodConfig(**chosen[label]) if label in chosen else cfg.method(label)
-        expected[label] = (_setting(method), loss_settings(_lm_loss(method)))
+        expected[label] = (_setting(method), loss_settings(method.build("lm")))
     info = None
     for seed in range(cfg.seeds):
         for label, (setting, built) in expected.items():
