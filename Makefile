@@ -97,7 +97,7 @@ bench-cist-ablation: $(STAMP) data
 # The fair 20 Newsgroups benchmark (frozen MiniLM teacher, student on every post): measured 44 min on one thread
 # beside other jobs (tuning 34.6 min, 15 final runs 9.3 min), with the MiniLM features already cached.
 bench-text-tuned: $(STAMP)
-	$(VENV)/bin/thermokd compare --config 20newsgroups --methods ce,kd,cist,dts,entropy-target --seeds 3 --tune 12 \
+	$(VENV)/bin/thermokd compare --config 20newsgroups --methods ce,kd,cist,dts,entropy-target --seeds 5 --tune 12 \
 		--out benchmarks/results/20newsgroups-tuned --no-progress
 
 # 20 Newsgroups built to make distillation matter (it barely does: docs/text.md): MiniLM + TF-IDF teacher on all posts,
