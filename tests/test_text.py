@@ -357,12 +357,63 @@ def test_compare_command_on_tiny_text(tiny, tmp_path):
     assert len(list((cache / "features").glob("*.safetensors"))) == 3  # train, validation, test
 
 
-def test_text_has_no_augmentation(tiny, tmp_path):
+def test_text_takes_only_token_augmentations(tiny, tmp_path):
     from thermokd.engine.run import Experiment
 
     cfg = config_from_dict(tiny_config(tiny, data={"augment": "crop"}))
-    with pytest.raises(ThermoKDError, match="data.augment='crop' does not apply to token ids"):
+    with pytest.raises(ThermoKDError, match="data.augment='crop' does not apply to token ids; use one of: "
+                                            "default, none, mask"):
         Experiment(cfg, tmp_path)
+    with pytest.raises(ThermoKDError, match="data.augment='mask' does not apply to images or feature vectors; "
+                                            "use one of: default, none, crop, crop-flip"):
+        Experiment(config_from_dict({"data": {"name": "digits", "augment": "mask"}}), tmp_path)
+    with pytest.raises(ThermoKDError, match=r"data.mask_rate must be in \(0, 1\), got 1.0"):
+        config_from_dict(tiny_config(tiny, data={"augment": "mask", "mask_rate": 1.0})).validate()
+
+
+def test_masking_replaces_ordinary_word_pieces_only():
+    from thermokd.data.augment import TokenMasking, make_augment
+
+    masking = TokenMasking(rate=0.3, mask_id=4, special_ids=(0, 2, 3))
+    x = torch.randint(5, 40, (400, 20))
+    x[:, 0], x[:, 15], x[:, 16:] = 2, 3, 0  # [CLS] words [SEP] padding
+    augment = make_augment("mask", (20,), masking=masking)
+    out = augment(x, torch.Generator().manual_seed(1))
+    changed = out != x
+    assert (out[changed] == 4).all() and not changed[:, 0].any() and not changed[:, 15:].any()
+    assert changed[:, 1:15].float().mean().item() == pytest.approx(0.3, abs=0.02)
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(1)))  # seeded
+    assert not torch.equal(out, augment(x, torch.Generator().manual_seed(2)))
+    with pytest.raises(ThermoKDError, match="needs token ids and the tokenizer's mask token"):
+        make_augment("mask", (1, 8, 8), masking=masking)
+    with pytest.raises(ThermoKDError, match=r"masking rate must be in \(0, 1\), got 0.0"):
+        TokenMasking(rate=0.0, mask_id=4, special_ids=())
+
+
+def test_masked_views_are_distilled_with_the_teachers_logits_on_each(tiny, tmp_path):
+    """With ``augment: mask`` the students train on fixed masked views of the documents, and the teacher's logits
+    are those of each view (computed once); the masking rate is part of the teacher's key."""
+    from thermokd.engine.run import Experiment
+    from thermokd.engine.teacher import teacher_key
+    from thermokd.models.pretrained import PretrainedTextClassifier
+
+    cfg = config_from_dict(tiny_config(tiny, data={"augment": "mask", "augment_views": 2, "mask_rate": 0.5}))
+    plain = config_from_dict(tiny_config(tiny))
+    assert teacher_key(cfg, "d") != teacher_key(plain, "d")
+    other = copy.deepcopy(cfg)
+    other.data.mask_rate = 0.25
+    assert teacher_key(other, "d") != teacher_key(cfg, "d")
+    experiment = Experiment(cfg, tmp_path)
+    mask_id, raw = VOCAB.index("[MASK]"), experiment.bundle.train.x
+    views = [experiment.augmented(1, v) for v in range(2)]
+    assert all((v != raw).any() and (v[v != raw] == mask_id).all() for v in views) and not torch.equal(*views)
+    teacher = PretrainedTextClassifier(len(VOCAB), 3, max_len=16, path=str(tiny / "bert"), finetune_layers=1).eval()
+    data = experiment.cached_data(teacher, tmp_path, torch.device("cpu"), True)
+    for epoch in range(2):
+        with torch.no_grad():
+            expected = teacher(data.inputs_for_epoch(epoch))
+        assert torch.allclose(data.teacher_logits_for_epoch(epoch), expected, atol=1e-5)
+    assert not torch.equal(data.inputs_for_epoch(0), data.inputs_for_epoch(1))
 
 
 # ---------------------------------------------------------------------------------------------------- real MiniLM

@@ -497,6 +497,19 @@ def test_identity_compares_data_by_content_not_path():
     assert differences(ident("x", "d", 0.05), ident("x", "d", 0.1)) == ["train.optimizer.lr: 0.05 -> 0.1"]
 
 
+def test_a_field_added_after_a_run_was_made_is_the_same_run_at_its_default():
+    from thermokd.config import RunConfig
+    from thermokd.engine.identity import differences
+
+    now = {"config": RunConfig().to_dict(), "teacher_key": "k", "data": "d"}
+    before = {**now, "config": {**now["config"], "data": dict(now["config"]["data"])}}
+    del before["config"]["data"]["mask_rate"]  # a run recorded before data.mask_rate existed
+    assert differences(before, now) == []
+    changed = {**now, "config": {**now["config"], "data": {**now["config"]["data"], "mask_rate": 0.3}}}
+    assert differences(before, changed) == ["data.mask_rate: '(absent)' -> 0.3"]
+    assert differences(now, changed) == ["data.mask_rate: 0.15 -> 0.3"]
+
+
 def hold_lock(folder: Path, seconds: float = 1.5) -> subprocess.Popen:
     """Another process that holds ``folder``'s lock for ``seconds`` (returned once it holds it)."""
     holder = subprocess.Popen([sys.executable, "-c", (

@@ -17,7 +17,7 @@ from .errors import ThermoKDError
 
 BUNDLED = Path(__file__).parent / "configs"
 PRESETS = {"digits": "digits.yaml", "fashion-mnist": "fashion_mnist.yaml", "20newsgroups": "20newsgroups.yaml",
-           "r8": "r8.yaml", "r52": "r8.yaml"}
+           "r8": "r8.yaml", "r52": "r8.yaml", "trec": "trec.yaml", "trec6": "trec.yaml"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +68,7 @@ def load_run_config(args, extra_overrides: "list[str] | None" = None):
 def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--config", help="YAML config file, or a bundled config name (digits, fashion_mnist, ...)")
     p.add_argument("--data", help="digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR, "
-                   "20newsgroups, r8, r52, tab:PREFIX")
+                   "20newsgroups, r8, r52, trec, trec6, tab:PREFIX")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--cache", type=Path, help="teacher cache folder (default $THERMOKD_CACHE or ~/.cache/thermokd)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

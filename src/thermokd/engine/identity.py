@@ -78,6 +78,8 @@ def differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str
     skip = set(_COSMETIC)
     if recorded.get("data") is not None or requested.get("data") is None:
         skip.add("data.name")  # the data's content digest decides, not the path it was read from
+    # a field added to the config after the run was made, asked for at its default, is what the run did
+    skip |= {k for k, v in _flatten(RunConfig().to_dict()).items() if k not in old and new.get(k, v) == v}
     lines = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
              for k in sorted(set(old) | set(new)) if k not in skip and old.get(k) != new.get(k)]
     if "?" not in (recorded.get("teacher_key"), requested.get("teacher_key")) \

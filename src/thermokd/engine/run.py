@@ -38,7 +38,8 @@ class Experiment:
     """Data, model factory and augmentation for a config, shared by the teacher and every student run."""
 
     def __init__(self, cfg: RunConfig, cache_dir: "Path | None" = None) -> None:
-        from ..data import load_data, make_augment, student_subset
+        from ..data import IMAGE_AUGMENTATIONS, TOKEN_AUGMENTATIONS, load_data, make_augment, student_subset
+        from ..data.text import token_masking
 
         self.cfg = cfg
         self.bundle = load_data(cfg.data.name, seed=cfg.teacher.seed, max_len=cfg.data.max_len,
@@ -46,12 +47,18 @@ class Experiment:
                                 val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
         # the training examples a student sees (None: all); the teacher always trains on every one
         self.student_index = student_subset(self.bundle.train.y, cfg.data.student_train_size, cfg.data.val_seed)
-        if self.bundle.is_text and cfg.data.augment not in ("default", "none"):
-            raise ThermoKDError(f"data.augment={cfg.data.augment!r} does not apply to token ids; "
-                                "use 'none' or 'default' for text")
         name = self.bundle.default_augment if cfg.data.augment == "default" else cfg.data.augment
+        allowed = TOKEN_AUGMENTATIONS if self.bundle.is_text else IMAGE_AUGMENTATIONS
+        if name not in allowed:
+            raise ThermoKDError(f"data.augment={cfg.data.augment!r} does not apply to "
+                                f"{'token ids' if self.bundle.is_text else 'images or feature vectors'}; "
+                                f"use one of: default, {', '.join(allowed)}")
         self.augment_name = name
-        self._augment = make_augment(name, self.bundle.input_shape)
+        # what names the augmentation in cache keys: the masking rate is part of it
+        self.augment_tag = f"mask-{cfg.data.mask_rate!r}" if name == "mask" else name
+        self._augment = make_augment(name, self.bundle.input_shape,
+                                     masking=token_masking(cfg.data.tokenizer, cfg.data.mask_rate, self.bundle.pad_id)
+                                     if name == "mask" else None)
         self.data_digest = data_digest(self.bundle)  # what caches and resumed runs are keyed by, not the path
 
     def build_model(self, name: str, model_args: dict[str, Any]) -> nn.Module:
@@ -98,8 +105,8 @@ class Experiment:
         k = 1 if self.augment_name == "none" else self.cfg.data.augment_views
         view_seed = self.cfg.teacher.seed + 1
         views = [self.augmented(view_seed, v) for v in range(k)]
-        tag = hashlib.sha256(f"{self.augment_name}-{k}-{view_seed}".encode()).hexdigest()[:10]
-        key = digest("logits", teacher_key(self.cfg, self.data_digest), self.augment_name, str(k), str(view_seed))
+        tag = hashlib.sha256(f"{self.augment_tag}-{k}-{view_seed}".encode()).hexdigest()[:10]
+        key = digest("logits", teacher_key(self.cfg, self.data_digest), self.augment_tag, str(k), str(view_seed))
         logits = cached_view_logits(teacher, views, tdir / f"logits-{tag}.safetensors", key, device,
                                     self.cfg.train.eval_batch_size, is_main)
         return self._epoch_data(lambda epoch: views[epoch % k], lambda epoch: logits[epoch % k])

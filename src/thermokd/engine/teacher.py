@@ -32,6 +32,8 @@ def teacher_spec(cfg: RunConfig, data_digest: str) -> dict[str, Any]:
             "validation": [cfg.data.val_fraction, cfg.data.val_seed]}  # the teacher trains without the val split
     if is_text_spec(cfg.data.name):
         spec["text"] = {"max_len": cfg.data.max_len, "tokenizer": cfg.data.tokenizer}
+    if cfg.data.augment == "mask":  # absent otherwise, so existing keys stay valid
+        spec["mask_rate"] = cfg.data.mask_rate
     return spec
 
 

@@ -164,6 +164,6 @@ def _check_text(name: str, entry: ModelEntry, vocab_size: "int | None", pad_id: 
                             f"{', '.join(TEXT_MODELS)}")
     if vocab_size is None or int(vocab_size) < 1:
         raise ThermoKDError(f"model {name!r} reads token ids: use it with a text data set (20newsgroups, r8, r52, "
-                            "tab:PREFIX)")
+                            "trec, trec6, tab:PREFIX)")
     if not 0 <= int(pad_id) < int(vocab_size):
         raise ThermoKDError(f"model {name!r}: pad_id must be in [0, {vocab_size}), got {pad_id}")
