@@ -219,6 +219,19 @@ def _stderr_line(argv, capsys) -> str:
     return lines[0]
 
 
+def test_the_tuning_budget_is_checked_in_one_place_under_each_name():
+    from thermokd.config import ConfigError
+
+    for tune, message in (({"trials": -1}, r"compare.tune.trials must be >= 0 \(the tuning budget\), got -1"),
+                          ({"grid_points": 0}, "compare.tune.grid_points must be >= 1"),
+                          ({"min_rounds": 0}, "compare.tune.min_rounds must be >= 1 .the first round")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"compare": {"tune": tune}}).validate()
+    with pytest.raises(ConfigError, match="--trials must be >= 1"):
+        TuneConfig(trials=0).validate(lambda field: "--" + field.replace("_", "-"), min_trials=1)
+    TuneConfig().validate(str)  # no tuning (0 trials) is allowed where the caller allows it
+
+
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("THERMOKD_CACHE", str(tmp_path / "cache"))
     cfg = str(write_config(tmp_path / "c.yaml"))
@@ -229,6 +242,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert "--space" in _stderr_line(base + ["--space", "tau="], capsys)
     assert "--trials" in _stderr_line(base + ["--trials", "0"], capsys)
     assert "--min-rounds" in _stderr_line(base + ["--min-rounds", "0"], capsys)
+    assert "--grid-points must be >= 1 (values per float knob), got 0" in \
+        _stderr_line(base + ["--grid-points", "0"], capsys)
     assert "storage" in _stderr_line(base + ["--storage", "nosuchdb://x/y"], capsys)
     assert "unknown method" in _stderr_line(["tune", "--config", cfg, "--method", "magic", "--out",
                                              str(tmp_path / "t")], capsys)

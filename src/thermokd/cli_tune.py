@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import copy
 
-from .errors import ThermoKDError
-
 DEFAULT_TRIALS = 20
 
 
@@ -49,12 +47,7 @@ def tune_options(args, base) -> "object":
         name, knob = parse_knob(item)
         tune.space[name] = knob
     tune.hold = list(dict.fromkeys([*tune.hold, *(args.hold or [])]))
-    if tune.trials < 1:
-        raise ThermoKDError(f"--trials must be >= 1 (the tuning budget), got {tune.trials}")
-    if tune.grid_points < 1:
-        raise ThermoKDError(f"--grid-points must be >= 1, got {tune.grid_points}")
-    if tune.min_rounds < 1:
-        raise ThermoKDError(f"--min-rounds must be >= 1 (the first round a trial may be pruned), got {tune.min_rounds}")
+    tune.validate(lambda field_name: "--" + field_name.replace("_", "-"), min_trials=1)
     return tune
 
 

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -170,6 +171,17 @@ class TuneConfig:
     study: "str | None" = None
     seed: int = 0
 
+    def validate(self, name: "Callable[[str], str]", min_trials: int = 0) -> None:
+        """Raise a ConfigError unless ``trials >= min_trials`` (0: no tuning, where that is allowed), and
+        ``grid_points`` and ``min_rounds`` are >= 1; ``name(field)`` is how the message names a field (a config
+        key or a command-line flag)."""
+        for field_name, value, least, what in (("trials", self.trials, min_trials, "the tuning budget"),
+                                               ("grid_points", self.grid_points, 1, "values per float knob"),
+                                               ("min_rounds", self.min_rounds, 1,
+                                                "the first round a trial may be pruned")):
+            if value < least:
+                raise ConfigError(f"{name(field_name)} must be >= {least} ({what}), got {value!r}")
+
 
 @dataclass
 class CompareConfig:
@@ -217,10 +229,7 @@ class RunConfig:
                               f"train.grad_accum={self.train.grad_accum}")
         validate_method(self.method, "method")
         _positive("compare.seeds", self.compare.seeds)
-        if self.compare.tune.trials < 0 or self.compare.tune.grid_points < 1:
-            raise ConfigError(f"compare.tune.trials must be >= 0 and grid_points >= 1, got "
-                              f"{self.compare.tune.trials} and {self.compare.tune.grid_points}")
-        _positive("compare.tune.min_rounds", self.compare.tune.min_rounds)
+        self.compare.tune.validate(lambda field_name: f"compare.tune.{field_name}")
         for label, variant in self.compare.variants.items():
             key = normalise(label)
             if key in method_names() or "@" in key or "," in key or not key:

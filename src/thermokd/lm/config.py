@@ -175,12 +175,7 @@ class LMRunConfig:
         tune.methods = list(dict.fromkeys(normalise(label) for label in tune.methods))
         if not tune.methods:
             return
-        if tune.min_rounds < 1:
-            raise ConfigError(f"tune.min_rounds must be >= 1 (the first round a trial may be pruned), got "
-                              f"{tune.min_rounds!r}")
-        if tune.trials < 1 or tune.grid_points < 1:
-            raise ConfigError(f"tune.trials and tune.grid_points must be >= 1, got {tune.trials!r} and "
-                              f"{tune.grid_points!r}")
+        tune.validate(lambda field_name: f"tune.{field_name}", min_trials=1)
         for label in tune.methods:
             if label.startswith("kd@"):
                 raise ConfigError(f"tune.methods: {label} is KD at a fixed τ; tune kd instead")
