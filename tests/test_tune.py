@@ -185,6 +185,27 @@ def test_tiny_tune_on_digits_in_seconds_and_its_setting_is_accepted(tmp_path, mo
     assert main(["distill", "--config", best_config, "--out", str(tmp_path / "d2"), "--no-progress"]) == 0
 
 
+def test_compare_takes_a_study_that_tune_ran_in_its_folder(tmp_path, monkeypatch, capsys):
+    """A compare's tuning split over processes: ``tune --out OUT/tune/LABEL`` with the config's budget makes the
+    study ``compare --out OUT`` would make, and compare uses it as it is (even without its trial folders)."""
+    import shutil
+
+    monkeypatch.setenv("THERMOKD_CACHE", str(tmp_path / "cache"))
+    cfg = str(write_config(tmp_path / "c.yaml"))
+    budget = ["--set", "compare.tune.trials=2"]
+    assert main(["tune", "--config", cfg, "--method", "kd", *budget, "--out", str(tmp_path / "cmp" / "tune" / "kd"),
+                 "--no-progress"]) == 0
+    made = json.loads((tmp_path / "cmp" / "tune" / "kd" / "tune.json").read_text())
+    shutil.rmtree(tmp_path / "cmp" / "tune" / "kd" / "trials")
+    capsys.readouterr()
+    assert main(["compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "3", *budget, "--out",
+                 str(tmp_path / "cmp"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "kd: tuned to temperature.tau=" in out and "kd trial" not in out  # no trial ran again
+    again = json.loads((tmp_path / "cmp" / "tune" / "kd" / "tune.json").read_text())
+    assert again["trials"] == made["trials"] and again["params"] == made["params"]
+
+
 def test_a_killed_tune_continues_its_study(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     monkeypatch.setenv("THERMOKD_CACHE", str(cache))
