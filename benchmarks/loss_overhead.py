@@ -32,6 +32,7 @@ import thermokd as tk
 
 METHODS = ["kd", "kd-no-ignore", "cist", "dts", "ctkd", "lskd", "dtkd", "dkd", "entropy-target", "erkd"]
 TARGETS = {"kd": 1.05, "cist": 1.2}
+SUFFIXES = {"-no-ignore": {"ignore_index": None}, "-lm": {"domain": "lm"}}  # a method name's suffix: build options
 PROGRESS = tk.Progress(step=0, total_steps=100, epoch=3, total_epochs=10)
 
 
@@ -45,8 +46,10 @@ def hinton_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 
 def thermokd_step(method: str, device: torch.device) -> Callable:
     """One training step's loss work with thermokd: forward, and ``observe`` after the backward."""
-    name, options = (method[: -len("-no-ignore")], {"ignore_index": None}) if method.endswith("-no-ignore") \
-        else (method[: -len("-lm")], {"domain": "lm"}) if method.endswith("-lm") else (method, {})
+    name, options = method, {}
+    for suffix, extra in SUFFIXES.items():
+        if method.endswith(suffix):
+            name, options = method[: -len(suffix)], extra
     loss_fn = tk.build_loss(name, **options).to(device)
 
     def step(student, teacher, labels):
