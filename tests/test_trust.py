@@ -325,6 +325,17 @@ def test_resume_of_a_killed_run_with_the_same_config_continues(world, capsys):
     assert "report.md" in os.listdir(run)
 
 
+def test_a_run_killed_before_its_first_checkpoint_does_not_block_its_folder(world, capsys):
+    t, cfg = world
+    early = t / "cmp" / "runs" / "kd-seed1"
+    early.mkdir()
+    # the same run, killed after writing its config.json and before any checkpoint (no loss recorded yet)
+    (early / "config.json").write_text((t / "cmp" / "runs" / "kd-seed0" / "config.json").read_text())
+    assert _cli("compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "cmp", "--cache",
+                t / "cache", NO_PROGRESS) == 0
+    assert (early / "result.json").is_file()
+
+
 def test_version_and_bare_command(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])

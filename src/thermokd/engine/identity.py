@@ -96,7 +96,8 @@ def differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str
 
 def recorded_identity(out_dir: Path) -> "dict[str, Any] | None":
     """The identity a run folder records: in ``result.json`` when finished, else in its latest checkpoint, else
-    (a run from before identities were recorded) its ``config.json``; None for a folder with no run."""
+    (a run from before identities were recorded) its ``config.json``; None for a folder with no run, or one that
+    stopped before its first checkpoint."""
     from .checkpoint import latest_path, read_manifest
 
     remedy = f"delete {out_dir} or choose another --out"
@@ -110,10 +111,11 @@ def recorded_identity(out_dir: Path) -> "dict[str, Any] | None":
             teacher_key = record["teacher"].get("key", "?")  # a run from before identities: its teacher's old key
     else:
         latest = latest_path(out_dir / "checkpoints")
-        if latest is not None:
-            meta = read_manifest(latest).get("meta")
-            if isinstance(meta, dict) and "config" in meta:
-                return meta
+        if latest is None:
+            return None  # stopped before its first checkpoint: a config.json alone holds nothing to continue
+        meta = read_manifest(latest).get("meta")
+        if isinstance(meta, dict) and "config" in meta:
+            return meta
     if (out_dir / "config.json").is_file():
         config = read_json(out_dir / "config.json", remedy)
         if isinstance(config, dict):
