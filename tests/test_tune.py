@@ -164,6 +164,29 @@ def test_a_finished_study_is_continued_not_restarted(tmp_path):
         run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=6, space={"tau": "2:3"}), train_fn=synthetic(calls))
 
 
+def test_a_trial_that_died_with_its_process_costs_no_budget(tmp_path):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=2), train_fn=synthetic(calls), echo=lambda s: None)
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    first = study.trials[0]
+    # what a kill leaves once its heartbeat is stale: the dead attempt failed, and a retry with the same knobs
+    # (Optuna records which trial it replaces) that finished
+    study.add_trial(create_trial(state=TrialState.FAIL, params=first.params, distributions=first.distributions))
+    dead = study.trials[-1].number
+    study.add_trial(create_trial(state=TrialState.PRUNED, params=first.params, distributions=first.distributions,
+                                 intermediate_values={0: 0.1}, system_attrs={"failed_trial": dead}))
+    calls.clear()
+    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=4), train_fn=synthetic(calls), echo=lambda s: None)
+    assert len(calls) > 0  # one more trial ran: 2 + the retry count, the dead attempt does not
+    states = [t["state"] for t in result.summary["trials"]]
+    assert states.count("retried") == 1 and states[dead] == "retried" and len(states) == 5
+    assert (result.summary["retried"], result.summary["failed"]) == (1, 0)
+    assert "1 more died with their process and ran again" in (tmp_path / "tune.md").read_text()
+
+
 def test_tiny_tune_on_digits_in_seconds_and_its_setting_is_accepted(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("THERMOKD_CACHE", str(tmp_path / "cache"))
     cfg = str(write_config(tmp_path / "c.yaml"))

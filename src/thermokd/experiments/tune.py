@@ -141,9 +141,20 @@ def redact(url: str) -> str:
 
 
 def _finished(study) -> int:
+    """The trials that count against the budget: complete, pruned, and failed ones that nobody retried. A trial
+    whose process died (killed, machine gone) fails by heartbeat and is retried with the same knobs: the retry
+    counts, the dead attempt does not, so a kill costs a method none of its budget."""
     from optuna.trial import TrialState
 
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in study.trials)
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
+
+
+def _retried(trials) -> set:
+    """The numbers of the failed trials that Optuna retried (the retry records the trial it replaces)."""
+    return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
 
 
 def knob_text(params: dict[str, Any]) -> str:
@@ -222,7 +233,6 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     ``start``: knob values a new study tries first (default: :func:`start_point`, the method's own setting; not with
     the grid sampler)."""
     import optuna
-    from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     if tune.trials < 1:
@@ -285,10 +295,12 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     if remaining > 0:
         echo(f"tuning {label}: {remaining} of {budget} trials to go ({tune.sampler} sampler, {tune.pruner} pruning, "
              f"{rounds} rounds max, study {study.study_name!r} in {redact(url)})")
-        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        def at_budget(study, trial) -> None:  # other workers on the study may have finished trials meanwhile
+            if _finished(study) >= budget:
+                study.stop()
+
         # ThermoKDError in a trial (e.g. a diverging setting) fails that trial, not the study
-        study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,),
-                       callbacks=[MaxTrialsCallback(budget, states=states), progress])
+        study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,), callbacks=[at_budget, progress])
     # the default study lives beside tune.json: record it relative to the folder, not this machine's absolute path
     shown = redact(url) if tune.storage else "sqlite:///study.db (in this folder)"
     result = summarize_study(study, label, method, space, tune, budget, time.time() - started, shown, metric)
@@ -308,7 +320,9 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
     """The trials table and the chosen setting (the best complete trial by ``metric``'s score)."""
     from optuna.trial import TrialState
 
-    trials = [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
+    retried = _retried(study.trials)  # state "retried": a trial whose process died, run again as a new trial
+    trials = [{"number": t.number, "state": "retried" if t.number in retried else t.state.name.lower(),
+               "params": t.params, "value": t.value,
                "epochs": len(t.intermediate_values), "best_epoch": t.user_attrs.get("best_epoch"),
                "val_by_epoch": {int(k): v for k, v in t.intermediate_values.items()},
                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
@@ -324,6 +338,7 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
                "trials": trials, "best_trial": best.number, "best_value": best.value, "params": best.params,
                "complete": len(complete), "pruned": sum(t["state"] == "pruned" for t in trials),
                "failed": sum(t["state"] == "fail" for t in trials),
+               "retried": sum(t["state"] == "retried" for t in trials),
                # the study's compute: its trials' time summed over every invocation (and worker) that ran them; a
                # re-run of a finished study adds nothing, while this invocation's own time does (wall_seconds)
                "seconds": sum(t["seconds"] or 0.0 for t in trials), "wall_seconds": seconds}
@@ -371,7 +386,9 @@ def markdown(summary: dict[str, Any]) -> list[str]:
         return lines + ["This method has no knobs to tune: it runs as configured.", ""]
     lines += [f"- study `{summary['study']}` in `{summary['storage']}`; {summary['sampler']} sampler, "
               f"{summary['pruner']} pruning; budget {summary['budget']} trials "
-              f"({summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed)",
+              f"({summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed"
+              + (f"; {summary['retried']} more died with their process and ran again" if summary.get("retried")
+                 else "") + ")",
               f"- chosen (best {metric.what}, trial {summary['best_trial']}): "
               f"{knob_text(summary['params'])} → {metric.text(summary['best_value'])}",
               f"- use it: `--set {' --set '.join(summary['set'])}`, or `--config best_config.yaml`", "",
