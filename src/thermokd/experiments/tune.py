@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,7 +239,6 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     space = build_space(method, tune, domain)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     if not space:  # e.g. cross-entropy: nothing to choose
         result = TuneResult(label, {}, copy.deepcopy(method), None, {"label": label, "params": {}, "space": {},
                                                                       "trials": [], "seconds": 0.0})
@@ -303,7 +301,7 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
         study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,), callbacks=[at_budget, progress])
     # the default study lives beside tune.json: record it relative to the folder, not this machine's absolute path
     shown = redact(url) if tune.storage else "sqlite:///study.db (in this folder)"
-    result = summarize_study(study, label, method, space, tune, budget, time.time() - started, shown, metric)
+    result = summarize_study(study, label, method, space, tune, budget, shown, metric)
     write_outputs(cfg, result, out_dir, config_for, set_prefix)
     return result
 
@@ -316,7 +314,7 @@ def _grid_size(space: dict[str, Knob], points: int) -> int:
 
 
 def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Knob], tune: TuneConfig, budget: int,
-                    seconds: float, storage: str, metric: Metric = ACCURACY) -> TuneResult:
+                    storage: str, metric: Metric = ACCURACY) -> TuneResult:
     """The trials table and the chosen setting (the best complete trial by ``metric``'s score)."""
     from optuna.trial import TrialState
 
@@ -340,8 +338,8 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
                "failed": sum(t["state"] == "fail" for t in trials),
                "retried": sum(t["state"] == "retried" for t in trials),
                # the study's compute: its trials' time summed over every invocation (and worker) that ran them; a
-               # re-run of a finished study adds nothing, while this invocation's own time does (wall_seconds)
-               "seconds": sum(t["seconds"] or 0.0 for t in trials), "wall_seconds": seconds}
+               # re-run of a finished study adds nothing and rewrites the same summary
+               "seconds": sum(t["seconds"] or 0.0 for t in trials)}
     return TuneResult(label, dict(best.params), apply_params(method, best.params), best.value, summary)
 
 
