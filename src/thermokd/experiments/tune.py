@@ -151,7 +151,7 @@ def _finished(study) -> int:
                or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
 
 
-def _retried(trials) -> set:
+def _retried(trials) -> set[int]:
     """The numbers of the failed trials that Optuna retried (the retry records the trial it replaces)."""
     return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
 
