@@ -105,3 +105,26 @@ def test_student_trains_on_its_subset_and_the_teacher_on_all(tmp_path):
     assert counts.min() >= 18 and counts.max() <= 22  # stratified: about 20 of each digit
     assert torch.equal(student.inputs_for_epoch(0), exp.bundle.train.x[exp.student_index])
     assert torch.equal(student.val_x, teacher.val_x)  # both are judged on the same validation split
+
+
+def test_standardised_data_and_its_digest_do_not_depend_on_the_thread_count():
+    from thermokd.data.bundle import make_bundle
+    from thermokd.data.split import with_validation
+    from thermokd.engine.identity import data_digest
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(20000, 1, 8, 8, generator=g) * 255).round() / 255  # pixels; enough for a split reduction
+    y = torch.arange(20000) % 10
+
+    def digest_with(threads: int) -> str:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            bundle = with_validation(make_bundle("t", x, y, x[:100], y[:100]), 0.1, 0)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.get_num_threads() == before
+        return data_digest(bundle)
+
+    # the digest keys the teacher cache and run identities: a run resumed with another thread count is the same run
+    assert digest_with(1) == digest_with(2) == digest_with(3)

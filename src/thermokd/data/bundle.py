@@ -121,12 +121,23 @@ def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "in
     for (split, _, _), y in zip(named, ys):
         if int(y.max()) >= num_classes:
             raise ThermoKDError(f"{name}: {split} label {int(y.max())} is out of range for {num_classes} classes")
-    dims = (0,) if xs[0].dim() == 2 else (0, 2, 3)
-    mean = xs[0].mean(dim=dims, keepdim=True)
-    std = xs[0].std(dim=dims, keepdim=True)
-    # a constant (or single-example) channel is only centred, so test values off that constant stay finite
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    mean, std = standardisation(xs[0])
     train, test, *val = (Split(((x - mean) / std).contiguous(), y) for x, y in zip(xs, ys))
     return DataBundle(name=name, train=train, test=test, num_classes=num_classes, default_augment=default_augment,
                       class_names=list(class_names or []), mean=mean.flatten().tolist(), std=std.flatten().tolist(),
                       val=val[0] if val else None)
+
+
+def standardisation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean and std of ``x`` per feature (``[N, D]``) or per channel (``[N, C, H, W]``), kept as broadcastable
+    dims; a constant (or single-example) channel gets std 1, so it is only centred and test values off that constant
+    stay finite. Reduced on one thread: a multi-threaded float32 sum changes in its last bits with the thread count,
+    and the standardised data's digest keys the teacher caches and run identities, which must not depend on it."""
+    dims = (0,) if x.dim() == 2 else (0, 2, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
+    finally:
+        torch.set_num_threads(threads)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))

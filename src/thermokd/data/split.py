@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ThermoKDError
-from .bundle import DataBundle, Split
+from .bundle import DataBundle, Split, standardisation
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -59,10 +59,7 @@ def _restandardise(bundle: DataBundle) -> None:
     been training data (token ids are left alone)."""
     if bundle.is_text or not bundle.mean:
         return
-    x = bundle.train.x
-    dims = (0,) if x.dim() == 2 else (0, 2, 3)
-    mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant channel is only centred
+    mean, std = standardisation(bundle.train.x)
     for split in (bundle.train, bundle.val, bundle.test):
         split.x = ((split.x - mean) / std).contiguous()
     old_mean, old_std = torch.tensor(bundle.mean), torch.tensor(bundle.std)
