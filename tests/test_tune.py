@@ -184,6 +184,7 @@ def test_a_trial_that_died_with_its_process_costs_no_budget(tmp_path):
     states = [t["state"] for t in result.summary["trials"]]
     assert states.count("retried") == 1 and states[dead] == "retried" and len(states) == 5
     assert (result.summary["retried"], result.summary["failed"]) == (1, 0)
+    assert result.summary["trials"][dead]["seconds"] is None  # found dead later: its compute is unknown
     assert "1 more died with their process and ran again" in (tmp_path / "tune.md").read_text()
 
 

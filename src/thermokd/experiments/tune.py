@@ -323,8 +323,10 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
                "params": t.params, "value": t.value,
                "epochs": len(t.intermediate_values), "best_epoch": t.user_attrs.get("best_epoch"),
                "val_by_epoch": {int(k): v for k, v in t.intermediate_values.items()},
+               # a retried trial "completed" when a later process found its heartbeat stale, maybe hours after it
+               # died: its compute is unknown, and not counted
                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-               if t.datetime_complete and t.datetime_start else None}
+               if t.datetime_complete and t.datetime_start and t.number not in retried else None}
               for t in study.trials]
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
