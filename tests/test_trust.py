@@ -543,6 +543,18 @@ def test_a_waiting_lock_takes_over_when_the_holder_leaves(tmp_path):
     holder.wait()
 
 
+def test_compare_waits_for_a_run_another_process_is_making(world, capsys):
+    t, cfg = world
+    folder = t / "cmp" / "runs" / "kd-seed1"
+    holder = hold_lock(folder, seconds=2.0)  # e.g. `thermokd distill` making seed 1 while compare does the rest
+    assert _cli("compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "cmp", "--cache",
+                t / "cache", NO_PROGRESS) == 0
+    holder.wait()
+    out = capsys.readouterr().out
+    assert f"waiting for {folder.resolve()}, in use by pid {holder.pid}" in out
+    assert (folder / "result.json").is_file()
+
+
 def test_sweep_with_another_student_is_refused_before_any_cell_runs(world, capsys):
     t, cfg = world
     args = ["sweep", "--config", cfg, "--taus", "2", "--optimizers", "sgd", "--budgets", "1", "--seeds", "1",

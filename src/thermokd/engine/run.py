@@ -152,16 +152,18 @@ def train_teacher(cfg: RunConfig, cache_dir: "Path | None" = None, accelerator=N
 def run_distill(cfg: RunConfig, out_dir: Path, resume: bool = False, cache_dir: "Path | None" = None,
                 accelerator=None, experiment: "Experiment | None" = None, teacher: "tuple | None" = None,
                 progress_bar: bool = True, rerun_changed: bool = False,
-                on_epoch: "Callable[[dict[str, Any]], None] | None" = None) -> dict[str, Any]:
+                on_epoch: "Callable[[dict[str, Any]], None] | None" = None,
+                wait_for: "Callable[[str], None] | None" = None) -> dict[str, Any]:
     """Train one student for ``cfg`` into ``out_dir``; returns (and writes) ``result.json``'s content.
 
     ``resume`` continues a killed run or returns a finished one (``"reused": True``), but only when the folder's
     run was made of the same config, teacher and data; otherwise it stops with one line naming the differences
     before writing anything, or with ``rerun_changed`` starts that run afresh. One process writes a folder at a
     time (a lock held for the whole run). ``on_epoch``: called with each epoch's record (validation and test
-    accuracy), e.g. by a tuner."""
+    accuracy), e.g. by a tuner. ``wait_for``: when another process holds the folder, say so through it and wait
+    for that process to finish (then its run is reused like any other), instead of stopping with an error."""
     out_dir = Path(out_dir)
-    with FolderLock(out_dir):
+    with FolderLock(out_dir, wait=wait_for is not None, echo=wait_for):
         return _run_distill(cfg, out_dir, resume, cache_dir, accelerator, experiment, teacher, progress_bar,
                             rerun_changed, on_epoch)
 

@@ -98,9 +98,10 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
     for seed in seeds:
         for label in methods:
             run_cfg = _run_config(cfg, chosen, label, seed)
+            # a run another process is making (e.g. `thermokd distill` splitting the seeds) is waited for
             result = run_distill(run_cfg, folders[label, seed], resume=True, cache_dir=cache_dir,
                                  accelerator=accelerator, experiment=experiment, teacher=teacher,
-                                 progress_bar=progress_bar, rerun_changed=rerun_changed)
+                                 progress_bar=progress_bar, rerun_changed=rerun_changed, wait_for=echo)
             reused = result.pop("reused", False)
             # the report groups by label; the run's own method name stays in "base_method"
             result = {**result, "method": label, "base_method": run_cfg.method.name,
