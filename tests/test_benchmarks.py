@@ -36,3 +36,23 @@ def test_lm_loss_memory_prints_memory_time_and_differences_for_both_modes():
                         proc.stdout, flags=re.M)
         assert row is not None, proc.stdout
         assert float(row.group(5)) < 1e-5 and float(row.group(6)) < 1e-4  # same value and gradients
+
+
+def test_evidence_overview_reads_each_setup_and_bolds_only_resolved_differences(tmp_path):
+    import json
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from evidence_overview import METHODS, table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    runs = [{"method": m, "seed": s, "best_acc": acc + 0.001 * s} for s in range(3)
+            for m, acc in (("ce", 0.70), ("kd", 0.73), ("cist", 0.73))]
+    runs += [{"method": "dts", "seed": s, "best_acc": 0.73 + (0.01 if s == 1 else -0.01 * s)} for s in range(3)]
+    (tmp_path / "trec").mkdir()
+    (tmp_path / "trec" / "results.json").write_text(json.dumps({"runs": runs}))
+    header, rule, row = table(tmp_path)  # set-ups without a results.json are left out
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["TREC questions, fine-tuned MiniLM teacher", "3", "**+3.00 [+3.00, +3.00]**"]
+    assert cells[3] == "+0.00 [+0.00, +0.00]" and not cells[5].startswith("**")  # cist ties; dts's spread spans 0
+    assert cells[4] == "—" and len(cells) == 3 + len(METHODS) == len(header.strip("|").split("|"))
