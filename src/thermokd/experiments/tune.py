@@ -143,17 +143,14 @@ def _finished(study) -> int:
     """The trials that count against the budget: complete, pruned, and failed ones that nobody retried. A trial
     whose process died (killed, machine gone) fails by heartbeat and is retried with the same knobs: the retry
     counts, the dead attempt does not, so a kill costs a method none of its budget."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    retried = _retried(trials)
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
+    return sum(state in ("complete", "pruned", "fail") for state in _states(study.get_trials(deepcopy=False)))
 
 
-def _retried(trials) -> set[int]:
-    """The numbers of the failed trials that Optuna retried (the retry records the trial it replaces)."""
-    return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
+def _states(trials) -> list[str]:
+    """Each trial's state as the summaries name it: Optuna's, except ``retried`` for a failed trial that Optuna ran
+    again (the retry records the trial it replaces)."""
+    retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
+    return ["retried" if t.number in retried else t.state.name.lower() for t in trials]
 
 
 def knob_text(params: dict[str, Any]) -> str:
@@ -318,16 +315,14 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
     """The trials table and the chosen setting (the best complete trial by ``metric``'s score)."""
     from optuna.trial import TrialState
 
-    retried = _retried(study.trials)  # state "retried": a trial whose process died, run again as a new trial
-    trials = [{"number": t.number, "state": "retried" if t.number in retried else t.state.name.lower(),
-               "params": t.params, "value": t.value,
+    trials = [{"number": t.number, "state": state, "params": t.params, "value": t.value,
                "epochs": len(t.intermediate_values), "best_epoch": t.user_attrs.get("best_epoch"),
                "val_by_epoch": {int(k): v for k, v in t.intermediate_values.items()},
                # a retried trial "completed" when a later process found its heartbeat stale, maybe hours after it
                # died: its compute is unknown, and not counted
                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-               if t.datetime_complete and t.datetime_start and t.number not in retried else None}
-              for t in study.trials]
+               if t.datetime_complete and t.datetime_start and state != "retried" else None}
+              for t, state in zip(study.trials, _states(study.trials))]
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise ThermoKDError(f"tuning {label}: none of {len(trials)} trials completed (see the failures above)")
