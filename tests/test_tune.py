@@ -164,6 +164,30 @@ def test_a_finished_study_is_continued_not_restarted(tmp_path):
         run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=6, space={"tau": "2:3"}), train_fn=synthetic(calls))
 
 
+def test_a_study_is_not_continued_with_other_pruning(tmp_path):
+    import optuna
+
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=3, min_rounds=2), train_fn=synthetic(calls),
+             echo=lambda s: None)
+    for other in (TuneConfig(trials=4, min_rounds=3), TuneConfig(trials=4, min_rounds=2, pruner="halving")):
+        with pytest.raises(ThermoKDError, match=r"was pruned with pruner=hyperband, min_rounds=2, rounds=4, not .*"
+                                                r"compare\.tune\.min_rounds=2"):
+            run_tune(_cfg(), "kd", tmp_path, other, train_fn=synthetic(calls), echo=lambda s: None)
+    assert len(json.loads((tmp_path / "tune.json").read_text())["trials"]) == 3  # nothing ran
+    # the same pruning continues it
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=4, min_rounds=2), train_fn=synthetic(calls),
+             echo=lambda s: None)
+    # a study from before pruning was recorded is continued, and records it from then on (min_rounds beyond the
+    # trial's rounds is recorded as the rounds: no round could be pruned at either)
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study._storage.set_study_user_attr(study._study_id, "pruning", None)
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=5, min_rounds=9), train_fn=synthetic(calls),
+             echo=lambda s: None)
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert study.user_attrs["pruning"] == {"pruner": "hyperband", "min_rounds": 4, "rounds": 4}
+
+
 def test_a_trial_that_died_with_its_process_costs_no_budget(tmp_path):
     import optuna
     from optuna.trial import TrialState, create_trial

@@ -168,8 +168,16 @@ def method_base(method: MethodConfig, domain: str = "default") -> dict[str, Any]
     return {"method": json.loads(json.dumps(dataclasses.asdict(method))), "loss": loss_settings(loss)}
 
 
-def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any]) -> None:
-    """Refuse to continue a study made with another search space or from another method; record both otherwise."""
+def pruning_of(tune: TuneConfig, rounds: int) -> dict[str, Any]:
+    """How a study's trials are measured and stopped: the pruner, the first round it may prune at and the most rounds
+    a trial runs. A study continued with other values would mix trials cut at different points."""
+    return {"pruner": tune.pruner, "min_rounds": min(tune.min_rounds, rounds), "rounds": rounds}
+
+
+def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any],
+                pruning: "dict[str, Any] | None" = None) -> None:
+    """Refuse to continue a study made with another search space, from another method or with other pruning
+    (:func:`pruning_of`); record them otherwise (a study made before pruning was recorded gets today's)."""
     where = f"study {study.study_name!r} in {redact(url)}"
     stored = study.user_attrs.get("space")
     if stored is not None and stored != space_to_json(space):
@@ -178,8 +186,15 @@ def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any]) -
     if recorded is not None and recorded != base:
         raise ThermoKDError(f"{where} tunes another method ({recorded['method']} {recorded['loss']}), not "
                             f"{base['method']} {base['loss']}; use another --study or --out")
+    recorded = study.user_attrs.get("pruning")
+    if pruning is not None and recorded is not None and recorded != pruning:
+        raise ThermoKDError(f"{where} was pruned with {knob_text(recorded)}, not {knob_text(pruning)}: its trials "
+                            "would be cut at different points; continue it with its own settings (e.g. --set "
+                            f"compare.tune.min_rounds={recorded['min_rounds']}), or use another --study or --out")
     study.set_user_attr("space", space_to_json(space))
     study.set_user_attr("base", base)
+    if pruning is not None:
+        study.set_user_attr("pruning", pruning)
 
 
 def start_point(method: MethodConfig, space: dict[str, Knob], domain: str = "default") -> dict[str, Any]:
@@ -246,7 +261,7 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     # the default study lives in out_dir as given now, so a folder moved or merged elsewhere brings its study along
     url = tune.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, rounds))
-    check_study(study, url, space, method_base(method, domain))
+    check_study(study, url, space, method_base(method, domain), pruning_of(tune, rounds))
     if start is None:
         start = start_point(method, space, domain)
     if start and not study.trials and tune.sampler != "grid":
@@ -329,7 +344,7 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
     best = max(complete, key=lambda t: (t.value, -t.number))
     summary = {"label": label, "method": method.name, "metric": metric.name, "study": study.study_name,
                "storage": storage,
-               "sampler": tune.sampler, "pruner": tune.pruner, "budget": budget, "space": space_to_json(space),
+               "sampler": tune.sampler, "pruner": tune.pruner, "min_rounds": tune.min_rounds, "budget": budget, "space": space_to_json(space),
                "trials": trials, "best_trial": best.number, "best_value": best.value, "params": best.params,
                "complete": len(complete), "pruned": sum(t["state"] == "pruned" for t in trials),
                "failed": sum(t["state"] == "fail" for t in trials),
