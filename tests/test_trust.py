@@ -555,6 +555,21 @@ def test_compare_waits_for_a_run_another_process_is_making(world, capsys):
     assert (folder / "result.json").is_file()
 
 
+@pytest.mark.parametrize("command", ["sweep", "recommend"])
+def test_sweep_and_recommend_wait_for_a_run_another_process_is_making(world, capsys, command):
+    t, cfg = world
+    if command == "sweep":
+        folder = t / "sweep" / "cells" / "sgd-e1-kd@2-seed0"
+        args = ["--taus", "2", "--optimizers", "sgd", "--budgets", "1", "--seeds", "1", "--methods", ""]
+    else:
+        folder = t / "recommend" / "tau-2-seed0"
+        args = ["--verify", "--grid", "2", "--seeds", "1"]
+    holder = hold_lock(folder, seconds=2.0)
+    assert _cli(command, "--config", cfg, *args, "--out", t / command, "--cache", t / "cache", NO_PROGRESS) == 0
+    holder.wait()
+    assert f"waiting for {folder.resolve()}, in use by pid {holder.pid}" in capsys.readouterr().out
+
+
 def test_sweep_with_another_student_is_refused_before_any_cell_runs(world, capsys):
     t, cfg = world
     args = ["sweep", "--config", cfg, "--taus", "2", "--optimizers", "sgd", "--budgets", "1", "--seeds", "1",

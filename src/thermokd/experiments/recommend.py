@@ -174,7 +174,7 @@ def verify(cfg: RunConfig, proposal: dict, grid: "list[float]", epochs: "int | N
             done = (folder / "result.json").is_file()
             result = run_distill(_kd_config(cfg, tau, epochs, seed), folder, resume=True, cache_dir=cache_dir,
                                  accelerator=accelerator, experiment=experiment, teacher=teacher,
-                                 progress_bar=progress_bar, rerun_changed=rerun_changed)
+                                 progress_bar=progress_bar, rerun_changed=rerun_changed, wait_for=echo)
             echo(f"  KD τ={tau:<5g} seed {seed}: best {result['best_acc']:.4f}"
                  + ("  (finished earlier, same config)" if done and result.get("reused") else ""))
             cells.append({"tau": tau, "seed": seed, "dir": folder.name, "best_acc": result["best_acc"],

@@ -80,7 +80,7 @@ def _run_sweep(cfg: RunConfig, out_dir: Path, plan: dict, folders: dict, taus, o
         method = run_cfg.method
         result = run_distill(run_cfg, folders[opt, epochs, seed, label], resume=True,
                              cache_dir=cache_dir, accelerator=accelerator, experiment=experiment, teacher=teacher,
-                             progress_bar=progress_bar, rerun_changed=rerun_changed)
+                             progress_bar=progress_bar, rerun_changed=rerun_changed, wait_for=echo)
         echo(f"  {opt:5s} {epochs:3d} epochs  {label:15s} seed {seed}: best {result['best_acc']:.4f}"
              + ("  (finished earlier, same config)" if result.get("reused") else ""))
         cells.append({"optimizer": opt, "epochs": epochs, "seed": seed, "label": label, "method": method.name,
