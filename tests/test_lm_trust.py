@@ -117,21 +117,45 @@ def test_damaged_or_foreign_lm_file_is_one_line_exit_2_nothing_overwritten(world
 def test_the_teacher_key_covers_what_determines_the_teacher():
     from thermokd.lm.config import load_lm_config
     from thermokd.lm.experiment import _settings, _teacher_spec
-    from thermokd.lm.teacher import teacher_key
+    from thermokd.lm.teacher import keyed_settings, teacher_key
 
     def key(overrides=(), tokenizer="tok", text="text", docs=((1, 2, 3, 4),)):
         cfg = load_lm_config(None, list(overrides))
         data = SimpleNamespace(train_key=text, tokenizer_key=tokenizer,
                                train=make_windows([list(d) for d in docs], cfg.data.context, pad_id=0))
         spec = _teacher_spec(cfg, data)
-        settings = _settings(cfg, "cpu", "no", 0, False, teacher=True)
-        return teacher_key({**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}})
+        return teacher_key({**spec, "settings": keyed_settings(_settings(cfg, "cpu", "no", 0, False, teacher=True))})
 
     base = key()
     others = [key(tokenizer="tok2"), key(text="text2"), key(docs=((1, 2, 3, 5),)), key(["teacher.size=2x64"]),
               key(["teacher.steps=7"]), key(["teacher.seed=1"]), key(["teacher.lr=0.01"]),
-              key(["data.prompt_tokens=2"])]
+              key(["data.prompt_tokens=2"]), key(["train.weight_decay=0.5"])]
     assert base == key() and len({base, *others}) == len(others) + 1
+    # how often the runs evaluate and save is not what the teacher learns: the same teacher
+    assert key(["train.eval_every=7", "train.save_every=9"]) == base
+
+
+def test_a_teacher_cached_under_the_key_that_held_the_cadence_is_still_used(tmp_path):
+    import dataclasses
+
+    from thermokd.lm.teacher import obtain_teacher, teacher_entry
+    from thermokd.lm.trainer import RunSettings
+
+    windows = make_windows([list(range(1, 30)), list(range(5, 40))] * 3, 12, pad_id=0)
+    settings = RunSettings(steps=2, batch_size=2, eval_every=2, save_every=2)
+    spec = {"what": "a test teacher"}
+    build = lambda: build_lm("1x16x2", 40, 12, dropout=0.0, seed=0)  # noqa: E731
+    model, made = obtain_teacher(spec, build, windows, windows, settings, tmp_path)
+    # move it to where an earlier version stored it: a key of every setting but progress_bar
+    old = teacher_entry({**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}},
+                        tmp_path)
+    old.store(model, {"spec": spec, "train_seconds": 1.0, "history": []})
+    shutil.rmtree(made["dir"])
+    _, found = obtain_teacher(spec, build, windows, windows, settings, tmp_path)
+    assert found["cached"] and found["key"] == old.key != made["key"] and found["val_ppl"] == made["val_ppl"]
+    # another cadence: the old key held the old cadence, so that entry is not this one's; today's key is shared
+    _, other = obtain_teacher(spec, build, windows, windows, dataclasses.replace(settings, eval_every=1), tmp_path)
+    assert not other["cached"] and other["key"] == made["key"]
 
 
 def test_changed_corpus_at_the_same_path_trains_a_new_teacher_and_refuses_resume(base, tmp_path, capsys):
@@ -154,14 +178,13 @@ def test_changed_corpus_at_the_same_path_trains_a_new_teacher_and_refuses_resume
 
 
 def test_a_second_process_waits_for_the_teacher_being_trained(tmp_path):
-    from thermokd.lm.teacher import obtain_teacher, teacher_folder
+    from thermokd.lm.teacher import keyed_settings, obtain_teacher, teacher_folder
     from thermokd.lm.trainer import RunSettings
 
     windows = make_windows([list(range(1, 30)), list(range(5, 40))] * 3, 12, pad_id=0)
     settings = RunSettings(steps=2, batch_size=2, eval_every=2, save_every=2)
     spec = {"what": "a test teacher"}
-    full = {**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}}
-    folder = teacher_folder(full, tmp_path)
+    folder = teacher_folder({**spec, "settings": keyed_settings(settings)}, tmp_path)
     holder = hold_lock(folder)  # another process training this teacher
     said: list[str] = []
     build = lambda: build_lm("1x16x2", 40, 12, dropout=0.0, seed=0)  # noqa: E731

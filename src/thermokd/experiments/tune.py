@@ -344,7 +344,8 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
     best = max(complete, key=lambda t: (t.value, -t.number))
     summary = {"label": label, "method": method.name, "metric": metric.name, "study": study.study_name,
                "storage": storage,
-               "sampler": tune.sampler, "pruner": tune.pruner, "min_rounds": tune.min_rounds, "budget": budget, "space": space_to_json(space),
+               "sampler": tune.sampler, "pruner": tune.pruner, "min_rounds": tune.min_rounds, "budget": budget,
+               "space": space_to_json(space),
                "trials": trials, "best_trial": best.number, "best_value": best.value, "params": best.params,
                "complete": len(complete), "pruned": sum(t["state"] == "pruned" for t in trials),
                "failed": sum(t["state"] == "fail" for t in trials),

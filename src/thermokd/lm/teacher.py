@@ -32,6 +32,22 @@ def _full_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "files": FILES_FORMAT, **spec}
 
 
+# how often a run logs, evaluates and saves, not what it learns: a teacher trained at another cadence is the same one
+CADENCE = ("progress_bar", "eval_every", "save_every")
+
+
+def keyed_settings(settings: Any) -> dict[str, Any]:
+    """The fields of a teacher's :class:`~thermokd.lm.trainer.RunSettings` that key it (all but :data:`CADENCE`)."""
+    return {k: v for k, v in vars(settings).items() if k not in CADENCE}
+
+
+def _legacy_entry(spec: dict[str, Any], settings: Any, cache_dir: "Path | None") -> TeacherEntry:
+    """Where a teacher cached before the cadence left the key lies (its key also held ``eval_every`` and
+    ``save_every``): still used when the entry under today's key does not exist."""
+    return teacher_entry({**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}},
+                         cache_dir)
+
+
 def teacher_entry(spec: dict[str, Any], cache_dir: "Path | None") -> TeacherEntry:
     from ..data.cache import default_cache_dir
 
@@ -55,8 +71,11 @@ def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: 
     training seconds, cached or not."""
     from .trainer import check_device, train_run
 
-    spec = {**spec, "settings": {k: v for k, v in vars(settings).items() if k != "progress_bar"}}
-    entry = teacher_entry(spec, cache_dir)
+    entry = teacher_entry({**spec, "settings": keyed_settings(settings)}, cache_dir)
+    if not entry.exists():
+        legacy = _legacy_entry(spec, settings, cache_dir)
+        entry = legacy if legacy.exists() else entry
+    spec = {**spec, "settings": keyed_settings(settings)}
     key, folder = entry.key, entry.folder
     model = build()
     with entry.lock(echo):  # one process trains it, others wait
