@@ -17,10 +17,16 @@ other jobs the wall clock also counts the time this process waited for a core (u
 ``--device cuda`` runs on the GPU, synchronising before and after each block (wall clock).
 A method name ending in ``-no-ignore`` runs it with ``ignore_index=None``; one ending in ``-lm`` at its
 language-model preset (e.g. ``cist-lm``: CIST without its weights, w ≡ 1).
+
+``cist-by-hand`` is not thermokd: it is thermokd's default CIST written out by hand as shortly as it goes
+(``hand_cist``, autograd for the KL as in the Hinton baseline), so that thermokd's own overhead can be told from
+what CIST's arithmetic costs (four more row reductions and a log-softmax than KD, and a few dozen small kernels
+for the per-row τ and the weights).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -44,6 +50,34 @@ def hinton_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
     return 0.1 * F.cross_entropy(student, labels) + 0.9 * kd
 
 
+def hand_cist(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, rho: float) -> torch.Tensor:
+    """thermokd's default CIST written out by hand, as short as it goes (a reference, not thermokd): per-row τ^t
+    from the centred max over ρ, τ^s = τ^t·(m^s/m^t)^0.75, both clipped to [0.5, 20]; weights a·(d + 0.001)
+    floored at 1/4 of the batch's largest, mean 1, blended half with uniform; each row's KL scaled by τ^t·τ^s."""
+    with torch.no_grad():
+        s = student.detach()
+        m_t = teacher.amax(-1, keepdim=True) - teacher.mean(-1, keepdim=True)
+        m_s = s.amax(-1, keepdim=True) - s.mean(-1, keepdim=True)
+        tau_t = (m_t / rho).clamp(0.5, 20.0)
+        tau_s = (tau_t * (m_s.clamp_min(1e-6) / m_t.clamp_min(1e-6)) ** 0.75).clamp(0.5, 20.0)
+        column = labels.unsqueeze(-1)
+        log_a = F.log_softmax(teacher, dim=-1).gather(-1, column)
+        log_d = torch.log(1e-3 - torch.expm1(F.log_softmax(s, dim=-1).gather(-1, column)))
+        log_w = (log_a + log_d).squeeze(-1)
+        log_w = torch.maximum(log_w, log_w.max() - math.log(4.0))
+        shares = 0.5 * torch.softmax(log_w, dim=0) + 0.5 / len(log_w)  # w_i / N
+        factor = shares * (tau_t * tau_s).squeeze(-1)
+    log_p = F.log_softmax(teacher / tau_t, dim=-1)
+    log_q = F.log_softmax(student / tau_s, dim=-1)
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    return 0.1 * F.cross_entropy(student, labels) + 0.9 * (kl * factor).sum()
+
+
+def cist_ratio(teacher: torch.Tensor, tau0: float = 4.0) -> float:
+    """ρ as thermokd's CIST calibrates it on its first batch: the median centred max over ``tau0``."""
+    return float((teacher.amax(-1) - teacher.mean(-1)).median()) / tau0
+
+
 def thermokd_step(method: str, device: torch.device) -> Callable:
     """One training step's loss work with thermokd: forward, and ``observe`` after the backward."""
     name, options = method, {}
@@ -62,6 +96,19 @@ def thermokd_step(method: str, device: torch.device) -> Callable:
 
 def baseline_step(student, teacher, labels):
     hinton_kd(student, teacher, labels).backward()
+
+
+def hand_cist_step(teacher: torch.Tensor) -> Callable:
+    rho = cist_ratio(teacher)
+
+    def step(student, teacher, labels):
+        hand_cist(student, teacher, labels, rho).backward()
+
+    return step
+
+
+# not thermokd: the same maths by hand, to tell thermokd's overhead from the method's own arithmetic
+REFERENCES = {"cist-by-hand": hand_cist_step}
 
 
 def _sync(device: torch.device) -> None:
@@ -91,7 +138,8 @@ def measure(shape: tuple[int, int], rounds: int, block: int, methods: list[str],
     teacher = (torch.randn(n, c, generator=gen) * (1 + 4 * torch.rand(n, 1, generator=gen))).to(device)
     student = (torch.randn(n, c, generator=gen) * 2).to(device)
     labels = torch.randint(0, c, (n,), generator=gen).to(device)
-    steps = {"hinton": baseline_step} | {m: thermokd_step(m, device) for m in methods}
+    steps = {"hinton": baseline_step} | {m: REFERENCES[m](teacher) if m in REFERENCES else thermokd_step(m, device)
+                                         for m in methods}
     times: dict[str, list[float]] = {m: [] for m in steps}
     for step in steps.values():  # warm-up: allocator, CIST's calibration, CUDA kernels' first launch
         block_time(step, student, teacher, labels, 2, clock)
@@ -114,7 +162,8 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also time [8*512, 32000] (needs ~10 GB RAM)")
     parser.add_argument("--large-rounds", type=int, default=4, help="interleaved rounds of one call at the large "
                                                                     "shape (default 4)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="thermokd methods (default: all)")
+    parser.add_argument("--methods", default=",".join(METHODS + list(REFERENCES)),
+                        help="thermokd methods and references (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock (default) or this process's CPU time (CPU only; a shared machine)")

@@ -16,14 +16,39 @@ def test_loss_overhead_prints_a_ratio_and_its_round_quartiles_per_method():
     lines = dict(re.findall(r"^\s+(\S+)\s+([\d.]+x\s+\[[\d.]+-[\d.]+\])", proc.stdout, flags=re.M))
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from loss_overhead import METHODS
+        from loss_overhead import METHODS, REFERENCES
     finally:
         sys.path.remove(str(BENCHMARKS))
-    assert sorted(lines) == sorted(METHODS)
+    assert sorted(lines) == sorted(METHODS + list(REFERENCES))
     assert "Hinton KD" in proc.stdout and "target <= 1.05x" in proc.stdout and "target <= 1.20x" in proc.stdout
     for method, text in lines.items():
         ratio, low, high = map(float, re.findall(r"[\d.]+(?=x|\]|-)", text))
         assert ratio > 0 and 0 < low <= high, (method, text)
+
+
+def test_the_hand_written_cist_reference_is_thermokds_default_cist():
+    """The benchmark's ``cist-by-hand`` must compute what ``build_loss("cist")`` computes (value and gradient),
+    or its time says nothing about thermokd's overhead."""
+    import torch
+
+    import thermokd as tk
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from loss_overhead import cist_ratio, hand_cist
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    gen = torch.Generator().manual_seed(3)
+    teacher = torch.randn(64, 10, generator=gen) * (1 + 4 * torch.rand(64, 1, generator=gen))
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    for scale in (2.0, 0.01):  # a student far from and near its initialisation (τ^s at its floor)
+        student = (torch.randn(64, 10, generator=gen) * scale).requires_grad_(True)
+        mine = hand_cist(student, teacher, labels, cist_ratio(teacher))
+        (g_mine,) = torch.autograd.grad(mine, student)
+        theirs = tk.build_loss("cist")(student, teacher, labels).loss
+        (g_theirs,) = torch.autograd.grad(theirs, student)
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6), (scale, mine.item(), theirs.item())
+        assert torch.allclose(g_mine, g_theirs, rtol=1e-4, atol=1e-7), scale
 
 
 def test_lm_loss_memory_prints_memory_time_and_differences_for_both_modes():
