@@ -164,6 +164,21 @@ def test_a_finished_study_is_continued_not_restarted(tmp_path):
         run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=6, space={"tau": "2:3"}), train_fn=synthetic(calls))
 
 
+def test_a_record_without_its_study_is_not_tuned_again(tmp_path):
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=2), train_fn=synthetic(calls), echo=lambda s: None)
+    record = (tmp_path / "tune.json").read_text()
+    (tmp_path / "study.db").unlink()  # e.g. a results folder copied without it
+    calls.clear()
+    with pytest.raises(ThermoKDError, match=r"tune.json records a study of 2 trials, but the study itself .*study.db\) "
+                                            r"is missing: put study.db back .* or delete tune.json"):
+        run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=2), train_fn=synthetic(calls), echo=lambda s: None)
+    assert calls == [] and (tmp_path / "tune.json").read_text() == record and not (tmp_path / "study.db").exists()
+    (tmp_path / "tune.json").unlink()  # the user's choice: tune from scratch
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=2), train_fn=synthetic(calls), echo=lambda s: None)
+    assert calls and (tmp_path / "study.db").exists()
+
+
 def test_a_study_is_not_continued_with_other_pruning(tmp_path):
     import optuna
 

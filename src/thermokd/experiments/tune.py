@@ -129,6 +129,23 @@ def open_study(url: str, name: str, sampler, pruner):
         raise ThermoKDError(f"cannot open the study storage {redact(url)!r}: {first}") from None
 
 
+def check_study_file(out_dir: Path) -> None:
+    """Refuse to start a new study where ``tune.json`` records trials but the study they came from (``study.db``) is
+    missing, e.g. a results folder copied without it: tuning again would spend the budget anew and overwrite the
+    record."""
+    record = out_dir / "tune.json"
+    if (out_dir / "study.db").exists() or not record.is_file():
+        return
+    try:
+        trials = len(json.loads(record.read_text(encoding="utf-8")).get("trials") or [])
+    except (OSError, ValueError, AttributeError):
+        trials = 0  # an unreadable record: nothing to protect
+    if trials:
+        raise ThermoKDError(f"{record} records a study of {trials} trials, but the study itself "
+                            f"({out_dir / 'study.db'}) is missing: put study.db back to continue it, or delete "
+                            "tune.json to tune from scratch")
+
+
 def redact(url: str) -> str:
     """A storage URL without its password, fit to print and to store."""
     try:
@@ -260,6 +277,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # the default study lives in out_dir as given now, so a folder moved or merged elsewhere brings its study along
     url = tune.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    if not tune.storage:
+        check_study_file(out_dir)
     study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, rounds))
     check_study(study, url, space, method_base(method, domain), pruning_of(tune, rounds))
     if start is None:
