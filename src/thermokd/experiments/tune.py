@@ -206,8 +206,8 @@ def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any],
     recorded = study.user_attrs.get("pruning")
     if pruning is not None and recorded is not None and recorded != pruning:
         raise ThermoKDError(f"{where} was pruned with {knob_text(recorded)}, not {knob_text(pruning)}: its trials "
-                            "would be cut at different points; continue it with its own settings (e.g. --set "
-                            f"compare.tune.min_rounds={recorded['min_rounds']}), or use another --study or --out")
+                            "would be cut at different points; continue it with the pruner and min_rounds it was made "
+                            "with (the tune section of the config, or --set), or use another --study or --out")
     study.set_user_attr("space", space_to_json(space))
     study.set_user_attr("base", base)
     if pruning is not None:
