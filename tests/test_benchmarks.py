@@ -81,3 +81,23 @@ def test_evidence_overview_reads_each_setup_and_bolds_only_resolved_differences(
     assert cells[:3] == ["TREC questions, fine-tuned MiniLM teacher", "3", "**+3.00 [+3.00, +3.00]**"]
     assert cells[3] == "+0.00 [+0.00, +0.00]" and not cells[5].startswith("**")  # cist ties; dts's spread spans 0
     assert cells[4] == "—" and len(cells) == 3 + len(METHODS) == len(header.strip("|").split("|"))
+
+
+def test_lm_across_folders_pairs_each_method_with_the_other_folders_reference_by_seed(tmp_path):
+    import json
+
+    def folder(name: str, runs: list[dict]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"runs": runs}))
+        return tmp_path / name
+
+    here = folder("gpu", [{"method": m, "seed": s, "ppl": p + s, "acc": 0.3} for s in range(3)
+                          for m, p in (("kd-tuned", 30.0), ("cist", 31.0))])
+    there = folder("cpu", [{"method": "kd-tuned", "seed": s, "ppl": 30.5 + s + 0.1 * (s == 1), "acc": 0.29}
+                           for s in range(3)])
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "lm_across_folders.py"), str(here), str(there)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in proc.stdout.splitlines()[1:]}
+    assert rows["cist"].startswith("+0.47 [") and rows["kd-tuned"].startswith("-0.53 [")  # ppl: +0.5, +0.4, +0.5
+    assert rows["cist"].endswith("+1.00 [+1.00, +1.00]")  # accuracy in pp, identical on every seed

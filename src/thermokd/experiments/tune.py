@@ -191,8 +191,7 @@ def pruning_of(tune: TuneConfig, rounds: int) -> dict[str, Any]:
     return {"pruner": tune.pruner, "min_rounds": min(tune.min_rounds, rounds), "rounds": rounds}
 
 
-def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any],
-                pruning: "dict[str, Any] | None" = None) -> None:
+def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any], pruning: dict[str, Any]) -> None:
     """Refuse to continue a study made with another search space, from another method or with other pruning
     (:func:`pruning_of`); record them otherwise (a study made before pruning was recorded gets today's)."""
     where = f"study {study.study_name!r} in {redact(url)}"
@@ -204,14 +203,13 @@ def check_study(study, url: str, space: dict[str, Knob], base: dict[str, Any],
         raise ThermoKDError(f"{where} tunes another method ({recorded['method']} {recorded['loss']}), not "
                             f"{base['method']} {base['loss']}; use another --study or --out")
     recorded = study.user_attrs.get("pruning")
-    if pruning is not None and recorded is not None and recorded != pruning:
+    if recorded is not None and recorded != pruning:
         raise ThermoKDError(f"{where} was pruned with {knob_text(recorded)}, not {knob_text(pruning)}: its trials "
                             "would be cut at different points; continue it with the pruner and min_rounds it was made "
                             "with (the tune section of the config, or --set), or use another --study or --out")
     study.set_user_attr("space", space_to_json(space))
     study.set_user_attr("base", base)
-    if pruning is not None:
-        study.set_user_attr("pruning", pruning)
+    study.set_user_attr("pruning", pruning)
 
 
 def start_point(method: MethodConfig, space: dict[str, Knob], domain: str = "default") -> dict[str, Any]:

@@ -71,11 +71,11 @@ def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: 
     training seconds, cached or not."""
     from .trainer import check_device, train_run
 
-    entry = teacher_entry({**spec, "settings": keyed_settings(settings)}, cache_dir)
+    keyed = {**spec, "settings": keyed_settings(settings)}
+    entry = teacher_entry(keyed, cache_dir)
     if not entry.exists():
         legacy = _legacy_entry(spec, settings, cache_dir)
         entry = legacy if legacy.exists() else entry
-    spec = {**spec, "settings": keyed_settings(settings)}
     key, folder = entry.key, entry.folder
     model = build()
     with entry.lock(echo):  # one process trains it, others wait
@@ -86,7 +86,7 @@ def obtain_teacher(spec: dict[str, Any], build: Callable[[], nn.Module], train: 
             result = train_run(model, build_loss("ce"), train, val, settings, folder / "training", resume=True,
                                on_eval=on_eval, echo=echo)
             if result["trainer"].is_world_process_zero():
-                entry.store(model, {"spec": spec, "train_seconds": result["seconds"], "history": result["history"]})
+                entry.store(model, {"spec": keyed, "train_seconds": result["seconds"], "history": result["history"]})
                 shutil.rmtree(folder / "training", ignore_errors=True)  # its checkpoints served resumption only
             result["trainer"].accelerator.wait_for_everyone()
     stored = entry.load(model)  # also after training: every process reads the same verified file
