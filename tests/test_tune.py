@@ -119,6 +119,21 @@ def test_the_start_point_holds_each_method_s_defaults_inside_the_space():
     assert point("kd", space={"tau": "1:2"}) == {}  # τ = 4 lies outside: sampled instead
 
 
+def test_method_settings_layer_factory_defaults_domain_presets_and_overrides():
+    from thermokd.methods import build_loss, method_settings
+
+    assert method_settings("kd") == {"temperature": {}, "weighting": {}}
+    full = method_settings("cist", domain="lm", temperature={"tau0": 2.0}, with_defaults=True)
+    assert full["temperature"]["tau0"] == 2.0  # the override
+    assert (full["temperature"]["student"], full["temperature"]["tau_min"]) == ("teacher", 0.05)  # the LM preset
+    assert full["temperature"]["tau_max"] == 20.0 and full["weighting"]["alpha"] == 1.0  # the factories' defaults
+    assert full["weighting"]["mix"] == 0.0
+    loss = build_loss("cist", domain="lm", temperature={"tau0": 2.0})
+    assert (loss.temperature.tau0, loss.temperature.tau_min, loss.temperature.tau_max) == (2.0, 0.05, 20.0)
+    with pytest.raises(ThermoKDError, match="domain"):
+        method_settings("kd", domain="vision")
+
+
 @pytest.mark.parametrize("pruner", ["hyperband", "halving"])
 def test_min_rounds_keeps_every_trial_until_that_round(tmp_path, pruner):
     """No trial is pruned before its `min_rounds`-th evaluation; with the default a poor one may stop at its first."""

@@ -1,6 +1,7 @@
 """Ready-made losses for the method names used on the command line and in configs."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,32 @@ def method_names() -> list[str]:
     return METHODS.names()
 
 
+def method_settings(method: str, *, domain: str = "default", temperature: "dict[str, Any] | None" = None,
+                    weighting: "dict[str, Any] | None" = None, with_defaults: bool = False
+                    ) -> dict[str, dict[str, Any]]:
+    """The keyword arguments a method's ``temperature`` and ``weighting`` factories receive: the ``domain``'s
+    presets (``LM_PRESETS`` for ``lm``) updated by the overrides; ``with_defaults`` also fills in the factories'
+    own defaults, giving every setting the built loss will have."""
+    key = METHODS.key(method)
+    if domain not in DOMAINS:
+        raise choice_error("domain", domain, DOMAINS)
+    preset = LM_PRESETS.get(key, {}) if domain == "lm" else {}
+    settings = {"temperature": {**preset.get("temperature", {}), **(temperature or {})},
+                "weighting": {**preset.get("weighting", {}), **(weighting or {})}}
+    if with_defaults:
+        factories = METHODS.get(key)
+        settings = {"temperature": {**_defaults(factories.temperature), **settings["temperature"]},
+                    "weighting": {**_defaults(factories.weighting), **settings["weighting"]}}
+    return settings
+
+
+def _defaults(factory: "Callable[..., Any] | None") -> dict[str, Any]:
+    if factory is None:
+        return {}
+    return {name: p.default for name, p in inspect.signature(factory).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def build_loss(method: str, *, domain: str = "default", temperature: "dict[str, Any] | None" = None,
                weighting: "dict[str, Any] | None" = None, **loss_kwargs: Any) -> DistillationLoss:
     """A :class:`DistillationLoss` for a method name (``ce``, ``kd``, ``cist``, ``dts``, ``ctkd``, ``lskd``,
@@ -61,12 +88,8 @@ def build_loss(method: str, *, domain: str = "default", temperature: "dict[str, 
     language-model presets (``LM_PRESETS``); ``temperature`` and ``weighting`` hold keyword overrides for those
     parts, ``loss_kwargs`` override the loss's own arguments."""
     key = METHODS.key(method)
-    if domain not in DOMAINS:
-        raise choice_error("domain", domain, DOMAINS)
-    if domain == "lm":
-        preset = LM_PRESETS.get(key, {})
-        temperature = {**preset.get("temperature", {}), **(temperature or {})}
-        weighting = {**preset.get("weighting", {}), **(weighting or {})}
+    settings = method_settings(key, domain=domain, temperature=temperature, weighting=weighting)
+    temperature, weighting = settings["temperature"], settings["weighting"]
     method_preset = METHODS.get(key)
     unknown = set(loss_kwargs) - set(LOSS_KEYS)
     if unknown:

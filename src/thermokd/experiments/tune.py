@@ -216,22 +216,10 @@ def start_point(method: MethodConfig, space: dict[str, Knob], domain: str = "def
     """The knobs of ``space`` at ``method``'s own setting (the domain's preset, a variant's values, else the
     factories' defaults) where that lies inside the space: the first trial of a new study, so that the chosen
     setting scores at least as well in the study (seed 0, validation) as the setting it is reported beside."""
-    import inspect
+    from ..methods import method_settings
 
-    from ..methods import LM_PRESETS, METHODS
-
-    def defaults(factory) -> dict[str, Any]:
-        if factory is None:
-            return {}
-        return {name: p.default for name, p in inspect.signature(factory).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-
-    key = METHODS.key(method.name)
-    preset = LM_PRESETS.get(key, {}) if domain == "lm" else {}
-    sections = {
-        "temperature": {**defaults(METHODS.get(key).temperature), **preset.get("temperature", {}),
-                        **method.temperature},
-        "weighting": {**defaults(METHODS.get(key).weighting), **preset.get("weighting", {}), **method.weighting}}
+    sections = method_settings(method.name, domain=domain, temperature=method.temperature,
+                               weighting=method.weighting, with_defaults=True)
     loss = method.build(domain)
     point = {}
     for knob, rng in space.items():
