@@ -106,6 +106,23 @@ def test_a_new_study_tries_the_method_s_own_setting_first(tmp_path):
     assert calls and calls[0][0] != 4.0  # a continued study is not sent back to its start
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_continued_study_does_not_draw_its_first_settings_again(tmp_path, sampler):
+    """A study stopped in its random phase (TPE's first trials) and continued proposes new settings: a sampler
+    seeded as at the start would replay its first draws, and the budget would pay twice for one setting."""
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=3, seed=1, sampler=sampler), train_fn=synthetic(calls),
+             echo=lambda s: None)
+    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=12, seed=1, sampler=sampler),
+                      train_fn=synthetic(calls), echo=lambda s: None)
+    taus = [t["params"]["temperature.tau"] for t in result.summary["trials"]]
+    assert len(taus) == 12 and len(set(taus)) == 12
+    fresh: list = []
+    run_tune(_cfg(), "kd", tmp_path / "fresh", TuneConfig(trials=3, seed=1, sampler=sampler),
+             train_fn=synthetic(fresh), echo=lambda s: None)
+    assert [tau for tau, epoch in fresh if epoch == 0] == [tau for tau, epoch in calls[:len(fresh)] if epoch == 0]
+
+
 def test_the_start_point_holds_each_method_s_defaults_inside_the_space():
     def point(name, **tune):
         from thermokd.config import MethodConfig

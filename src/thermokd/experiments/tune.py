@@ -86,15 +86,18 @@ def apply_params(method: MethodConfig, params: dict[str, Any]) -> MethodConfig:
     return method
 
 
-def _sampler(tune: TuneConfig, space: dict[str, Knob]):
+def _sampler(tune: TuneConfig, space: dict[str, Knob], history: int = 0):
+    """The study's sampler, seeded by ``tune.seed`` and the number of trials the study already has (``history``):
+    seeded as at its start, a continued study would draw its first random settings again (the first trials of
+    a TPE study are random), so a restart would repeat a setting and waste a trial of the budget."""
     import optuna
 
     if tune.sampler == "grid":
         grid = {k: (v.grid(tune.grid_points) if isinstance(v, FloatRange) else list(v)) for k, v in space.items()}
-        return optuna.samplers.GridSampler(grid, seed=tune.seed)
+        return optuna.samplers.GridSampler(grid, seed=tune.seed + history)
     if tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=tune.seed)
-    return optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=min(10, max(tune.trials // 3, 2)))
+        return optuna.samplers.RandomSampler(seed=tune.seed + history)
+    return optuna.samplers.TPESampler(seed=tune.seed + history, n_startup_trials=min(10, max(tune.trials // 3, 2)))
 
 
 def _pruner(tune: TuneConfig, rounds: int):
@@ -267,6 +270,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
         check_study_file(out_dir)
     study = open_study(url, tune.study or label, _sampler(tune, space), _pruner(tune, rounds))
     check_study(study, url, space, method_base(method, domain), pruning_of(tune, rounds))
+    if study.trials:
+        study.sampler = _sampler(tune, space, len(study.trials))
     if start is None:
         start = start_point(method, space, domain)
     if start and not study.trials and tune.sampler != "grid":
