@@ -259,6 +259,62 @@ def test_a_trial_that_died_with_its_process_costs_no_budget(tmp_path):
     assert "1 more died with their process and ran again" in (tmp_path / "tune.md").read_text()
 
 
+def test_a_worker_counts_and_waits_for_the_trials_other_workers_run(tmp_path, monkeypatch):
+    """Several processes on one study: a trial another worker is running counts against the budget (no worker
+    starts one too many), and a worker whose own trials are done waits for it, so that every worker chooses its
+    setting from the finished study."""
+    import optuna
+
+    import thermokd.experiments.tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "POLL_S", 0.05)
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=2, seed=1), train_fn=synthetic(calls), echo=lambda s: None)
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    other = study.ask()  # another worker's trial, still running
+    other.suggest_float("temperature.tau", 1.0, 16.0, log=True)
+    lines: list = []
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=run_tune(
+        _cfg(), "kd", tmp_path, TuneConfig(trials=5, seed=1), train_fn=synthetic(calls), echo=lines.append)))
+    worker.start()
+    deadline = time.time() + 60
+    while not any("waiting for 1 trial" in line for line in lines) and time.time() < deadline:
+        time.sleep(0.05)
+    assert any("waiting for 1 trial" in line for line in lines) and worker.is_alive()
+    assert len([t for t in study.get_trials() if t.state.is_finished()]) == 4  # 2 + 2: the running one is counted
+    study.tell(other, 0.99)  # the other worker's trial finishes, best of all
+    worker.join(60)
+    result = outcome["result"]
+    assert result.summary["complete"] + result.summary["pruned"] == 5
+    assert result.params == other.params  # chosen from the finished study, the other worker's trial included
+
+
+def test_a_trial_whose_process_is_gone_is_retried_at_once(tmp_path):
+    """A killed `tune` started again on the same machine fails its dead trial at once (the process that ran it no
+    longer exists), rather than waiting minutes for the heartbeat to go stale, and runs it again."""
+    import socket
+
+    import optuna
+
+    calls: list = []
+    run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=2, seed=1), train_fn=synthetic(calls), echo=lambda s: None)
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = study.ask()
+    tau = dead.suggest_float("temperature.tau", 1.0, 16.0, log=True)
+    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": gone.pid})
+    started = time.time()
+    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=4, seed=1), train_fn=synthetic(calls),
+                      echo=lambda s: None)
+    assert time.time() - started < 60
+    trials = result.summary["trials"]
+    assert trials[dead.number]["state"] == "retried" and result.summary["retried"] == 1
+    assert [t["params"]["temperature.tau"] for t in trials[dead.number + 1:]][0] == tau  # its knobs ran again
+    assert result.summary["complete"] + result.summary["pruned"] == 4
+
+
 def test_tiny_tune_on_digits_in_seconds_and_its_setting_is_accepted(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("THERMOKD_CACHE", str(tmp_path / "cache"))
     cfg = str(write_config(tmp_path / "c.yaml"))

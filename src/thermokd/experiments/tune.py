@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import socket
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from .tune_metric import ACCURACY, Metric, metric_of
 # (method section, trial folder, per-round callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
 TrainFn = Callable[[MethodConfig, Path, Callable[[dict[str, Any]], None]], dict[str, Any]]
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is failed (and retried) after GRACE_S seconds
+POLL_S = 10.0  # how often a worker with no trial left to start looks whether the others' trials have finished
 
 
 @dataclass
@@ -166,6 +170,51 @@ def _finished(study) -> int:
     return sum(state in ("complete", "pruned", "fail") for state in _states(study.get_trials(deepcopy=False)))
 
 
+def _running(study) -> int:
+    """Trials running now, here or in other workers on the study (a dead worker's count until they fail by
+    heartbeat)."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def _fail_stale(study) -> None:
+    """Fail the running trials whose worker is gone, and queue their retries: at once for a worker on this machine
+    whose process no longer exists (a killed ``tune`` started again), else when its heartbeat goes stale (Optuna
+    does that when a trial starts; a worker waiting for others' trials must do it itself)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():  # "experimental" since 2.9, like the heartbeats it reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker") or {}
+        if worker.get("host") == host and worker.get("pid") != os.getpid() and not _alive(worker.get("pid")):
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError):  # another worker failed it first
+                continue
+            storage = study._storage  # the retry callback open_study gave it (its name depends on Optuna's version)
+            getter = getattr(storage, "get_heartbeat_stale_trial_callback", None) or storage.get_failed_trial_callback
+            retry = getter()
+            if retry is not None:
+                retry(study, study.trials[trial.number])
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: leave it to the heartbeat
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _states(trials) -> list[str]:
     """Each trial's state as the summaries name it: Optuna's, except ``retried`` for a failed trial that Optuna ran
     again (the retry records the trial it replaces)."""
@@ -292,6 +341,7 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
             if done[0] < rounds and trial.should_prune():  # a finished run is scored, not pruned
                 raise optuna.TrialPruned(f"pruned after round {done[0]}")
 
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})  # see _fail_stale
         folder = out_dir / "trials" / f"trial-{trial.number:04d}"
         if folder.exists():  # left by a killed process: this trial starts afresh
             shutil.rmtree(folder)
@@ -311,16 +361,28 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
             best = ""
         echo(f"  {label} trial {trial.number} [{done}/{budget}] {state}: {knob_text(trial.params)}{what}{best}")
 
-    remaining = budget - _finished(study)
-    if remaining > 0:
-        echo(f"tuning {label}: {remaining} of {budget} trials to go ({tune.sampler} sampler, {tune.pruner} pruning, "
-             f"{rounds} rounds max, study {study.study_name!r} in {redact(url)})")
-        def at_budget(study, trial) -> None:  # other workers on the study may have finished trials meanwhile
-            if _finished(study) >= budget:
-                study.stop()
+    def at_budget(study, trial) -> None:  # other workers on the study may have finished or started trials meanwhile
+        if _finished(study) + _running(study) >= budget:
+            study.stop()
 
-        # ThermoKDError in a trial (e.g. a diverging setting) fails that trial, not the study
-        study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,), callbacks=[at_budget, progress])
+    announced = waited = False
+    while True:
+        _fail_stale(study)  # a dead worker's trial fails here, and its retry is queued
+        remaining = budget - _finished(study) - _running(study)
+        if remaining > 0:
+            if not announced:
+                echo(f"tuning {label}: {remaining} of {budget} trials to go ({tune.sampler} sampler, {tune.pruner} "
+                     f"pruning, {rounds} rounds max, study {study.study_name!r} in {redact(url)})")
+                announced = True
+            # ThermoKDError in a trial (e.g. a diverging setting) fails that trial, not the study
+            study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,), callbacks=[at_budget, progress])
+        elif _finished(study) >= budget:
+            break
+        else:  # the rest of the budget is other workers' running trials: choose from the study once they finish
+            if not waited:
+                echo(f"  {label}: waiting for {_running(study)} trial(s) that other processes are running")
+                waited = True
+            time.sleep(POLL_S)
     # the default study lives beside tune.json: record it relative to the folder, not this machine's absolute path
     shown = redact(url) if tune.storage else "sqlite:///study.db (in this folder)"
     result = summarize_study(study, label, method, space, tune, budget, shown, metric)
