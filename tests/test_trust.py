@@ -17,7 +17,7 @@ import yaml
 
 from thermokd import ThermoKDError
 from thermokd.cli import main
-from thermokd.files import LOCK_NAME, FolderLock, load_tensors, save_tensors
+from thermokd.files import LOCK_NAME, FolderLock, in_use, load_tensors, save_tensors
 
 from engine_helpers import write_config
 
@@ -553,6 +553,30 @@ def test_compare_waits_for_a_run_another_process_is_making(world, capsys):
     out = capsys.readouterr().out
     assert f"waiting for {folder.resolve()}, in use by pid {holder.pid}" in out
     assert (folder / "result.json").is_file()
+
+
+def test_compare_makes_the_free_runs_before_waiting_for_one_in_use(world, capsys):
+    """A run folder another process holds goes to the back of compare's queue: compare makes the free runs first,
+    and waits only when nothing else is left."""
+    t, cfg = world
+    folder, last = t / "cmp" / "runs" / "kd-seed0", t / "cmp" / "runs" / "kd-seed1" / "result.json"
+    holder = subprocess.Popen([sys.executable, "-c", (  # holds kd seed 0 until compare has made kd seed 1
+        "import os, time; from thermokd.files import FolderLock\n"
+        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True)\n"
+        f"    deadline = time.time() + 300\n"
+        f"    while not os.path.exists({str(last)!r}) and time.time() < deadline: time.sleep(0.05)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert in_use(folder) and not in_use(t / "cmp" / "runs" / "ce-seed0")
+    assert _cli("compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "cmp", "--cache",
+                t / "cache", NO_PROGRESS) == 0
+    holder.wait()
+    assert not in_use(folder)
+    out = capsys.readouterr().out
+    made = [line.split()[0:3] for line in out.splitlines() if " seed " in line and "test " in line]
+    assert made == [["ce", "seed", "0:"], ["ce", "seed", "1:"], ["kd", "seed", "1:"], ["kd", "seed", "0:"]]
+    results = json.loads((t / "cmp" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("ce", 0), ("kd", 0), ("ce", 1), ("kd", 1)]
 
 
 @pytest.mark.parametrize("command", ["sweep", "recommend"])

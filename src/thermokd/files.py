@@ -287,6 +287,26 @@ class FolderLock:
             os.close(held[0])
 
 
+def in_use(folder: "str | Path") -> bool:
+    """Whether another process holds ``folder``'s :class:`FolderLock` now (a probe: nothing is held after it)."""
+    lock = Path(folder) / LOCK_NAME
+    if str(Path(folder).resolve()) in _HELD or not lock.is_file():
+        return False
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _holder(lock: Path) -> str:
     try:
         text = lock.read_text(errors="replace").strip()

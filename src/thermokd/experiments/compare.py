@@ -1,9 +1,11 @@
 """``thermokd compare``: one teacher, one student per method × seed, the same data order per seed across methods."""
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from ..engine.divergence import describe_collapse
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
 from ..errors import ThermoKDError
-from ..files import FolderLock, write_json
+from ..files import FolderLock, in_use, write_json
 from ..registry import normalise
 
 DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
@@ -94,24 +96,24 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
                                  progress_bar, echo)
         if not rerun_changed:
             check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
-    runs = []
-    for seed in seeds:
-        for label in methods:
-            run_cfg = _run_config(cfg, chosen, label, seed)
-            # a run another process is making (e.g. `thermokd distill` splitting the seeds) is waited for
-            result = run_distill(run_cfg, folders[label, seed], resume=True, cache_dir=cache_dir,
-                                 accelerator=accelerator, experiment=experiment, teacher=teacher,
-                                 progress_bar=progress_bar, rerun_changed=rerun_changed, wait_for=echo)
-            reused = result.pop("reused", False)
-            # the report groups by label; the run's own method name stays in "base_method"
-            result = {**result, "method": label, "base_method": run_cfg.method.name,
-                      "method_config": run_cfg.method.__dict__}
-            echo(f"  {label:18s} seed {seed}: test {result['best_acc']:.4f} at the best val epoch "
-                 f"{result['best_epoch']}, last {result['last_acc']:.4f}"
-                 + (f"  (reused {folders[label, seed]})" if reused else ""))
-            if result.get("collapse"):
-                echo(f"  warning: {describe_collapse(f'{label} seed {seed}', result['collapse'])}")
-            runs.append(result)
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for label, seed in run_order([(label, seed) for seed in seeds for label in methods], folders):
+        run_cfg = _run_config(cfg, chosen, label, seed)
+        # a run another process is still making is waited for (run_order leaves those for last)
+        result = run_distill(run_cfg, folders[label, seed], resume=True, cache_dir=cache_dir,
+                             accelerator=accelerator, experiment=experiment, teacher=teacher,
+                             progress_bar=progress_bar, rerun_changed=rerun_changed, wait_for=echo)
+        reused = result.pop("reused", False)
+        # the report groups by label; the run's own method name stays in "base_method"
+        result = {**result, "method": label, "base_method": run_cfg.method.name,
+                  "method_config": run_cfg.method.__dict__}
+        echo(f"  {label:18s} seed {seed}: test {result['best_acc']:.4f} at the best val epoch "
+             f"{result['best_epoch']}, last {result['last_acc']:.4f}"
+             + (f"  (reused {folders[label, seed]})" if reused else ""))
+        if result.get("collapse"):
+            echo(f"  warning: {describe_collapse(f'{label} seed {seed}', result['collapse'])}")
+        done[label, seed] = result
+    runs = [done[label, seed] for seed in seeds for label in methods]
     info = {k: v for k, v in teacher[1].items() if k not in ("test_logits", "dir")}
     results = {"data": cfg.data.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": machine_description(), "teacher": info, "student": {"model": cfg.student.model},
@@ -120,6 +122,19 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
     write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
+
+
+def run_order(keys: list, folders: dict) -> Iterator:
+    """``keys`` in order, except that a run another process is making now (``thermokd distill`` or a helper
+    ``compare`` splitting the runs) goes to the back of the queue while a free one is left: this process makes
+    the free runs meanwhile instead of waiting. Asked afresh before each run, since the other process moves on."""
+    queue = collections.deque(keys)
+    while queue:
+        key = queue.popleft()
+        if in_use(folders[key]) and any(not in_use(folders[other]) for other in queue):
+            queue.append(key)
+            continue
+        yield key
 
 
 def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, cache_dir: "Path | None",
