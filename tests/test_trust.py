@@ -559,7 +559,7 @@ def test_compare_makes_the_free_runs_before_waiting_for_one_in_use(world, capsys
     """A run folder another process holds goes to the back of compare's queue: compare makes the free runs first,
     and waits only when nothing else is left."""
     t, cfg = world
-    folder, last = t / "cmp" / "runs" / "kd-seed0", t / "cmp" / "runs" / "kd-seed1" / "result.json"
+    folder, last = t / "split" / "runs" / "kd-seed0", t / "split" / "runs" / "kd-seed1" / "result.json"
     holder = subprocess.Popen([sys.executable, "-c", (  # holds kd seed 0 until compare has made kd seed 1
         "import os, time; from thermokd.files import FolderLock\n"
         f"with FolderLock({str(folder)!r}):\n    print('held', flush=True)\n"
@@ -567,15 +567,43 @@ def test_compare_makes_the_free_runs_before_waiting_for_one_in_use(world, capsys
         f"    while not os.path.exists({str(last)!r}) and time.time() < deadline: time.sleep(0.05)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    assert in_use(folder) and not in_use(t / "cmp" / "runs" / "ce-seed0")
-    assert _cli("compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "cmp", "--cache",
+    assert in_use(folder) and not in_use(t / "split" / "runs" / "ce-seed0")
+    assert _cli("compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "split", "--cache",
                 t / "cache", NO_PROGRESS) == 0
     holder.wait()
     assert not in_use(folder)
     out = capsys.readouterr().out
     made = [line.split()[0:3] for line in out.splitlines() if " seed " in line and "test " in line]
     assert made == [["ce", "seed", "0:"], ["ce", "seed", "1:"], ["kd", "seed", "1:"], ["kd", "seed", "0:"]]
-    results = json.loads((t / "cmp" / "results.json").read_text())
+    results = json.loads((t / "split" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("ce", 0), ("kd", 0), ("ce", 1), ("kd", 1)]
+
+
+def test_a_helper_compare_makes_runs_from_the_far_end_and_the_main_one_reuses_them(world, capsys):
+    """`compare --helper` makes the runs last seed and method first, leaves out one another process holds, and
+    writes no results; the main compare then makes only that one and reports all four."""
+    t, cfg = world
+    folder, first = t / "split" / "runs" / "kd-seed1", t / "split" / "runs" / "ce-seed0" / "result.json"
+    holder = subprocess.Popen([sys.executable, "-c", (  # holds kd seed 1 until the helper has made ce seed 0
+        "import os, time; from thermokd.files import FolderLock\n"
+        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True)\n"
+        f"    deadline = time.time() + 300\n"
+        f"    while not os.path.exists({str(first)!r}) and time.time() < deadline: time.sleep(0.05)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    args = ["compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "split", "--cache",
+            t / "cache", NO_PROGRESS]
+    assert _cli(*args, "--helper") == 0
+    holder.wait()
+    out = capsys.readouterr().out
+    made = [line.split()[0:3] for line in out.splitlines() if "(helper)" in line]
+    assert made == [["ce", "seed", "1:"], ["kd", "seed", "0:"], ["ce", "seed", "0:"]]
+    assert "helper: made 3 of 4 runs" in out and not (t / "split" / "results.json").exists()
+    assert not (folder / "result.json").exists()
+    assert _cli(*args) == 0
+    out = capsys.readouterr().out
+    assert out.count("(reused ") == 3 and (folder / "result.json").is_file()
+    results = json.loads((t / "split" / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("ce", 0), ("kd", 0), ("ce", 1), ("kd", 1)]
 
 

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _rerun_changed(p)
     p.add_argument("--tune", type=int, metavar="TRIALS", help="tune every method with this many trials on the "
                    "validation split first (overrides compare.tune.trials; 0: no tuning)")
+    p.add_argument("--helper", action="store_true", help="share the work of the same compare running (or to run) "
+                   "in another process on --out: tune and run from the other end, skip what that process is "
+                   "doing, write no report (the main compare does)")
 
     p = sub.add_parser("distill", help="train one student; --resume continues a killed run")
     _common(p)
@@ -187,7 +190,12 @@ def _compare(args) -> None:
     if seeds < 1:
         raise ThermoKDError(f"--seeds must be >= 1, got {seeds}")
     results = run_compare(cfg, methods, list(range(seeds)), args.out, args.cache, not args.no_progress,
-                          rerun_changed=args.rerun_changed)
+                          rerun_changed=args.rerun_changed, helper=args.helper)
+    if args.helper:
+        print(f"\nhelper: made {len(results['made'])} of {len(results['made']) + len(results['others'])} runs; "
+              "the others were made, or are being made, by other processes. The main compare (the same command "
+              f"without --helper) writes {args.out / 'results.json'} and {args.out / 'report.md'}, reusing them.")
+        return
     summary = summarize(results["runs"])
     print(f"\n{'method':18s} {'test @ best val':>16s} {'test @ last':>16s}")
     for method, s in summary.items():
@@ -369,8 +377,9 @@ def main(argv: "list[str] | None" = None) -> int:
             return 0
         from .files import FolderLock
 
-        out = getattr(args, "out", None)
-        with FolderLock(out) if out is not None else contextlib.nullcontext():  # one writer per --out folder
+        # one writer per --out folder; a compare --helper shares it with the compare that holds it
+        out = None if getattr(args, "helper", False) else getattr(args, "out", None)
+        with FolderLock(out) if out is not None else contextlib.nullcontext():
             COMMANDS[args.command](args)
         _close_process_group()
     except ThermoKDError as exc:

@@ -10,6 +10,10 @@ class ConfigError(ThermoKDError):
     """An invalid configuration field."""
 
 
+class FolderInUseError(ThermoKDError):
+    """Another thermokd process holds the folder (its lock); the message names that process."""
+
+
 def choice_error(kind: str, value: object, allowed: "list[str] | tuple[str, ...]") -> ThermoKDError:
     """A uniform 'unknown name' error that lists the accepted names."""
     return ThermoKDError(f"unknown {kind} {value!r}; expected one of: {', '.join(sorted(allowed))}")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ThermoKDError
+from .errors import FolderInUseError, ThermoKDError
 
 FORMAT = "2"  # the layout of cached files; part of every cache key, so a new layout never reads an old file
 CHECKSUM, KEY = "thermokd.checksum", "thermokd.key"
@@ -264,7 +264,7 @@ class FolderLock:
             holder = _holder(lock)
             if not self.wait:
                 os.close(fd)
-                raise ThermoKDError(f"{folder} is in use by another thermokd process ({holder}); wait for it to "
+                raise FolderInUseError(f"{folder} is in use by another thermokd process ({holder}); wait for it to "
                                     f"finish or choose another {self.what}") from None
             if self.echo is not None:
                 self.echo(f"waiting for {folder}, in use by {holder}")

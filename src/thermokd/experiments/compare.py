@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import datetime
 import platform
@@ -15,7 +16,7 @@ from ..config import RunConfig, resolve_method
 from ..engine.divergence import describe_collapse
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
-from ..errors import ThermoKDError
+from ..errors import FolderInUseError, ThermoKDError
 from ..files import FolderLock, in_use, write_json
 from ..registry import normalise
 
@@ -60,21 +61,27 @@ def kd_grid(cfg: RunConfig, labels: list[str]) -> dict[str, float]:
 
 def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path,
                 cache_dir: "Path | None" = None, progress_bar: bool = True, echo=print,
-                rerun_changed: bool = False) -> dict[str, Any]:
+                rerun_changed: bool = False, helper: bool = False) -> dict[str, Any]:
     """Run every method × seed into ``out_dir/runs/`` and write ``results.json``, ``report.md`` and the plots.
     Finished runs made of the same config are reused and killed ones resumed; a run made of another config stops
-    the command before anything is written, unless ``rerun_changed`` re-runs it."""
+    the command before anything is written, unless ``rerun_changed`` re-runs it.
+
+    ``helper``: share the work of a compare on the same ``out_dir`` that another process runs (or will run): tune
+    the methods last to first (joining a study in progress), then make the runs from the last seed and method
+    backward, leaving out those made or being made; write no results (the main compare writes them, reusing
+    these runs). Returns ``{"made": [(label, seed), ...], "others": [...]}`` (the runs made, or being made, by other
+    processes)."""
     out_dir = Path(out_dir)
     tuning = cfg.compare.tune.trials > 0
     if tuning and len(seeds) < 3:
         raise ThermoKDError(f"compare with tuning needs >= 3 seeds for its paired intervals, got {len(seeds)}")
-    with FolderLock(out_dir):
+    with contextlib.nullcontext() if helper else FolderLock(out_dir):  # the main compare holds the folder
         folders = {(label, seed): out_dir / "runs" / f"{label}-seed{seed}" for seed in seeds for label in methods}
         chosen = {label: resolve_method(cfg, label) for label in methods}
         if not (rerun_changed or tuning):  # with tuning, the runs' settings are known (and checked) after it
             check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
         return _run_compare(cfg, methods, seeds, out_dir, folders, chosen, tuning, cache_dir, progress_bar, echo,
-                            rerun_changed)
+                            rerun_changed, helper)
 
 
 def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -> RunConfig:
@@ -85,17 +92,34 @@ def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -
 
 def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path, folders: dict,
                  chosen: dict[str, Any], tuning: bool, cache_dir: "Path | None", progress_bar: bool, echo,
-                 rerun_changed: bool) -> dict[str, Any]:
+                 rerun_changed: bool, helper: bool = False) -> dict[str, Any]:
     from .report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     tuned: dict[str, Any] = {}
     if tuning:
-        chosen, tuned = tune_all(cfg, methods, out_dir / "tune", (accelerator, experiment, teacher), cache_dir,
-                                 progress_bar, echo)
+        chosen, tuned = tune_all(cfg, methods[::-1] if helper else methods, out_dir / "tune",
+                                 (accelerator, experiment, teacher), cache_dir, progress_bar, echo)
         if not rerun_changed:
             check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
+    if helper:
+        made, others = [], []
+        for label, seed in [(label, seed) for seed in seeds[::-1] for label in methods[::-1]]:
+            folder = folders[label, seed]
+            if (folder / "result.json").is_file() or in_use(folder):
+                others.append((label, seed))
+                continue
+            try:
+                result = run_distill(_run_config(cfg, chosen, label, seed), folder, resume=True, cache_dir=cache_dir,
+                                     accelerator=accelerator, experiment=experiment, teacher=teacher,
+                                     progress_bar=progress_bar, rerun_changed=rerun_changed)
+            except FolderInUseError:  # the other process took it between the look and the lock
+                others.append((label, seed))
+                continue
+            echo(_run_line(label, seed, result, "  (helper)"))
+            made.append((label, seed))
+        return {"made": made, "others": others}
     done: dict[tuple[str, int], dict[str, Any]] = {}
     for label, seed in run_order([(label, seed) for seed in seeds for label in methods], folders):
         run_cfg = _run_config(cfg, chosen, label, seed)
@@ -107,9 +131,7 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
         # the report groups by label; the run's own method name stays in "base_method"
         result = {**result, "method": label, "base_method": run_cfg.method.name,
                   "method_config": run_cfg.method.__dict__}
-        echo(f"  {label:18s} seed {seed}: test {result['best_acc']:.4f} at the best val epoch "
-             f"{result['best_epoch']}, last {result['last_acc']:.4f}"
-             + (f"  (reused {folders[label, seed]})" if reused else ""))
+        echo(_run_line(label, seed, result, f"  (reused {folders[label, seed]})" if reused else ""))
         if result.get("collapse"):
             echo(f"  warning: {describe_collapse(f'{label} seed {seed}', result['collapse'])}")
         done[label, seed] = result
@@ -122,6 +144,11 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
     write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
+
+
+def _run_line(label: str, seed: int, result: dict[str, Any], note: str = "") -> str:
+    return (f"  {label:18s} seed {seed}: test {result['best_acc']:.4f} at the best val epoch {result['best_epoch']}, "
+            f"last {result['last_acc']:.4f}{note}")
 
 
 def run_order(keys: list, folders: dict) -> Iterator:
