@@ -531,6 +531,17 @@ def hold_lock(folder: Path, seconds: float = 1.5) -> subprocess.Popen:
     return holder
 
 
+def hold_lock_until(folder: Path, done: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s lock until the file ``done`` exists (returned once it holds it)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, time; from thermokd.files import FolderLock\n"
+        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True)\n    deadline = time.time() + 300\n"
+        f"    while not os.path.exists({str(done)!r}) and time.time() < deadline: time.sleep(0.05)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_waiting_lock_takes_over_when_the_holder_leaves(tmp_path):
     """The teacher cache's lock waits (and says so) instead of failing; a process re-enters a lock it holds."""
     holder = hold_lock(tmp_path)
@@ -560,13 +571,7 @@ def test_compare_makes_the_free_runs_before_waiting_for_one_in_use(world, capsys
     and waits only when nothing else is left."""
     t, cfg = world
     folder, last = t / "split" / "runs" / "kd-seed0", t / "split" / "runs" / "kd-seed1" / "result.json"
-    holder = subprocess.Popen([sys.executable, "-c", (  # holds kd seed 0 until compare has made kd seed 1
-        "import os, time; from thermokd.files import FolderLock\n"
-        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True)\n"
-        f"    deadline = time.time() + 300\n"
-        f"    while not os.path.exists({str(last)!r}) and time.time() < deadline: time.sleep(0.05)")],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock_until(folder, last)  # holds kd seed 0 until compare has made kd seed 1
     assert in_use(folder) and not in_use(t / "split" / "runs" / "ce-seed0")
     assert _cli("compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "split", "--cache",
                 t / "cache", NO_PROGRESS) == 0
@@ -584,13 +589,7 @@ def test_a_helper_compare_makes_runs_from_the_far_end_and_the_main_one_reuses_th
     writes no results; the main compare then makes only that one and reports all four."""
     t, cfg = world
     folder, first = t / "split" / "runs" / "kd-seed1", t / "split" / "runs" / "ce-seed0" / "result.json"
-    holder = subprocess.Popen([sys.executable, "-c", (  # holds kd seed 1 until the helper has made ce seed 0
-        "import os, time; from thermokd.files import FolderLock\n"
-        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True)\n"
-        f"    deadline = time.time() + 300\n"
-        f"    while not os.path.exists({str(first)!r}) and time.time() < deadline: time.sleep(0.05)")],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock_until(folder, first)  # holds kd seed 1 until the helper has made ce seed 0
     args = ["compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "2", "--out", t / "split", "--cache",
             t / "cache", NO_PROGRESS]
     assert _cli(*args, "--helper") == 0
