@@ -107,14 +107,14 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
         made, others = [], []
         for label, seed in [(label, seed) for seed in seeds[::-1] for label in methods[::-1]]:
             folder = folders[label, seed]
-            if (folder / "result.json").is_file() or in_use(folder):
+            if (folder / "result.json").is_file():
                 others.append((label, seed))
                 continue
-            try:
+            try:  # a folder another process holds refuses its lock at once: left to that process
                 result = run_distill(_run_config(cfg, chosen, label, seed), folder, resume=True, cache_dir=cache_dir,
                                      accelerator=accelerator, experiment=experiment, teacher=teacher,
                                      progress_bar=progress_bar, rerun_changed=rerun_changed)
-            except FolderInUseError:  # the other process took it between the look and the lock
+            except FolderInUseError:
                 others.append((label, seed))
                 continue
             echo(_run_line(label, seed, result, "  (helper)"))

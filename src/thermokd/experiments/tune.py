@@ -207,11 +207,11 @@ def _alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return True  # unknown: leave it to the heartbeat
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
