@@ -423,3 +423,86 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert "SECTION.ARGUMENT" in _stderr_line(base + ["--hold", "tau"], capsys)
     assert "both searched" in _stderr_line(base + ["--hold", "temperature.tau", "--space", "temperature.tau=1:2"],
                                            capsys)
+
+
+def test_compare_tunes_the_other_methods_while_a_study_waits_for_other_processes(tmp_path, monkeypatch):
+    """compare's tuning sets aside a study whose last trials other processes are running, tunes the next methods
+    meanwhile, and comes back to it (waiting only when nothing else is left); the results keep the methods' order."""
+    import copy
+
+    import optuna
+
+    import thermokd.experiments.tune as tune_mod
+    from thermokd.experiments.compare import tune_all
+
+    monkeypatch.setattr(tune_mod, "POLL_S", 0.05)
+    calls: list = []
+    order: list = []
+
+    class Runner:  # the synthetic curve in place of training; records which method each trial tuned
+        def __init__(self, *args, **kwargs) -> None:
+            self.train = synthetic(calls)
+
+        def __call__(self, method, folder, on_epoch):
+            order.append(method.name)
+            return self.train(method, folder, on_epoch)
+
+    monkeypatch.setattr(tune_mod, "DistillRunner", Runner)
+    cfg = _cfg()
+    cfg.compare.tune.trials = 2
+    options = copy.deepcopy(cfg.compare.tune)
+    options.trials = 1
+    run_tune(cfg, "kd", tmp_path / "kd", options, train_fn=synthetic(calls), echo=lambda s: None)
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'kd' / 'study.db'}")
+    other = study.ask()  # the last trial of kd's budget, which another process is running
+    other.suggest_float("temperature.tau", 1.0, 16.0, log=True)
+    lines: list = []
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=tune_all(
+        cfg, ["kd", "dtkd"], tmp_path, (None, None, None), None, False, lines.append)))
+    worker.start()
+    deadline = time.time() + 60
+    while not any("waiting for 1 trial" in line for line in lines) and time.time() < deadline:
+        time.sleep(0.05)
+    assert worker.is_alive() and any("waiting for 1 trial" in line for line in lines)
+    assert "kd: 1 trial(s) still running in other processes: tuning the other methods meanwhile" in "\n".join(lines)
+    assert order == ["dtkd", "dtkd"]  # dtkd's whole budget ran while kd's last trial was elsewhere
+    study.tell(other, 0.99)
+    worker.join(60)
+    chosen, tuned = outcome["result"]
+    assert list(chosen) == list(tuned) == ["kd", "dtkd"]
+    assert tuned["kd"]["params"] == other.params and tuned["kd"]["complete"] == 2
+
+
+def test_each_trial_records_the_cpu_time_it_spent(tmp_path):
+    """Trials record their process's CPU time (pruned ones too), comparable on a machine shared with other work
+    where the wall clock is not; a study with a trial from before it was recorded has no CPU total."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    def busy(calls):
+        train = synthetic(calls)
+
+        def run(method, folder, on_epoch):
+            def spin(record):
+                until = time.process_time() + 0.01  # 10 ms of computing per epoch
+                while time.process_time() < until:
+                    pass
+                on_epoch(record)
+            return train(method, folder, spin)
+
+        return run
+
+    calls: list = []
+    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=4, seed=3), train_fn=busy(calls), echo=lambda s: None)
+    trials = result.summary["trials"]
+    assert all(t["cpu_seconds"] >= 0.01 * t["epochs"] for t in trials)
+    assert result.summary["cpu_seconds"] == pytest.approx(sum(t["cpu_seconds"] for t in trials))
+    assert f"({result.summary['cpu_seconds'] / 60:.1f} CPU min)" in (tmp_path / "tune.md").read_text()
+    study = optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    first = study.trials[0]
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.1, params=first.params,
+                                 distributions=first.distributions))  # as an older version recorded it
+    result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=5, seed=3), train_fn=busy(calls), echo=lambda s: None)
+    assert result.summary["trials"][-1]["cpu_seconds"] is None and result.summary["cpu_seconds"] is None
+    assert "CPU min" not in (tmp_path / "tune.md").read_text()

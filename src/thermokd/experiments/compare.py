@@ -6,6 +6,7 @@ import contextlib
 import copy
 import datetime
 import platform
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,34 +104,22 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
                                  (accelerator, experiment, teacher), cache_dir, progress_bar, echo)
         if not rerun_changed:
             check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
+
+    def make(label: str, seed: int, **how) -> dict[str, Any]:
+        return run_distill(_run_config(cfg, chosen, label, seed), folders[label, seed], resume=True,
+                           cache_dir=cache_dir, accelerator=accelerator, experiment=experiment, teacher=teacher,
+                           progress_bar=progress_bar, rerun_changed=rerun_changed, **how)
+
     if helper:
-        made, others = [], []
-        for label, seed in [(label, seed) for seed in seeds[::-1] for label in methods[::-1]]:
-            folder = folders[label, seed]
-            if (folder / "result.json").is_file():
-                others.append((label, seed))
-                continue
-            try:  # a folder another process holds refuses its lock at once: left to that process
-                result = run_distill(_run_config(cfg, chosen, label, seed), folder, resume=True, cache_dir=cache_dir,
-                                     accelerator=accelerator, experiment=experiment, teacher=teacher,
-                                     progress_bar=progress_bar, rerun_changed=rerun_changed)
-            except FolderInUseError:
-                others.append((label, seed))
-                continue
-            echo(_run_line(label, seed, result, "  (helper)"))
-            made.append((label, seed))
-        return {"made": made, "others": others}
+        return _help(make, [(label, seed) for seed in seeds[::-1] for label in methods[::-1]], folders, echo)
     done: dict[tuple[str, int], dict[str, Any]] = {}
     for label, seed in run_order([(label, seed) for seed in seeds for label in methods], folders):
-        run_cfg = _run_config(cfg, chosen, label, seed)
         # a run another process is still making is waited for (run_order leaves those for last)
-        result = run_distill(run_cfg, folders[label, seed], resume=True, cache_dir=cache_dir,
-                             accelerator=accelerator, experiment=experiment, teacher=teacher,
-                             progress_bar=progress_bar, rerun_changed=rerun_changed, wait_for=echo)
+        result = make(label, seed, wait_for=echo)
         reused = result.pop("reused", False)
         # the report groups by label; the run's own method name stays in "base_method"
-        result = {**result, "method": label, "base_method": run_cfg.method.name,
-                  "method_config": run_cfg.method.__dict__}
+        result = {**result, "method": label, "base_method": chosen[label].name,
+                  "method_config": copy.deepcopy(chosen[label]).__dict__}
         echo(_run_line(label, seed, result, f"  (reused {folders[label, seed]})" if reused else ""))
         if result.get("collapse"):
             echo(f"  warning: {describe_collapse(f'{label} seed {seed}', result['collapse'])}")
@@ -144,6 +133,24 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
     write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
+
+
+def _help(make, keys: list, folders: dict, echo) -> dict[str, Any]:
+    """A helper compare's runs: ``keys`` in order, leaving out those made (``result.json``) or held by another
+    process (their lock refuses at once); writes nothing else."""
+    made, others = [], []
+    for label, seed in keys:
+        if (folders[label, seed] / "result.json").is_file():
+            others.append((label, seed))
+            continue
+        try:
+            result = make(label, seed)
+        except FolderInUseError:
+            others.append((label, seed))
+            continue
+        echo(_run_line(label, seed, result, "  (helper)"))
+        made.append((label, seed))
+    return {"made": made, "others": others}
 
 
 def _run_line(label: str, seed: int, result: dict[str, Any], note: str = "") -> str:
@@ -168,22 +175,39 @@ def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, c
              progress_bar: bool, echo) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method gets the same budget (``compare.tune``) on the validation split; ``kd@TAU`` labels are fixed
     grid points and keep their τ. Returns each label's chosen method section and its tuning summary."""
-    from .tune import DistillRunner, knob_text, tune_method
+    from .tune import POLL_S, DistillRunner, StudyBusy, knob_text, tune_method
 
     chosen, tuned = {}, {}
     runner = DistillRunner(cfg, cache_dir, progress_bar, echo, shared=shared)
-    for label in methods:
+    queue, busy, said = collections.deque(methods), 0, set()
+    while queue:
+        label = queue.popleft()
         method = resolve_method(cfg, label)
         if label.startswith("kd@"):
             chosen[label] = method
             continue
         options = copy.deepcopy(cfg.compare.tune)
         options.study = f"{options.study}-{label}" if options.study else label  # one study per method
-        result = tune_method(cfg, method, label, out_dir / label, options, runner, echo)
+        try:  # the last study left waits for other processes' trials; one before it is set aside meanwhile
+            result = tune_method(cfg, method, label, out_dir / label, options, runner, echo, wait=not queue)
+        except StudyBusy as exc:
+            if label not in said:
+                echo(f"  {exc}: tuning the other methods meanwhile")
+                said.add(label)
+            queue.append(label)
+            busy += 1
+            if busy >= len(queue):  # every study left is other processes' to finish: look again in a while
+                time.sleep(POLL_S)
+                busy = 0
+            continue
+        busy = 0
         chosen[label] = result.method
         tuned[label] = {k: result.summary.get(k) for k in ("params", "best_value", "best_trial", "budget", "complete",
-                                                           "pruned", "failed", "seconds", "sampler", "pruner")}
+                                                           "pruned", "failed", "seconds", "cpu_seconds", "sampler",
+                                                           "pruner")}
         if result.params:
             echo(f"  {label}: tuned to {knob_text(result.params)} "
                  f"(validation {100 * result.best_value:.2f} %)")
-    return chosen, tuned
+    order = {label: i for i, label in enumerate(methods)}  # results keep the methods' order
+    return (dict(sorted(chosen.items(), key=lambda kv: order[kv[0]])),
+            dict(sorted(tuned.items(), key=lambda kv: order[kv[0]])))

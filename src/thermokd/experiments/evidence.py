@@ -11,15 +11,21 @@ from .stats import paired_difference, paired_table, paired_verdict
 def tuning_lines(tuning: dict[str, Any]) -> list[str]:
     """A table of each method's tuned setting (from ``results["tuning"]``)."""
     lines = ["## Tuning (same budget for every method, chosen on validation)", "",
-             "| method | chosen setting | best val acc % | trials (complete / pruned) | minutes |",
-             "|---|---|---:|---:|---:|"]
+             "| method | chosen setting | best val acc % | trials (complete / pruned) | minutes | CPU minutes |",
+             "|---|---|---:|---:|---:|---:|"]
     for label, t in tuning.items():
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
         val = "—" if t.get("best_value") is None else f"{100 * t['best_value']:.2f}"
         trials = f"{t.get('complete') or 0} / {t.get('pruned') or 0}"
-        lines.append(f"| {label} | {params or 'no knobs'} | {val} | {trials} | {(t.get('seconds') or 0.0) / 60:.1f} |")
+        cpu = "—" if t.get("cpu_seconds") is None else f"{t['cpu_seconds'] / 60:.1f}"
+        lines.append(f"| {label} | {params or 'no knobs'} | {val} | {trials} | {(t.get('seconds') or 0.0) / 60:.1f} | "
+                     f"{cpu} |")
     total = sum((t.get("seconds") or 0.0) for t in tuning.values())
-    return lines + ["", f"Tuning took {total / 60:.1f} min in all (not counted in the compute line above).", ""]
+    cpus = [t.get("cpu_seconds") for t in tuning.values()]
+    cpu = "" if None in cpus else f", {sum(cpus) / 60:.1f} min of CPU time"
+    return lines + ["", f"Tuning took {total / 60:.1f} min in all{cpu} (not counted in the compute line above). "
+                    "Minutes are the trials' wall time, which counts waiting for a busy core; CPU minutes are the "
+                    "time the trials' process computed (— for studies made before it was recorded).", ""]
 
 
 def evidence_lines(results: dict[str, Any], reference: str) -> list[str]:

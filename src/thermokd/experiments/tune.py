@@ -34,6 +34,15 @@ HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is failed (and retr
 POLL_S = 10.0  # how often a worker with no trial left to start looks whether the others' trials have finished
 
 
+class StudyBusy(Exception):
+    """Raised by ``tune_method(..., wait=False)`` when the study's own trials are done but trials that other
+    processes run are not: the caller may do other work and call again."""
+
+    def __init__(self, label: str, running: int) -> None:
+        super().__init__(f"{label}: {running} trial(s) still running in other processes")
+        self.label, self.running = label, running
+
+
 @dataclass
 class TuneResult:
     label: str
@@ -288,7 +297,7 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
                 train_fn: TrainFn, echo: Callable[[str], None] = print, *, metric: Metric = ACCURACY,
                 rounds: "int | None" = None, domain: str = "default",
                 config_for: "Callable[[MethodConfig], dict] | None" = None,
-                set_prefix: str = "method", start: "dict[str, Any] | None" = None) -> TuneResult:
+                set_prefix: str = "method", start: "dict[str, Any] | None" = None, wait: bool = True) -> TuneResult:
     """Run (or continue) the study of ``method`` in ``out_dir`` until ``tune.trials`` trials have finished, then
     write ``tune.json``, ``tune.md``, the plot and the chosen setting (``best.yaml``, ``best_config.yaml``).
 
@@ -297,7 +306,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     (``default`` or ``lm``); ``config_for``: the whole config at a chosen method section, for ``best_config.yaml``
     (default: ``cfg`` with its ``method`` replaced); ``set_prefix``: where the ``--set`` lines put the knobs;
     ``start``: knob values a new study tries first (default: :func:`start_point`, the method's own setting; not with
-    the grid sampler)."""
+    the grid sampler); ``wait``: when the budget is spent but other workers' trials are still running, wait for them
+    (default) or raise :class:`StudyBusy` at once."""
     import optuna
     from optuna.trial import TrialState
 
@@ -308,7 +318,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not space:  # e.g. cross-entropy: nothing to choose
         result = TuneResult(label, {}, copy.deepcopy(method), None, {"label": label, "params": {}, "space": {},
-                                                                      "trials": [], "seconds": 0.0})
+                                                                      "trials": [], "seconds": 0.0,
+                                                                      "cpu_seconds": 0.0})
         write_outputs(cfg, result, out_dir, config_for, set_prefix)
         return result
     rounds = rounds or cfg.train.epochs
@@ -345,7 +356,11 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
         folder = out_dir / "trials" / f"trial-{trial.number:04d}"
         if folder.exists():  # left by a killed process: this trial starts afresh
             shutil.rmtree(folder)
-        result = train_fn(apply_params(method, params), folder, on_epoch)
+        cpu = time.process_time()
+        try:
+            result = train_fn(apply_params(method, params), folder, on_epoch)
+        finally:  # pruned and failed trials spent it too
+            trial.set_user_attr("cpu_seconds", time.process_time() - cpu)
         trial.set_user_attr("best_epoch", result.get("best_epoch"))
         return metric.score(result[metric.result_key])
 
@@ -379,6 +394,8 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
         elif _finished(study) >= budget:
             break
         else:  # the rest of the budget is other workers' running trials: choose from the study once they finish
+            if not wait:
+                raise StudyBusy(label, _running(study))
             if not waited:
                 echo(f"  {label}: waiting for {_running(study)} trial(s) that other processes are running")
                 waited = True
@@ -408,7 +425,10 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
                # a retried trial "completed" when a later process found its heartbeat stale, maybe hours after it
                # died: its compute is unknown, and not counted
                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-               if t.datetime_complete and t.datetime_start and state != "retried" else None}
+               if t.datetime_complete and t.datetime_start and state != "retried" else None,
+               # the CPU time of the process that ran it (its threads; not the waits for a busy core): comparable
+               # across trials that shared a machine with other work. None for trials made before it was recorded
+               "cpu_seconds": t.user_attrs.get("cpu_seconds") if state != "retried" else None}
               for t, state in zip(study.trials, _states(study.trials))]
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
@@ -424,8 +444,17 @@ def summarize_study(study, label: str, method: MethodConfig, space: dict[str, Kn
                "retried": sum(t["state"] == "retried" for t in trials),
                # the study's compute: its trials' time summed over every invocation (and worker) that ran them; a
                # re-run of a finished study adds nothing and rewrites the same summary
-               "seconds": sum(t["seconds"] or 0.0 for t in trials)}
+               "seconds": sum(t["seconds"] or 0.0 for t in trials),
+               "cpu_seconds": _cpu_total(trials)}
     return TuneResult(label, dict(best.params), apply_params(method, best.params), best.value, summary)
+
+
+def _cpu_total(trials: list[dict[str, Any]]) -> "float | None":
+    """The trials' CPU seconds summed, or None when a counted trial has none recorded (made by an older version)."""
+    counted = [t for t in trials if t["state"] != "retried"]
+    if not counted or any(t["cpu_seconds"] is None for t in counted):
+        return None
+    return sum(t["cpu_seconds"] for t in counted)
 
 
 def set_lines(method: MethodConfig, params: dict[str, Any], prefix: str = "method") -> list[str]:
@@ -462,6 +491,13 @@ def write_outputs(cfg: Any, result: TuneResult, out_dir: Path,
         plot_trials(summary, out_dir / "tune_vs_knob.png")
 
 
+def compute_text(summary: dict[str, Any]) -> str:
+    """A study's compute: its trials' wall time, and their CPU time where every trial recorded it."""
+    cpu = summary.get("cpu_seconds")
+    return (f"{(summary.get('seconds') or 0.0) / 60:.1f} min of trials"
+            + ("" if cpu is None else f" ({cpu / 60:.1f} CPU min)"))
+
+
 def markdown(summary: dict[str, Any]) -> list[str]:
     metric = metric_of(summary)
     lines = [f"# thermokd tune: {summary['label']}", ""]
@@ -474,7 +510,8 @@ def markdown(summary: dict[str, Any]) -> list[str]:
                  else "") + ")",
               f"- chosen (best {metric.what}, trial {summary['best_trial']}): "
               f"{knob_text(summary['params'])} → {metric.text(summary['best_value'])}",
-              f"- use it: `--set {' --set '.join(summary['set'])}`, or `--config best_config.yaml`", "",
+              f"- use it: `--set {' --set '.join(summary['set'])}`, or `--config best_config.yaml`",
+              f"- compute: {compute_text(summary)}", "",
               "| trial | state | " + " | ".join(summary["space"]) + f" | {metric.rounds} | {metric.column} |",
               "|---:|---|" + "---:|" * len(summary["space"]) + "---:|---:|"]
     for t in summary["trials"]:

@@ -134,13 +134,15 @@ def tuning_lines(tuning: dict[str, dict[str, Any]]) -> list[str]:
              f"Each tuned method had the same budget: an Optuna study of {first['budget']} trials "
              f"({first['sampler']} sampler, {first['pruner']} pruning per evaluation round), every trial a seed-0 "
              "student scored by its validation perplexity after the last step; `LABEL-tuned` runs every seed at the "
-             "chosen setting. The test documents are never read. Compute is the trials' summed time.", "",
+             "chosen setting. The test documents are never read. Compute is the trials' summed wall time, and their CPU "
+             "time (— for studies made before it was recorded).", "",
              "| tuned label | chosen setting | best val perplexity (trial) | trials complete / pruned / failed | "
-             "tuning compute (s) |", "|---|---|---:|---:|---:|"]
+             "tuning compute (s) | CPU (s) |", "|---|---|---:|---:|---:|---:|"]
     for label, t in tuning.items():
+        cpu = "—" if t.get("cpu_seconds") is None else f"{t['cpu_seconds']:.0f}"
         lines.append(f"| {tuned_label(label)} | {knob_text(t['params']) or '—'} | {t['best_val_ppl']:.2f} "
                      f"({t['best_trial']}) | {t['complete']} / {t['pruned']} / {t['failed']} of {t['budget']} | "
-                     f"{t['seconds']:.0f} |")
+                     f"{t['seconds']:.0f} | {cpu} |")
     return lines + ["", "Studies, trial tables and plots: `tune/LABEL/` (`tune.md`, `tune.json`, "
                     "`tune_vs_knob.png`).", ""]
 

@@ -20,8 +20,8 @@ from ..experiments.tune_metric import PERPLEXITY
 from .config import LMRunConfig, tuned_label
 
 # what the report and results.json keep of a study
-SUMMARY_KEYS = ("params", "best_value", "best_trial", "budget", "complete", "pruned", "failed", "seconds", "sampler",
-                "pruner", "study")
+SUMMARY_KEYS = ("params", "best_value", "best_trial", "budget", "complete", "pruned", "failed", "seconds",
+                "cpu_seconds", "sampler", "pruner", "study")
 
 
 def evaluation_rounds(cfg: LMRunConfig) -> int:
