@@ -506,3 +506,58 @@ def test_each_trial_records_the_cpu_time_it_spent(tmp_path):
     result = run_tune(_cfg(), "kd", tmp_path, TuneConfig(trials=5, seed=3), train_fn=busy(calls), echo=lambda s: None)
     assert result.summary["trials"][-1]["cpu_seconds"] is None and result.summary["cpu_seconds"] is None
     assert "CPU min" not in (tmp_path / "tune.md").read_text()
+
+
+def test_tpe_steers_away_from_a_setting_another_worker_is_running(tmp_path):
+    """With several workers on a study, TPE counts the trials others are running (as bad ones) when it proposes,
+    so that two workers do not try the same region at once; a trial running elsewhere changes the proposal."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from thermokd.experiments.tune import _sampler
+
+    tune = TuneConfig(trials=6, seed=0)
+    space = {"temperature.tau": FloatRange(1.0, 16.0, True)}
+    dist = {"temperature.tau": FloatDistribution(1.0, 16.0, log=True)}
+
+    def proposal(running: bool) -> float:
+        study = optuna.create_study(direction="maximize", sampler=_sampler(tune, space))
+        for tau, value in ((1.5, 0.5), (3.0, 0.7), (6.0, 0.8), (12.0, 0.6)):
+            study.add_trial(create_trial(value=value, params={"temperature.tau": tau}, distributions=dist))
+        if running:  # another worker's trial, near the best so far
+            study.add_trial(create_trial(state=TrialState.RUNNING, params={"temperature.tau": 6.5},
+                                         distributions=dist))
+        study.sampler = _sampler(tune, space, 4)
+        return study.ask().suggest_float("temperature.tau", 1.0, 16.0, log=True)
+
+    assert proposal(True) != proposal(False)
+
+
+def test_a_helper_compare_seeds_its_sampler_apart(tmp_path, monkeypatch):
+    """compare --helper adds its process id to the sampler's seed (tune_all's ``sampler_offset``): a helper and the
+    compare opening a study at the same moment would otherwise propose the same settings."""
+    import os
+
+    import thermokd.experiments.compare as compare_mod
+    import thermokd.experiments.tune as tune_mod
+
+    seeds: list = []
+
+    def record(cfg, method, label, out_dir, options, *args, **kwargs):
+        seeds.append(options.seed)
+        raise ThermoKDError("stop here")
+
+    monkeypatch.setattr(tune_mod, "tune_method", record)
+    cfg = _cfg()
+    cfg.compare.tune.trials, cfg.compare.tune.seed = 2, 5
+    for offset in (0, 7):
+        with pytest.raises(ThermoKDError, match="stop here"):
+            compare_mod.tune_all(cfg, ["kd"], tmp_path, (None, None, None), None, False, print, sampler_offset=offset)
+    assert seeds == [5, 12] and cfg.compare.tune.seed == 5
+    offsets: list = []
+    monkeypatch.setattr(compare_mod, "setup", lambda *a: (None, None, (None, {})))
+    monkeypatch.setattr(compare_mod, "tune_all", lambda *a, **k: offsets.append(k["sampler_offset"]) or ({}, {}))
+    monkeypatch.setattr(compare_mod, "_help", lambda *a: {"made": [], "others": []})
+    compare_mod._run_compare(cfg, ["kd"], [0, 1, 2], tmp_path, {}, {}, True, None, False, print, True, helper=True)
+    assert offsets == [os.getpid()]

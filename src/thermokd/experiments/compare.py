@@ -5,6 +5,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -100,8 +101,11 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
     tuned: dict[str, Any] = {}
     if tuning:
+        # a helper seeds its sampler apart from the compare's: two workers that open a study at the same moment
+        # with the same seed would propose the same settings
         chosen, tuned = tune_all(cfg, methods[::-1] if helper else methods, out_dir / "tune",
-                                 (accelerator, experiment, teacher), cache_dir, progress_bar, echo)
+                                 (accelerator, experiment, teacher), cache_dir, progress_bar, echo,
+                                 sampler_offset=os.getpid() if helper else 0)
         if not rerun_changed:
             check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
 
@@ -172,9 +176,10 @@ def run_order(keys: list, folders: dict) -> Iterator:
 
 
 def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, cache_dir: "Path | None",
-             progress_bar: bool, echo) -> tuple[dict[str, Any], dict[str, Any]]:
+             progress_bar: bool, echo, sampler_offset: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method gets the same budget (``compare.tune``) on the validation split; ``kd@TAU`` labels are fixed
-    grid points and keep their τ. Returns each label's chosen method section and its tuning summary."""
+    grid points and keep their τ. Returns each label's chosen method section and its tuning summary.
+    ``sampler_offset``: added to the sampler's seed."""
     from .tune import POLL_S, DistillRunner, StudyBusy, knob_text, tune_method
 
     chosen, tuned = {}, {}
@@ -188,6 +193,7 @@ def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, c
             continue
         options = copy.deepcopy(cfg.compare.tune)
         options.study = f"{options.study}-{label}" if options.study else label  # one study per method
+        options.seed += sampler_offset
         try:  # the last study left waits for other processes' trials; one before it is set aside meanwhile
             result = tune_method(cfg, method, label, out_dir / label, options, runner, echo, wait=not queue)
         except StudyBusy as exc:

@@ -134,8 +134,8 @@ def tuning_lines(tuning: dict[str, dict[str, Any]]) -> list[str]:
              f"Each tuned method had the same budget: an Optuna study of {first['budget']} trials "
              f"({first['sampler']} sampler, {first['pruner']} pruning per evaluation round), every trial a seed-0 "
              "student scored by its validation perplexity after the last step; `LABEL-tuned` runs every seed at the "
-             "chosen setting. The test documents are never read. Compute is the trials' summed wall time, and their CPU "
-             "time (— for studies made before it was recorded).", "",
+             "chosen setting. The test documents are never read. Compute is the trials' summed wall time, and their "
+             "CPU time (— for studies made before it was recorded).", "",
              "| tuned label | chosen setting | best val perplexity (trial) | trials complete / pruned / failed | "
              "tuning compute (s) | CPU (s) |", "|---|---|---:|---:|---:|---:|"]
     for label, t in tuning.items():
