@@ -23,7 +23,9 @@ language-model preset (e.g. ``cist-lm``: CIST without its weights, w ≡ 1).
 what CIST's arithmetic costs (four more row reductions and a log-softmax than KD, and a few dozen small kernels
 for the per-row τ and the weights). ``cist-by-hand-compiled`` is the same function through ``torch.compile``
 (TorchInductor fuses its small kernels; it compiles during the warm-up, and on the CPU needs a C++ compiler): how
-far fusing alone takes CIST's arithmetic.
+far fusing alone takes CIST's arithmetic. ``kd-node`` is thermokd's closed-form KD node (``ClosedFormKL``, what
+its ``kd`` evaluates) called directly, without the module around it (its call, the input and label checks, the
+statistics): what is left of ``kd``'s time once that Python is gone.
 """
 from __future__ import annotations
 
@@ -119,8 +121,26 @@ def compiled_hand_cist_step(teacher: torch.Tensor) -> Callable:
     return step
 
 
-# not thermokd: the same maths by hand, to tell thermokd's overhead from the method's own arithmetic
-REFERENCES = {"cist-by-hand": hand_cist_step, "cist-by-hand-compiled": compiled_hand_cist_step}
+def kd_node(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+    """The loss of ``hinton_kd`` through thermokd's closed-form node alone (no module, checks or statistics)."""
+    from thermokd.closed_form import ClosedFormKL
+
+    s32 = student.detach().float()
+    return ClosedFormKL.apply(student, s32, teacher.float(), torch.log_softmax(s32, dim=-1), labels, tau, tau,
+                              tau * tau / student.shape[0], 0.9, 0.1, -(2**62))[0]
+
+
+def kd_node_step(teacher: torch.Tensor) -> Callable:
+    def step(student, teacher, labels):
+        kd_node(student, teacher, labels).backward()
+
+    return step
+
+
+# not thermokd: the same maths by hand, to tell thermokd's overhead from the method's own arithmetic (and kd-node:
+# thermokd's own node without the Python around it)
+REFERENCES = {"cist-by-hand": hand_cist_step, "cist-by-hand-compiled": compiled_hand_cist_step,
+              "kd-node": kd_node_step}
 
 
 def _sync(device: torch.device) -> None:

@@ -51,6 +51,24 @@ def test_the_hand_written_cist_reference_is_thermokds_default_cist():
         assert torch.allclose(g_mine, g_theirs, rtol=1e-4, atol=1e-7), scale
 
 
+def test_the_overhead_benchmarks_kd_node_is_the_hinton_loss():
+    """``kd-node`` (thermokd's closed-form node called directly) computes the baseline's loss and gradient."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from loss_overhead import hinton_kd, kd_node
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    gen = torch.Generator().manual_seed(4)
+    teacher = torch.randn(64, 10, generator=gen) * 3
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    student = (torch.randn(64, 10, generator=gen) * 2).requires_grad_(True)
+    mine, theirs = kd_node(student, teacher, labels), hinton_kd(student, teacher, labels)
+    (g_mine,), (g_theirs,) = torch.autograd.grad(mine, student), torch.autograd.grad(theirs, student)
+    assert torch.allclose(mine, theirs, rtol=1e-5) and torch.allclose(g_mine, g_theirs, rtol=1e-4, atol=1e-7)
+
+
 def test_lm_loss_memory_prints_memory_time_and_differences_for_both_modes():
     for mode, shape in (("fused", "1,16,8,300"), ("chunked", "1,16,300")):
         proc = subprocess.run([sys.executable, str(BENCHMARKS / "lm_loss_memory.py"), "--mode", mode, "--shape", shape,
