@@ -128,3 +128,29 @@ def test_standardised_data_and_its_digest_do_not_depend_on_the_thread_count():
 
     # the digest keys the teacher cache and run identities: a run resumed with another thread count is the same run
     assert digest_with(1) == digest_with(2) == digest_with(3)
+
+
+def test_standardising_in_several_threads_at_once_gives_the_thread_count_back(monkeypatch):
+    """The one-thread reduction sets the process's thread count: threads that standardise at once must not leave
+    it at 1 (one reads the 1 another has set, and restores it last). The count is faked here, with a pause after
+    each change, so that the threads interleave at the worst moment every time."""
+    import threading
+    import time
+
+    from thermokd.data.bundle import standardisation
+
+    count = [2]
+
+    def set_threads(n: int) -> None:
+        count[0] = n
+        time.sleep(0.002)  # another thread runs here
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: count[0])
+    monkeypatch.setattr(torch, "set_num_threads", set_threads)
+    x = torch.randn(50, 4)
+    workers = [threading.Thread(target=lambda: [standardisation(x) for _ in range(10)]) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert count[0] == 2

@@ -1,6 +1,7 @@
 """The in-memory data every loader returns."""
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -9,6 +10,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ThermoKDError
+
+_ONE_THREAD = threading.Lock()  # held while standardisation() runs torch on one thread
 
 
 @dataclass
@@ -134,10 +137,11 @@ def standardisation(x: Tensor) -> tuple[Tensor, Tensor]:
     stay finite. Reduced on one thread: a multi-threaded float32 sum changes in its last bits with the thread count,
     and the standardised data's digest keys the teacher caches and run identities, which must not depend on it."""
     dims = (0,) if x.dim() == 2 else (0, 2, 3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
-    finally:
-        torch.set_num_threads(threads)
+    with _ONE_THREAD:  # the thread count is the process's: two threads toggling it at once could leave it at 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
+        finally:
+            torch.set_num_threads(threads)
     return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
