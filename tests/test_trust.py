@@ -521,11 +521,11 @@ def test_a_field_added_after_a_run_was_made_is_the_same_run_at_its_default():
     assert differences(now, changed) == ["data.mask_rate: 0.15 -> 0.3"]
 
 
-def hold_lock(folder: Path, seconds: float = 1.5) -> subprocess.Popen:
+def hold_lock(folder: Path, seconds: float = 1.5, plan: "dict | None" = None) -> subprocess.Popen:
     """Another process that holds ``folder``'s lock for ``seconds`` (returned once it holds it)."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time; from thermokd.files import FolderLock\n"
-        f"with FolderLock({str(folder)!r}):\n    print('held', flush=True); time.sleep({seconds})")],
+        f"with FolderLock({str(folder)!r}, plan={plan!r}):\n    print('held', flush=True); time.sleep({seconds})")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -604,6 +604,31 @@ def test_a_helper_compare_makes_runs_from_the_far_end_and_the_main_one_reuses_th
     assert out.count("(reused ") == 3 and (folder / "result.json").is_file()
     results = json.loads((t / "split" / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("ce", 0), ("kd", 0), ("ce", 1), ("kd", 1)]
+
+
+def test_a_helper_that_differs_from_the_running_compare_is_refused(world, capsys):
+    """A helper started with other seeds, methods or tuning budget than the compare running in its --out folder
+    (which records them in its lock) stops with one line before it does anything."""
+    t, cfg = world
+    out = t / "planned"
+    holder = hold_lock(out, seconds=60, plan={"methods": ["ce", "kd"], "seeds": [0, 1, 2], "tune_trials": 4})
+    try:
+        args = ["compare", "--config", cfg, "--methods", "ce,kd", "--out", out, "--cache", t / "cache", NO_PROGRESS,
+                "--helper"]
+        assert _cli(*args, "--seeds", "3", "--tune", "5") == 2
+        err = capsys.readouterr().err
+        assert f"the compare running in {out} differs from this helper: tuning budget (trials) 4 there, 5 here" in err
+        assert "--helper added" in err and not (out / "runs").exists() and not (out / "tune").exists()
+        assert _cli(*args, "--seeds", "4", "--tune", "4") == 2
+        assert "seeds [0, 1, 2] there, [0, 1, 2, 3] here" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    from thermokd.experiments.compare import check_helper_plan
+    from thermokd.files import holder_plan
+
+    assert holder_plan(out) is None  # nobody holds it now: a helper may start first
+    check_helper_plan(out, {"methods": ["x"], "seeds": [9], "tune_trials": 5})
 
 
 @pytest.mark.parametrize("command", ["sweep", "recommend"])

@@ -241,8 +241,8 @@ class FolderLock:
     trained into the shared cache by another run). The OS drops the lock when the holder dies, even by kill -9."""
 
     def __init__(self, folder: "str | Path", what: str = "--out folder", wait: bool = False,
-                 echo: "Callable[[str], None] | None" = None) -> None:
-        self.folder, self.what, self.wait, self.echo = Path(folder), what, wait, echo
+                 echo: "Callable[[str], None] | None" = None, plan: "dict[str, Any] | None" = None) -> None:
+        self.folder, self.what, self.wait, self.echo, self.plan = Path(folder), what, wait, echo, plan
         self._name = ""
 
     def __enter__(self) -> "FolderLock":
@@ -272,7 +272,8 @@ class FolderLock:
         os.ftruncate(fd, 0)
         command = " ".join(["thermokd", *sys.argv[1:]]) if sys.argv else "thermokd"
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command[:200]}".encode())
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command[:200]}".encode()
+                 + (b"" if self.plan is None else b"\n" + json.dumps(self.plan, sort_keys=True).encode()))
         _HELD[self._name] = [fd, 1]
         return self
 
@@ -305,6 +306,19 @@ def in_use(folder: "str | Path") -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def holder_plan(folder: "str | Path") -> "dict[str, Any] | None":
+    """The plan (``FolderLock(plan=...)``) of the process holding ``folder`` now, or None (not held, or held
+    without one)."""
+    if not in_use(folder):
+        return None
+    try:
+        lines = (Path(folder) / LOCK_NAME).read_text(errors="replace").splitlines()
+        plan = json.loads(lines[1]) if len(lines) > 1 else None
+    except (OSError, ValueError):  # gone, or being rewritten this instant
+        return None
+    return plan if isinstance(plan, dict) else None
 
 
 def _holder(lock: Path) -> str:

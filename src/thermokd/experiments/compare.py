@@ -19,7 +19,7 @@ from ..engine.divergence import describe_collapse
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
 from ..errors import FolderInUseError, ThermoKDError
-from ..files import FolderLock, in_use, write_json
+from ..files import FolderLock, holder_plan, in_use, write_json
 from ..registry import normalise
 
 DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
@@ -77,13 +77,29 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
     tuning = cfg.compare.tune.trials > 0
     if tuning and len(seeds) < 3:
         raise ThermoKDError(f"compare with tuning needs >= 3 seeds for its paired intervals, got {len(seeds)}")
-    with contextlib.nullcontext() if helper else FolderLock(out_dir):  # the main compare holds the folder
+    plan = {"methods": methods, "seeds": seeds, "tune_trials": cfg.compare.tune.trials}
+    if helper:
+        check_helper_plan(out_dir, plan)
+    with contextlib.nullcontext() if helper else FolderLock(out_dir, plan=plan):  # the main compare holds the folder
         folders = {(label, seed): out_dir / "runs" / f"{label}-seed{seed}" for seed in seeds for label in methods}
         chosen = {label: resolve_method(cfg, label) for label in methods}
         if not (rerun_changed or tuning):  # with tuning, the runs' settings are known (and checked) after it
             check_configs({k: _run_config(cfg, chosen, *k) for k in folders}, folders)
         return _run_compare(cfg, methods, seeds, out_dir, folders, chosen, tuning, cache_dir, progress_bar, echo,
                             rerun_changed, helper)
+
+
+def check_helper_plan(out_dir: Path, plan: dict[str, Any]) -> None:
+    """Refuse a helper whose methods, seeds or tuning budget differ from those of the compare running in ``out_dir``
+    (if one is): it would tune studies past the compare's budget, or make runs the compare never uses."""
+    running = holder_plan(out_dir)
+    if running is None or running == plan:
+        return
+    names = {"methods": "methods", "seeds": "seeds", "tune_trials": "tuning budget (trials)"}
+    differ = [f"{names.get(k, k)} {running.get(k)} there, {plan.get(k)} here" for k in sorted(set(running) | set(plan))
+              if running.get(k) != plan.get(k)]
+    raise ThermoKDError(f"the compare running in {out_dir} differs from this helper: {'; '.join(differ)}. Start the "
+                        "helper with the compare's own command and --helper added")
 
 
 def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -> RunConfig:
