@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -11,6 +12,10 @@ import numpy as np
 
 from ..errors import ThermoKDError
 from .bundle import DataBundle, make_bundle
+
+# what numpy raises on a damaged .npy/.npz: a header with a NUL byte fails Python's parser (SyntaxError), and then
+# numpy's fallback header filter (tokenize.TokenError)
+NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile)
 
 # where Debian's dataset-fashion-mnist package installs the four IDX .gz files
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -135,8 +140,8 @@ def npz_file(path: "str | Path") -> DataBundle:
                                 "and y_test together with numpy.savez")
         with loaded as f:
             arrays = {k: f[k] for k in (*keys, "x_val", "y_val") if k in f}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ThermoKDError(f"cannot read {path} as .npz: {exc}") from None
+    except NUMPY_READ_ERRORS as exc:
+        raise ThermoKDError(f"cannot read {path} as .npz: {(str(exc).splitlines() or [repr(exc)])[0]}") from None
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise ThermoKDError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.formats import NUMPY_READ_ERRORS
 from ..errors import ThermoKDError
 from ..files import KEY, atomic_write, digest, path_digest, read_json, write_json
 from .batches import Windows
@@ -92,8 +93,9 @@ class LogitsFile:
                                 + _remedy(self.path))
         try:
             self.table = np.load(self.path, mmap_mode="r")  # read per batch; never loaded whole
-        except (ValueError, OSError) as exc:
-            raise ThermoKDError(f"{self.path} is not a readable .npy file ({str(exc).splitlines()[0]}); "
+        except NUMPY_READ_ERRORS as exc:
+            first = (str(exc).splitlines() or [repr(exc)])[0]
+            raise ThermoKDError(f"{self.path} is not a readable .npy file ({first}); "
                                 + _remedy(self.path)) from None
         if self.table.ndim != 3 or str(self.table.dtype) != dtype:
             raise ThermoKDError(f"{self.path} holds {self.table.dtype} logits of shape {self.table.shape}, not "
