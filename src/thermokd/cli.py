@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation split first (overrides compare.tune.trials; 0: no tuning)")
     p.add_argument("--helper", action="store_true", help="share the work of the same compare running (or to run) "
                    "in another process on --out: tune and run from the other end, skip what that process is "
-                   "doing, write no report (the main compare does)")
+                   "doing, write no report (the main compare does); refused if its methods, seeds or --tune differ "
+                   "from those of the compare running there")
 
     p = sub.add_parser("distill", help="train one student; --resume continues a killed run")
     _common(p)
