@@ -154,3 +154,23 @@ def test_standardising_in_several_threads_at_once_gives_the_thread_count_back(mo
     for w in workers:
         w.join()
     assert count[0] == 2
+
+
+def test_a_bundle_from_torch_tensors_equals_one_from_numpy_arrays_without_warnings():
+    """make_bundle takes tensors as it takes arrays (same values, same digest), without numpy's deprecation warning
+    about the array protocol's copy keyword."""
+    import warnings
+
+    from thermokd.data.bundle import make_bundle
+    from thermokd.engine.identity import data_digest
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(60, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.arange(60) % 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_tensors = make_bundle("t", x, y, x[:9], y[:9])
+    from_arrays = make_bundle("t", x.numpy(), y.numpy(), x[:9].numpy(), y[:9].numpy())
+    assert torch.equal(from_tensors.train.x, from_arrays.train.x) and torch.equal(from_tensors.test.x,
+                                                                                  from_arrays.test.x)
+    assert data_digest(from_tensors) == data_digest(from_arrays)

@@ -96,7 +96,10 @@ def make_bundle(name: str, x_train, y_train, x_test, y_test, *, num_classes: "in
     if x_val is not None:
         named.append(("val", x_val, y_val))
     for split, x, y in named:
-        x = torch.from_numpy(np.array(x, dtype=np.float32))  # one copy; numpy also fixes a foreign byte order
+        if isinstance(x, Tensor):  # numpy's array protocol on a tensor warns (numpy 2's copy keyword): convert here
+            x = x.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        else:
+            x = torch.from_numpy(np.array(x, dtype=np.float32))  # one copy; numpy also fixes a foreign byte order
         if scale is not None:
             x = x / scale
         y = _labels(name, split, y)
