@@ -629,8 +629,11 @@ def test_a_helper_that_differs_from_the_running_compare_is_refused(world, capsys
     from thermokd.experiments.compare import check_helper_plan
     from thermokd.files import holder_plan
 
-    assert holder_plan(out) is None  # nobody holds it now: a helper may start first
-    check_helper_plan(out, {"methods": ["x"], "seeds": [9], "tune_trials": 5})
+    assert holder_plan(out) is None  # nobody holds it now: a helper may start first, and says it is unchecked
+    said: list = []
+    check_helper_plan(out, {"methods": ["x"], "seeds": [9], "tune_trials": 5}, said.append)
+    assert said == [f"helper: no compare is running in {out} yet, so this helper cannot be checked against one; "
+                    "start the compare with the same command (without --helper)"]
 
 
 @pytest.mark.parametrize("command", ["sweep", "recommend"])

@@ -79,7 +79,7 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
         raise ThermoKDError(f"compare with tuning needs >= 3 seeds for its paired intervals, got {len(seeds)}")
     plan = {"methods": methods, "seeds": seeds, "tune_trials": cfg.compare.tune.trials}
     if helper:
-        check_helper_plan(out_dir, plan)
+        check_helper_plan(out_dir, plan, echo)
     with contextlib.nullcontext() if helper else FolderLock(out_dir, plan=plan):  # the main compare holds the folder
         folders = {(label, seed): out_dir / "runs" / f"{label}-seed{seed}" for seed in seeds for label in methods}
         chosen = {label: resolve_method(cfg, label) for label in methods}
@@ -89,11 +89,15 @@ def run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: P
                             rerun_changed, helper)
 
 
-def check_helper_plan(out_dir: Path, plan: dict[str, Any]) -> None:
+def check_helper_plan(out_dir: Path, plan: dict[str, Any], echo=print) -> None:
     """Refuse a helper whose methods, seeds or tuning budget differ from those of the compare running in ``out_dir``
     (if one is): it would tune studies past the compare's budget, or make runs the compare never uses."""
     running = holder_plan(out_dir)
-    if running is None or running == plan:
+    if running is None:
+        echo(f"helper: no compare is running in {out_dir} yet, so this helper cannot be checked against one; start "
+             "the compare with the same command (without --helper)")
+        return
+    if running == plan:
         return
     names = {"methods": "methods", "seeds": "seeds", "tune_trials": "tuning budget (trials)"}
     differ = [f"{names.get(k, k)} {running.get(k)} there, {plan.get(k)} here" for k in sorted(set(running) | set(plan))
