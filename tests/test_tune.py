@@ -561,3 +561,27 @@ def test_a_helper_compare_seeds_its_sampler_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_mod, "_help", lambda *a: {"made": [], "others": []})
     compare_mod._run_compare(cfg, ["kd"], [0, 1, 2], tmp_path, {}, {}, True, None, False, print, True, helper=True)
     assert offsets == [os.getpid()]
+
+
+def test_tune_in_turn_sets_a_busy_study_aside_and_returns_results_in_order(monkeypatch):
+    """The loop compare and the LM command share: a study raising StudyBusy goes to the back (said once), the last
+    one left is asked to wait, and the results come back in the labels' order."""
+    import thermokd.experiments.tune as tune_mod
+    from thermokd.experiments.tune import StudyBusy, tune_in_turn
+
+    monkeypatch.setattr(tune_mod, "POLL_S", 0.0)
+    busy_left = {"a": 3, "b": 0, "c": 1}
+    calls: list = []
+
+    def tune_one(label, wait):
+        calls.append((label, wait))
+        if busy_left[label] and not wait:
+            busy_left[label] -= 1
+            raise StudyBusy(label, 1)
+        return label.upper()
+
+    lines: list = []
+    assert tune_in_turn(["a", "b", "c"], tune_one, lines.append) == {"a": "A", "b": "B", "c": "C"}
+    assert calls == [("a", False), ("b", False), ("c", False), ("a", False), ("c", False), ("a", True)]
+    assert lines == ["  a: 1 trial(s) still running in other processes: tuning the other methods meanwhile",
+                     "  c: 1 trial(s) still running in other processes: tuning the other methods meanwhile"]

@@ -7,7 +7,6 @@ import copy
 import datetime
 import os
 import platform
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,40 +199,23 @@ def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, c
     """Every method gets the same budget (``compare.tune``) on the validation split; ``kd@TAU`` labels are fixed
     grid points and keep their τ. Returns each label's chosen method section and its tuning summary.
     ``sampler_offset``: added to the sampler's seed."""
-    from .tune import POLL_S, DistillRunner, StudyBusy, knob_text, tune_method
+    from .tune import DistillRunner, knob_text, tune_in_turn, tune_method
 
-    chosen, tuned = {}, {}
     runner = DistillRunner(cfg, cache_dir, progress_bar, echo, shared=shared)
-    queue, busy, said = collections.deque(methods), 0, set()
-    while queue:
-        label = queue.popleft()
-        method = resolve_method(cfg, label)
-        if label.startswith("kd@"):
-            chosen[label] = method
-            continue
+
+    def tune_one(label: str, wait: bool):
         options = copy.deepcopy(cfg.compare.tune)
         options.study = f"{options.study}-{label}" if options.study else label  # one study per method
         options.seed += sampler_offset
-        try:  # the last study left waits for other processes' trials; one before it is set aside meanwhile
-            result = tune_method(cfg, method, label, out_dir / label, options, runner, echo, wait=not queue)
-        except StudyBusy as exc:
-            if label not in said:
-                echo(f"  {exc}: tuning the other methods meanwhile")
-                said.add(label)
-            queue.append(label)
-            busy += 1
-            if busy >= len(queue):  # every study left is other processes' to finish: look again in a while
-                time.sleep(POLL_S)
-                busy = 0
-            continue
-        busy = 0
-        chosen[label] = result.method
-        tuned[label] = {k: result.summary.get(k) for k in ("params", "best_value", "best_trial", "budget", "complete",
-                                                           "pruned", "failed", "seconds", "cpu_seconds", "sampler",
-                                                           "pruner")}
+        result = tune_method(cfg, resolve_method(cfg, label), label, out_dir / label, options, runner, echo,
+                             wait=wait)
         if result.params:
-            echo(f"  {label}: tuned to {knob_text(result.params)} "
-                 f"(validation {100 * result.best_value:.2f} %)")
-    order = {label: i for i, label in enumerate(methods)}  # results keep the methods' order
-    return (dict(sorted(chosen.items(), key=lambda kv: order[kv[0]])),
-            dict(sorted(tuned.items(), key=lambda kv: order[kv[0]])))
+            echo(f"  {label}: tuned to {knob_text(result.params)} (validation {100 * result.best_value:.2f} %)")
+        return result
+
+    results = tune_in_turn([label for label in methods if not label.startswith("kd@")], tune_one, echo)
+    chosen = {label: results[label].method if label in results else resolve_method(cfg, label) for label in methods}
+    keys = ("params", "best_value", "best_trial", "budget", "complete", "pruned", "failed", "seconds", "cpu_seconds",
+            "sampler", "pruner")
+    tuned = {label: {k: result.summary.get(k) for k in keys} for label, result in results.items()}
+    return chosen, tuned

@@ -410,6 +410,33 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
     return result
 
 
+def tune_in_turn(labels: list[str], tune_one: "Callable[[str, bool], TuneResult]", echo: Callable[[str], None] = print
+                 ) -> dict[str, TuneResult]:
+    """Tune every label with ``tune_one(label, wait)`` (a :func:`tune_method` call), in order, except that a study
+    whose own trials are done while other processes still run some (:class:`StudyBusy`) is set aside, and the labels
+    after it are tuned meanwhile; the last study left waits. Returns the results in the labels' order."""
+    import collections
+
+    results: dict[str, TuneResult] = {}
+    queue, busy, said = collections.deque(labels), 0, set()
+    while queue:
+        label = queue.popleft()
+        try:
+            results[label] = tune_one(label, not queue)
+        except StudyBusy as exc:
+            if label not in said:
+                echo(f"  {exc}: tuning the other methods meanwhile")
+                said.add(label)
+            queue.append(label)
+            busy += 1
+            if busy >= len(queue):  # every study left is other processes' to finish: look again in a while
+                time.sleep(POLL_S)
+                busy = 0
+            continue
+        busy = 0
+    return {label: results[label] for label in labels}
+
+
 def _grid_size(space: dict[str, Knob], points: int) -> int:
     size = 1
     for knob in space.values():

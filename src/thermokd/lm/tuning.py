@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import MethodConfig
 from ..errors import ThermoKDError
-from ..experiments.tune import TrainFn, knob_text, tune_method
+from ..experiments.tune import TrainFn, knob_text, tune_in_turn, tune_method
 from ..experiments.tune_metric import PERPLEXITY
 from .config import LMRunConfig, tuned_label
 
@@ -64,16 +64,18 @@ def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Calla
     """Run or continue the study of every label of ``cfg.tune.methods`` in ``out_dir/tune/LABEL``. Returns each
     tuned label's (``LABEL-tuned``) method section at the chosen setting, and each study's summary (with
     ``best_val_ppl``, the chosen trial's validation perplexity)."""
-    chosen, summaries = {}, {}
-    for label in cfg.tune.methods:
+    def tune_one(label: str, wait: bool):
         _check_one_process(Path(out_dir) / "tune" / label, label, cfg.tune.trials)
         options = copy.deepcopy(cfg.tune)
         options.study = f"{options.study}-{label}" if options.study else label  # one study per method
-        method = cfg.method(label)
-        result = tune_method(cfg, method, label, Path(out_dir) / "tune" / label, options, train_fn, echo,
-                             metric=PERPLEXITY, rounds=evaluation_rounds(cfg), domain="lm",
-                             config_for=lambda method, label=label: tuned_config(cfg, label, method),
-                             set_prefix=f"variants.{tuned_label(label)}")
+        return tune_method(cfg, cfg.method(label), label, Path(out_dir) / "tune" / label, options, train_fn, echo,
+                           metric=PERPLEXITY, rounds=evaluation_rounds(cfg), domain="lm",
+                           config_for=lambda method: tuned_config(cfg, label, method),
+                           set_prefix=f"variants.{tuned_label(label)}", wait=wait)
+
+    chosen, summaries = {}, {}
+    # a study shared with another process (tune.storage) is set aside while that process finishes its trials
+    for label, result in tune_in_turn(list(cfg.tune.methods), tune_one, echo).items():
         chosen[tuned_label(label)] = result.method
         summary = {k: result.summary.get(k) for k in SUMMARY_KEYS}
         summary["best_val_ppl"] = PERPLEXITY.from_score(result.best_value)
