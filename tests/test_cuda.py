@@ -40,6 +40,29 @@ def test_no_sync_in_forward_backward_observe(method, chunk):
     assert set(out.stats) >= {"loss", "rows"}
 
 
+@pytest.mark.parametrize("method, domain", [("kd", "default"), ("cist", "lm"), ("dtkd", "default"),
+                                            ("entropy-target", "default")])
+def test_no_sync_with_a_mask_and_ignored_labels(method, domain):
+    """A language-model batch (a mask, labels of -100): these losses weight the rows that count nowhere by zero on
+    the device (sync_free_rows, the default there) instead of gathering the others, which would read their count."""
+    loss_fn = tk.build_loss(method, domain=domain, **OPTIONS.get(method, {})).cuda()
+    s, t, y = _inputs()
+    y[::5] = -100
+    mask = torch.ones_like(y, dtype=torch.bool)
+    mask[::7] = False
+    for step in range(4):
+        if step == 2:  # after CIST's one-time calibration
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = loss_fn(s, t, y, mask=mask, progress=PROGRESS)
+            out.loss.backward()
+            loss_fn.observe(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    valid = mask & (y != -100)
+    assert out.stats["rows"] == float(valid.sum())
+
+
 @pytest.fixture
 def ieee_float32_matmuls():
     """Full float32 matmuls for the test, whatever an earlier test or a user left set: with TF32 (10-bit mantissa)

@@ -122,6 +122,30 @@ def test_accumulation_matches_one_big_batch_for_tokens(tmp_path, name):
         assert float(big.distillation_loss.temperature.current) != DTS().t_init
 
 
+@pytest.mark.parametrize("name", ["kd", "cist"])
+def test_rows_weighted_by_zero_train_like_rows_gathered(tmp_path, name, monkeypatch):
+    """sync_free_rows (the default on an accelerator for these losses): the step counts the valid tokens on the
+    device; with gradient accumulation it takes the same SGD steps and logs the same loss as gathering the tokens."""
+    calls = []
+    original = tk.DistillationLoss._kept
+    monkeypatch.setattr(tk.DistillationLoss, "_kept", lambda self, *a: calls.append(1) or original(self, *a))
+
+    def kept():
+        loss = LOSSES[name]()
+        loss.sync_free_rows = True
+        return loss
+
+    gathered = _run_lm(tmp_path / "gathered", LOSSES[name], batch=8, accum=1)
+    assert not calls  # the default on the CPU gathers the rows
+    small = _run_lm(tmp_path / "kept", kept, batch=4, accum=2)
+    assert len(calls) == 4  # 2 steps × 2 micro-batches
+    assert_same_weights(params(gathered.model), params(small.model))
+    torch.testing.assert_close([e["loss"] for e in train_logs(small)], [e["loss"] for e in train_logs(gathered)],
+                               rtol=1e-5, atol=1e-7)
+    assert train_logs(small)[-1]["tau_teacher_mean"] == pytest.approx(train_logs(gathered)[-1]["tau_teacher_mean"],
+                                                                     rel=1e-5)
+
+
 def test_accumulation_matches_one_big_batch_with_a_short_last_micro_batch(tmp_path):
     """Sequence classification, 6 samples: one batch of 6 vs micro-batches of 4 and 2 in one optimiser step."""
     runs = []

@@ -25,7 +25,7 @@ from .fused import HeadLike, default_chunk, head_parts, teacher_source
 from .objective import RowObjective
 from .progress import Progress, require_progress
 from .rows import Rows
-from .stats import LazyStats, row_statistics
+from .stats import LazyStats, masked_row_statistics, row_statistics
 from .temperature import CIST, DTKD, DTS, EntropyTarget, Fixed, Scheduled, TemperatureStrategy
 from .weighting import ConfidenceDifficulty, TeacherEntropy, Weighting
 
@@ -87,9 +87,11 @@ class DistillationLoss(nn.Module):
     - ``scale``: ``"product"`` multiplies each row by ``τ^t_i·τ^s_i`` (τ² for a shared τ; strategies may override,
       e.g. logit standardisation uses τ_b²); ``"none"`` turns it off.
     - Logits ``[..., C]`` of any float dtype; rows with ``labels == ignore_index`` or ``mask == False`` count
-      nowhere. Finding those rows is the one host-device sync of a step; ``ignore_index=None`` (no label is
-      ignored) with no ``mask`` skips it, so nothing in forward, backward or ``observe`` waits for the device.
-      The maths runs in float32.
+      nowhere. Gathering the other rows needs their count on the host (a host-device sync); ``ignore_index=None``
+      (no label is ignored) with no ``mask`` has nothing to gather. ``sync_free_rows`` (default None: on
+      accelerators) weights those rows by zero instead, with no sync, where the loss allows it (plain path, forward
+      KL, a row-local τ without batch statistics, no weighting: e.g. ``kd`` and CIST's language-model preset); the
+      same value, gradients and statistics. The maths runs in float32.
     - ``chunk_size``: evaluate at most this many rows at a time (``thermokd.chunked``): the same value and
       gradients without float32 intermediates for the whole ``[B·L, V]`` block. For language models with large
       vocabularies; ``terms`` are then detached values (only ``loss`` is differentiable).
@@ -99,7 +101,7 @@ class DistillationLoss(nn.Module):
                  divergence: str = "kl", weighting: "Weighting | str | None" = None, ce_weight: float = 0.1,
                  kd_weight: float = 0.9, scale: str = "product", dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
                  dkd_warmup: int = 20, ignore_index: "int | None" = -100, check_inputs: bool = True,
-                 chunk_size: "int | None" = None) -> None:
+                 chunk_size: "int | None" = None, sync_free_rows: "bool | None" = None) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise choice_error("loss family", family, FAMILIES)
@@ -124,6 +126,9 @@ class DistillationLoss(nn.Module):
                                        or chunk_size < 1):
             raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
+        if sync_free_rows not in (None, True, False):
+            raise ThermoKDError(f"sync_free_rows must be None (on accelerators), True or False, got {sync_free_rows!r}")
+        self.sync_free_rows = sync_free_rows
         self._objective: "tuple[tuple, RowObjective] | None" = None
 
     def __setattr__(self, name: str, value) -> None:
@@ -166,11 +171,11 @@ class DistillationLoss(nn.Module):
         return self._objective[1]
 
     # -- input handling -------------------------------------------------------------------------------
-    def _select(self, lead: torch.Size, labels: "Tensor | None", mask: "Tensor | None"
-                ) -> tuple["Tensor | None", "Tensor | None"]:
-        """The valid rows' flat labels and their positions (None: every row). Finding them is the one read of a
-        device value a step may need (how many rows are valid); with no mask and ``ignore_index=None`` there is
-        nothing to find."""
+    def _valid(self, lead: torch.Size, labels: "Tensor | None", mask: "Tensor | None", shortcut: bool = True
+               ) -> tuple["Tensor | None", "Tensor | None"]:
+        """The flat labels and which rows count (``[N]`` bool; None: every row), checked against the logits' leading
+        shape. ``shortcut``: on the CPU with no mask, one reduction shows that no label is the (negative)
+        ``ignore_index``, and then every row counts."""
         keep = None
         if mask is not None:
             if mask.shape != lead:
@@ -184,18 +189,39 @@ class DistillationLoss(nn.Module):
                                     "with .long() once you know they are whole numbers")
             labels = labels if labels.dim() == 1 else labels.reshape(-1)
             labels = labels if labels.dtype == torch.int64 else labels.long()
-            if (keep is None and self.ignore_index is not None and self.ignore_index < 0 and labels.numel()
-                    and labels.device.type == "cpu" and labels.min().item() >= 0):
-                return labels, None  # on the CPU one reduction shows that no label is the (negative) ignore_index
+            if (shortcut and keep is None and self.ignore_index is not None and self.ignore_index < 0
+                    and labels.numel() and labels.device.type == "cpu" and labels.min().item() >= 0):
+                return labels, None
             if self.ignore_index is not None:
                 labelled = labels != self.ignore_index
                 keep = labelled if keep is None else keep & labelled
+        return labels, keep
+
+    def _select(self, lead: torch.Size, labels: "Tensor | None", mask: "Tensor | None"
+                ) -> tuple["Tensor | None", "Tensor | None"]:
+        """The valid rows' flat labels and their positions (None: every row). Finding them is the one read of a
+        device value a step may need (how many rows are valid); with no mask and ``ignore_index=None`` there is
+        nothing to find."""
+        labels, keep = self._valid(lead, labels, mask)
         if keep is None:
             return labels, None
         index = keep.nonzero().squeeze(1)
         if index.shape[0] == keep.shape[0]:
             return labels, None
         return (None if labels is None else labels.index_select(0, index)), index
+
+    def _keeps_rows(self, device: torch.device) -> bool:
+        """Whether masked and ignored rows are weighted by zero instead of dropped (:meth:`_kept`), so that the step
+        never reads how many rows are valid: on an accelerator (``sync_free_rows=None``, the default), for a plain
+        (unchunked) loss of forward KL whose τ is row-local and whose strategy keeps no batch statistics, with no
+        weighting. Elsewhere the valid rows are gathered (one read of their count)."""
+        policy = self.sync_free_rows
+        if policy is False or (policy is None and device.type == "cpu") or self.chunk_size is not None:
+            return False
+        hinton, _, closed = self._routes()
+        strategy = self.temperature
+        return hinton or (closed and self._active_weighting() is None and strategy.row_local
+                          and not strategy.needs_batch_preparation)
 
     # -- the loss -------------------------------------------------------------------------------------
     def forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None" = None, *,
@@ -215,6 +241,14 @@ class DistillationLoss(nn.Module):
         if student_logits.dim() < 2:
             raise ThermoKDError(f"logits need a class axis: expected [..., C], got shape {tuple(student_logits.shape)}")
         num_classes = student_logits.shape[-1]
+        if (mask is not None or (labels is not None and self.ignore_index is not None)) and \
+                self._keeps_rows(student_logits.device):
+            flat_labels, keep = self._valid(student_logits.shape[:-1], labels, mask, shortcut=False)
+            if keep is not None:
+                out = self._kept(_flat(student_logits, num_classes), _flat(teacher_logits.detach(), num_classes),
+                                 flat_labels, keep, progress)
+                if out is not None:
+                    return out
         labels, index = self._select(student_logits.shape[:-1], labels, mask)
         s, t = _flat(student_logits, num_classes), _flat(teacher_logits.detach() if teacher_logits.requires_grad
                                                          else teacher_logits, num_classes)
@@ -370,6 +404,56 @@ class DistillationLoss(nn.Module):
             return row_statistics(*taus, entropy, None if shares is None else shares * n)
 
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(n)}), progress)
+
+    def _kept(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", keep: Tensor,
+              progress: "Progress | None") -> "LossOutput | None":
+        """The loss over the rows of ``keep`` without reading how many there are: every row is evaluated, the
+        others with stand-in logits (a fixed ramp, so that no masked garbage enters and every strategy gets a
+        finite τ) and a weight of zero; means divide by the count as a device tensor. Same value, gradients and
+        statistics as gathering the valid rows. None when the strategy reports batch statistics (they would count
+        the stand-in rows): the caller then gathers the rows."""
+        n, num_classes = student.shape
+        count = keep.sum(dtype=torch.float32)
+        shares = keep.float().div_(count.clamp_min(1.0))  # each row's share of a mean over the valid rows
+        ramp = torch.linspace(0.0, 1.0, num_classes, device=student.device)
+        column = keep.unsqueeze(-1)
+        s32 = torch.where(column, student.detach().float(), ramp)
+        t32 = torch.where(column, teacher.float(), ramp)
+        safe = None if labels is None else torch.where(keep, labels, 0)  # a class id in every row (weighted by 0)
+        if self._fixed_tau_kl():
+            tau = self.temperature.value()
+            tau_t = tau_s = torch.full((), tau, dtype=torch.float32, device=student.device)
+            row_coef = shares * (tau * tau)
+            log_sigma = None if labels is None else torch.log_softmax(s32, dim=-1)
+            stats: dict[str, Tensor] = {}
+        else:
+            rows = Rows(s32, t32, safe, progress)
+            temps = self.temperature(rows)
+            if temps.stats:
+                return None
+            tau_t, tau_s = tau_columns(self.temperature, temps, n)
+            scale = self.objective.row_scale(tau_t, tau_s, temps.scale)
+            row_coef = shares if scale is None else shares * scale
+            log_sigma = None if labels is None else rows.student_log_probs
+            stats = {}
+        try:
+            total, kd, ce = ClosedFormKL.apply(student, s32, t32, log_sigma, safe, tau_t, tau_s, row_coef,
+                                               self.kd_weight, self.ce_weight, _NO_LABEL, shares)
+        except (IndexError, RuntimeError):
+            if labels is not None:  # a label out of range (the gather refused it): say which
+                explain_labels(labels[keep] if keep.device.type == "cpu" else labels, num_classes)
+            raise
+        if self.check_inputs:  # the stand-in rows are finite: the sum is finite iff every valid logit is
+            check_finite_value(kd < math.inf, student, teacher)
+        terms = {"kd": kd} if ce is None else {"ce": ce, "kd": kd}
+        taus, teacher_rows = (tau_t, tau_s), t32
+
+        def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
+            entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
+            return masked_row_statistics(*taus, entropy, keep, count)
+
+        return LossOutput(total, terms, LazyStats({**stats, "loss": total, **terms, "rows": count}, pending),
+                          progress)
 
     def _hinton(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
                 ) -> LossOutput:

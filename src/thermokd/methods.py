@@ -48,7 +48,7 @@ LM_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 DOMAINS = ("default", "lm")
 LOSS_KEYS = ("family", "divergence", "ce_weight", "kd_weight", "scale", "dkd_alpha", "dkd_beta", "dkd_warmup",
-             "ignore_index", "check_inputs", "chunk_size")
+             "ignore_index", "check_inputs", "chunk_size", "sync_free_rows")
 
 
 def method_names() -> list[str]:

@@ -37,10 +37,14 @@ class StatWindow:
         if progress is not None:
             self.progress = progress
         values = stats.device_values() if isinstance(stats, LazyStats) else stats
-        rows = float(values.get("rows", 0.0))  # a host float: known without reading the device
-        if rows <= 0:  # nothing was measured on a batch without valid rows
-            return
-        self.rows += rows
+        rows = values.get("rows", 0.0)
+        if isinstance(rows, Tensor):  # counted on the device (sync_free_rows): a batch of no rows weighs 0
+            rows = rows.detach().float()
+        else:  # a host float: known without reading the device
+            rows = float(rows)
+            if rows <= 0:  # nothing was measured on a batch without valid rows
+                return
+        self.rows = self.rows + rows
         for key, value in values.items():
             if key == "rows":
                 continue
@@ -50,14 +54,14 @@ class StatWindow:
             else:
                 acc = self.sums.setdefault(key, [0.0, 0.0])
                 acc[0] = acc[0] + value * rows
-                acc[1] += rows
+                acc[1] = acc[1] + rows
 
     def merge(self, other: "StatWindow") -> None:
-        self.rows += other.rows
+        self.rows = self.rows + other.rows
         for key, (total, rows) in other.sums.items():
             acc = self.sums.setdefault(key, [0.0, 0.0])
             acc[0] = acc[0] + total
-            acc[1] += rows
+            acc[1] = acc[1] + rows
         for key, value in other.extremes.items():
             self._extreme(key, value)
         if other.progress is not None:
@@ -89,9 +93,13 @@ class StatWindow:
     def on_host(self) -> "StatWindow":
         """A copy holding floats (one transfer), for gathering over processes or a checkpoint."""
         window = StatWindow()
-        window.rows, window.extremes, window.progress = self.rows, dict(host_floats(self.extremes)), self.progress
-        totals = host_floats({k: total for k, (total, _) in self.sums.items()})
-        window.sums = {k: [totals[k], rows] for k, (_, rows) in self.sums.items()}
+        # row counts may be device tensors too (sync_free_rows): everything comes over in one transfer
+        host = host_floats({"rows": self.rows} | {f"total:{k}": total for k, (total, _) in self.sums.items()}
+                           | {f"rows:{k}": rows for k, (_, rows) in self.sums.items()}
+                           | {f"extreme:{k}": v for k, v in self.extremes.items()})
+        window.rows, window.progress = host["rows"], self.progress
+        window.sums = {k: [host[f"total:{k}"], host[f"rows:{k}"]] for k in self.sums}
+        window.extremes = {k: host[f"extreme:{k}"] for k in self.extremes}
         return window
 
     def state(self) -> dict[str, Any]:

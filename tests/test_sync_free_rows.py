@@ -1,0 +1,141 @@
+"""Masked and ignored rows weighted by zero instead of gathered (``sync_free_rows``): the step never reads how many
+rows are valid, and gives what gathering them gives (value, gradients, terms, statistics). On an accelerator this is
+the default where the loss allows it; here on the CPU it is switched on by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import thermokd as tk
+from thermokd.steps import StatWindow
+
+from test_host_sync import PROGRESS, Reads
+
+# the methods whose plain loss can weight rows by zero (CIST at its language-model preset: w ≡ 1, per-token τ)
+KEPT = {"kd": {}, "dtkd": {}, "entropy-target": {"temperature": {"early_exit": False}}, "cist-lm": {"domain": "lm"}}
+
+
+def _pair(method: str, **extra):
+    name, options = method.removesuffix("-lm"), {**KEPT[method], **extra}
+    return (tk.build_loss(name, sync_free_rows=True, **options), tk.build_loss(name, sync_free_rows=False, **options))
+
+
+def _batch(seed: int, shape=(3, 7, 13), ignored: float = 0.3, masked: float = 0.2, garbage: bool = True,
+           labelled: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(*shape, generator=g) * 2
+    teacher = torch.randn(*shape, generator=g) * (1 + 3 * torch.rand(*shape[:-1], 1, generator=g))
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    labels[torch.rand(shape[:-1], generator=g) < ignored] = -100
+    mask = torch.rand(shape[:-1], generator=g) >= masked
+    if garbage:  # rows that count nowhere may hold anything: they must not reach the loss
+        out = ~mask | (labels == -100) if labelled else ~mask
+        student[out], teacher[out] = float("nan"), float("inf")
+    return student, teacher, labels, mask
+
+
+def _run(loss_fn, student, teacher, labels, mask):
+    s = student.clone().requires_grad_()
+    out = loss_fn(s, teacher, labels, mask=mask, progress=PROGRESS)
+    out.loss.backward()
+    return out, s.grad
+
+
+def _assert_same(method: str, batch, with_labels: bool = True) -> None:
+    kept, gathered = _pair(method)
+    student, teacher, labels, mask = batch
+    if method == "cist-lm":  # the same ρ for both (CIST calibrates on the teacher's logits)
+        valid = teacher[mask & (labels != -100) if with_labels else mask]
+        kept.prepare(valid)
+        gathered.prepare(valid)
+    labels = labels if with_labels else None
+    a, grad_a = _run(kept, student, teacher, labels, mask)
+    b, grad_b = _run(gathered, student, teacher, labels, mask)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-7)
+    assert set(a.terms) == set(b.terms)
+    for key in a.terms:
+        torch.testing.assert_close(a.terms[key], b.terms[key], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(grad_a).all() and set(a.stats) == set(b.stats)
+    for key in a.stats:
+        assert a.stats[key] == pytest.approx(b.stats[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("method", list(KEPT))
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_weighting_rows_by_zero_equals_gathering_them(method, with_labels):
+    _assert_same(method, _batch(0, labelled=with_labels), with_labels)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(list(KEPT)), ignored=st.floats(0, 1),
+       masked=st.floats(0, 1), rows=st.integers(1, 9))
+def test_weighting_rows_by_zero_equals_gathering_them_for_any_mask(seed, method, ignored, masked, rows):
+    batch = _batch(seed, shape=(rows, 5, 11), ignored=ignored, masked=masked)
+    if not (batch[3] & (batch[2] != -100)).any():  # no valid row: the gathered loss is a plain 0
+        kept, _ = _pair(method)
+        out, grad = _run(kept, *batch)
+        assert out.loss.item() == 0.0 and not grad.any() and out.stats["rows"] == 0.0
+        return
+    _assert_same(method, batch)
+
+
+@pytest.mark.parametrize("method", list(KEPT))
+def test_a_masked_step_reads_nothing_back(method, monkeypatch):
+    """The reason for the mode: with a mask and ignored labels (a language-model batch), forward, backward and
+    observe make no host read (the gathered path reads the valid rows' count: ``nonzero``)."""
+    kept, gathered = _pair(method)
+    student, teacher, labels, mask = _batch(1, garbage=False)
+    reads = Reads(monkeypatch)
+    for loss_fn, expect_reads in ((kept, False), (gathered, True)):
+        reads.calls.clear()
+        for step in range(4):
+            reads.active = step > 1  # after CIST's calibration on the first batch
+            out = loss_fn(student.clone().requires_grad_(), teacher, labels, mask=mask, progress=PROGRESS)
+            out.loss.backward()
+            loss_fn.observe(out)
+            reads.active = False
+        assert bool(reads.calls) == expect_reads, (method, reads.calls)
+
+
+def test_only_losses_that_allow_it_weight_rows_by_zero():
+    cpu = torch.device("cpu")
+    assert not tk.build_loss("kd")._keeps_rows(cpu)  # the default: on accelerators only
+    assert tk.build_loss("kd", sync_free_rows=True)._keeps_rows(cpu)
+    assert not tk.build_loss("kd", sync_free_rows=True, chunk_size=4)._keeps_rows(cpu)
+    assert not tk.build_loss("cist", sync_free_rows=True)._keeps_rows(cpu)  # its weights normalise over the batch
+    assert not tk.build_loss("ctkd", sync_free_rows=True)._keeps_rows(cpu)  # a learnable τ: the autograd path
+    assert not tk.build_loss("dkd", sync_free_rows=True)._keeps_rows(cpu)
+    with pytest.raises(tk.ThermoKDError, match="sync_free_rows must be None"):
+        tk.DistillationLoss(sync_free_rows="yes")
+
+
+def test_dts_keeps_gathering_rows_for_its_batch_statistics(monkeypatch):
+    """DTS's τ is row-local, but its update reads this batch's CE means: those must be over the valid rows, so it
+    gathers them (and reads their count) even in this mode."""
+    loss_fn = tk.build_loss("dts", sync_free_rows=True)
+    student, teacher, labels, mask = _batch(2)
+    gathered = tk.build_loss("dts", sync_free_rows=False)
+    a, b = _run(loss_fn, student, teacher, labels, mask)[0], _run(gathered, student, teacher, labels, mask)[0]
+    assert a.stats["dts_ce_teacher"] == pytest.approx(b.stats["dts_ce_teacher"])
+
+
+def test_a_window_of_device_counted_rows_averages_over_the_valid_rows():
+    """The step bookkeeping takes a row count that is a device tensor (no read per micro-batch); a micro-batch with
+    no valid row weighs nothing, and the extremes ignore it."""
+    kept, gathered = _pair("kd")
+    windows = []
+    for loss_fn in (kept, gathered):
+        window = StatWindow()
+        for seed, masked in ((3, 0.2), (4, 1.0), (5, 0.5)):
+            out = _run(loss_fn, *_batch(seed, masked=masked))[0]
+            window.add(out.stats, PROGRESS)
+        windows.append(window)
+    a, b = windows[0].means(), windows[1].means()
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    state = windows[0].state()  # a checkpoint holds floats
+    assert isinstance(state["rows"], float) and state["rows"] == b["rows"]
