@@ -139,3 +139,13 @@ def test_a_window_of_device_counted_rows_averages_over_the_valid_rows():
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
     state = windows[0].state()  # a checkpoint holds floats
     assert isinstance(state["rows"], float) and state["rows"] == b["rows"]
+
+
+def test_nan_in_a_valid_row_is_still_an_error_and_garbage_in_a_masked_row_is_not():
+    kept, _ = _pair("kd")
+    student, teacher, labels, mask = _batch(6)  # NaN and inf in every row that counts nowhere
+    kept(student, teacher, labels, mask=mask)
+    row = int(torch.nonzero((mask & (labels != -100)).reshape(-1))[0])
+    student.reshape(-1, student.shape[-1])[row, 0] = float("nan")
+    with pytest.raises(tk.ThermoKDError, match="student logits contain NaN or inf"):
+        kept(student, teacher, labels, mask=mask)

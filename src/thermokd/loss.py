@@ -425,7 +425,6 @@ class DistillationLoss(nn.Module):
             tau_t = tau_s = torch.full((), tau, dtype=torch.float32, device=student.device)
             row_coef = shares * (tau * tau)
             log_sigma = None if labels is None else torch.log_softmax(s32, dim=-1)
-            stats: dict[str, Tensor] = {}
         else:
             rows = Rows(s32, t32, safe, progress)
             temps = self.temperature(rows)
@@ -435,7 +434,6 @@ class DistillationLoss(nn.Module):
             scale = self.objective.row_scale(tau_t, tau_s, temps.scale)
             row_coef = shares if scale is None else shares * scale
             log_sigma = None if labels is None else rows.student_log_probs
-            stats = {}
         try:
             total, kd, ce = ClosedFormKL.apply(student, s32, t32, log_sigma, safe, tau_t, tau_s, row_coef,
                                                self.kd_weight, self.ce_weight, _NO_LABEL, shares)
@@ -444,7 +442,7 @@ class DistillationLoss(nn.Module):
                 explain_labels(labels[keep] if keep.device.type == "cpu" else labels, num_classes)
             raise
         if self.check_inputs:  # the stand-in rows are finite: the sum is finite iff every valid logit is
-            check_finite_value(kd < math.inf, student, teacher)
+            check_finite_value(kd < math.inf, s32, t32)
         terms = {"kd": kd} if ce is None else {"ce": ce, "kd": kd}
         taus, teacher_rows = (tau_t, tau_s), t32
 
@@ -452,8 +450,7 @@ class DistillationLoss(nn.Module):
             entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
             return masked_row_statistics(*taus, entropy, keep, count)
 
-        return LossOutput(total, terms, LazyStats({**stats, "loss": total, **terms, "rows": count}, pending),
-                          progress)
+        return LossOutput(total, terms, LazyStats({"loss": total, **terms, "rows": count}, pending), progress)
 
     def _hinton(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
                 ) -> LossOutput:
