@@ -104,3 +104,13 @@ def test_bad_inputs_are_still_caught_on_the_cpu() -> None:
     teacher[2, 3] = float("nan")
     with pytest.raises(tk.ThermoKDError, match="teacher logits contain NaN or inf"):
         loss_fn(student, teacher, labels)
+
+
+def test_cist_own_ratio_observes_without_a_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CIST's own-ratio rule moves its scale from a batch statistic in observe: as a tensor, never read (it used to
+    read every statistic of the step)."""
+    loss_fn = tk.build_loss("cist", ignore_index=None, temperature={"student": "own-ratio"})
+    student, teacher, labels = _inputs()
+    reads = Reads(monkeypatch)
+    assert _steps(loss_fn, reads, lambda: loss_fn(student, teacher, labels, progress=PROGRESS)) == []
+    assert torch.isfinite(loss_fn.temperature.student_log_scale).all()

@@ -13,12 +13,17 @@ from thermokd.steps import StatWindow
 
 from test_host_sync import PROGRESS, Reads
 
-# the methods whose plain loss can weight rows by zero (CIST at its language-model preset: w ≡ 1, per-token τ)
-KEPT = {"kd": {}, "dtkd": {}, "entropy-target": {"temperature": {"early_exit": False}}, "cist-lm": {"domain": "lm"}}
+# the losses that can weight rows by zero: label -> (method, build options). CIST without weights (its LM preset,
+# and the own-ratio rule, whose batch statistic feeds its state) and DTS (its CE means feed T)
+KEPT = {"kd": ("kd", {}), "dtkd": ("dtkd", {}),
+        "entropy-target": ("entropy-target", {"temperature": {"early_exit": False}}),
+        "cist-lm": ("cist", {"domain": "lm"}), "dts": ("dts", {}),
+        "cist-own-ratio": ("cist", {"temperature": {"student": "own-ratio"}, "weighting": {"mix": 0.0}})}
 
 
 def _pair(method: str, **extra):
-    name, options = method.removesuffix("-lm"), {**KEPT[method], **extra}
+    name, options = KEPT[method]
+    options = {**options, **extra}
     return (tk.build_loss(name, sync_free_rows=True, **options), tk.build_loss(name, sync_free_rows=False, **options))
 
 
@@ -46,7 +51,7 @@ def _run(loss_fn, student, teacher, labels, mask):
 def _assert_same(method: str, batch, with_labels: bool = True) -> None:
     kept, gathered = _pair(method)
     student, teacher, labels, mask = batch
-    if method == "cist-lm":  # the same ρ for both (CIST calibrates on the teacher's logits)
+    if KEPT[method][0] == "cist":  # the same ρ for both (CIST calibrates on the teacher's logits)
         valid = teacher[mask & (labels != -100) if with_labels else mask]
         kept.prepare(valid)
         gathered.prepare(valid)
@@ -66,6 +71,11 @@ def _assert_same(method: str, batch, with_labels: bool = True) -> None:
 @pytest.mark.parametrize("method", list(KEPT))
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_weighting_rows_by_zero_equals_gathering_them(method, with_labels):
+    if method == "dts" and not with_labels:  # DTS needs labels either way
+        for loss_fn in _pair(method):
+            with pytest.raises(tk.ThermoKDError, match="DTS needs labels"):
+                _run(loss_fn, *_batch(0, labelled=False)[:2], None, _batch(0)[3])
+        return
     _assert_same(method, _batch(0, labelled=with_labels), with_labels)
 
 
@@ -112,14 +122,25 @@ def test_only_losses_that_allow_it_weight_rows_by_zero():
         tk.DistillationLoss(sync_free_rows="yes")
 
 
-def test_dts_keeps_gathering_rows_for_its_batch_statistics(monkeypatch):
-    """DTS's τ is row-local, but its update reads this batch's CE means: those must be over the valid rows, so it
-    gathers them (and reads their count) even in this mode."""
-    loss_fn = tk.build_loss("dts", sync_free_rows=True)
-    student, teacher, labels, mask = _batch(2)
-    gathered = tk.build_loss("dts", sync_free_rows=False)
-    a, b = _run(loss_fn, student, teacher, labels, mask)[0], _run(gathered, student, teacher, labels, mask)[0]
-    assert a.stats["dts_ce_teacher"] == pytest.approx(b.stats["dts_ce_teacher"])
+@pytest.mark.parametrize("method", ["dts", "cist-own-ratio"])
+def test_state_moves_alike_over_steps_including_a_batch_of_no_valid_rows(method):
+    """DTS's T and CIST's own-ratio scale follow batch statistics (means over the rows that count): weighting rows
+    by zero moves them as gathering does, and a batch of no valid row moves nothing (decided on the device)."""
+    kept, gathered = _pair(method)
+    for loss_fn in (kept, gathered):
+        loss_fn.prepare(_batch(0, garbage=False)[1].reshape(-1, 13))
+    for seed, masked in ((7, 0.2), (8, 1.0), (9, 0.4), (10, 0.0)):
+        batch = _batch(seed, masked=masked)
+        a, _ = _run(kept, *batch)
+        b, _ = _run(gathered, *batch)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-7)
+        kept.observe(a)
+        gathered.observe(b)
+        for key, value in gathered.state_dict().items():
+            torch.testing.assert_close(kept.state_dict()[key], value, rtol=1e-6, atol=1e-7, equal_nan=True,
+                                       msg=lambda m, key=key, seed=seed: f"{key} after seed {seed}: {m}")
+    if method == "dts":  # T moved, and stayed finite through the batch of no valid row
+        assert float(kept.temperature.current) != 4.0 and torch.isfinite(kept.temperature.current)
 
 
 def test_a_window_of_device_counted_rows_averages_over_the_valid_rows():

@@ -38,6 +38,8 @@ _STATELESS_WEIGHTINGS = (type(None), ConfidenceDifficulty, TeacherEntropy)
 # built-in parts whose τ, scale and weights never read the student's graph: their rows may be handed over detached
 _DETACHED_STRATEGIES = _STATELESS_STRATEGIES + (EntropyTarget,)
 _DETACHED_WEIGHTINGS = _STATELESS_WEIGHTINGS
+# built-in strategies whose batch statistics are means through Rows.mean (so rows weighted by zero count nowhere)
+_MEAN_STATS = (CIST, DTS)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # torch.is_autocast_enabled raises for other types
 
 
@@ -90,8 +92,8 @@ class DistillationLoss(nn.Module):
       nowhere. Gathering the other rows needs their count on the host (a host-device sync); ``ignore_index=None``
       (no label is ignored) with no ``mask`` has nothing to gather. ``sync_free_rows`` (default None: on
       accelerators) weights those rows by zero instead, with no sync, where the loss allows it (plain path, forward
-      KL, a row-local τ without batch statistics, no weighting: e.g. ``kd`` and CIST's language-model preset); the
-      same value, gradients and statistics. The maths runs in float32.
+      KL, a row-local τ, no weighting: ``kd``, DTS, DTKD, the entropy target, CIST without weights as at its
+      language-model preset); the same value, gradients and statistics. The maths runs in float32.
     - ``chunk_size``: evaluate at most this many rows at a time (``thermokd.chunked``): the same value and
       gradients without float32 intermediates for the whole ``[B·L, V]`` block. For language models with large
       vocabularies; ``terms`` are then detached values (only ``loss`` is differentiable).
@@ -213,8 +215,9 @@ class DistillationLoss(nn.Module):
     def _keeps_rows(self, device: torch.device) -> bool:
         """Whether masked and ignored rows are weighted by zero instead of dropped (:meth:`_kept`), so that the step
         never reads how many rows are valid: on an accelerator (``sync_free_rows=None``, the default), for a plain
-        (unchunked) loss of forward KL whose τ is row-local and whose strategy keeps no batch statistics, with no
-        weighting. Elsewhere the valid rows are gathered (one read of their count)."""
+        (unchunked) loss of forward KL whose τ is row-local (a built-in strategy: its batch statistics, DTS's CE
+        means or CIST's own-ratio scale, are means over the rows that count), with no weighting. Elsewhere the valid
+        rows are gathered (one read of their count)."""
         policy = self.sync_free_rows
         if policy is False or (policy is None and device.type == "cpu") or self.chunk_size is not None:
             return False
@@ -410,8 +413,8 @@ class DistillationLoss(nn.Module):
         """The loss over the rows of ``keep`` without reading how many there are: every row is evaluated, the
         others with stand-in logits (a fixed ramp, so that no masked garbage enters and every strategy gets a
         finite τ) and a weight of zero; means divide by the count as a device tensor. Same value, gradients and
-        statistics as gathering the valid rows. None when the strategy reports batch statistics (they would count
-        the stand-in rows): the caller then gathers the rows."""
+        statistics as gathering the valid rows. None when a strategy of the user's reports batch statistics (they
+        might count the stand-in rows): the caller then gathers the rows."""
         n, num_classes = student.shape
         count = keep.sum(dtype=torch.float32)
         shares = keep.float().div_(count.clamp_min(1.0))  # each row's share of a mean over the valid rows
@@ -425,15 +428,17 @@ class DistillationLoss(nn.Module):
             tau_t = tau_s = torch.full((), tau, dtype=torch.float32, device=student.device)
             row_coef = shares * (tau * tau)
             log_sigma = None if labels is None else torch.log_softmax(s32, dim=-1)
+            strategy_stats: dict[str, Tensor] = {}
         else:
-            rows = Rows(s32, t32, safe, progress)
+            rows = Rows(s32, t32, safe, progress, shares)
             temps = self.temperature(rows)
-            if temps.stats:
-                return None
+            if temps.stats and type(self.temperature) not in _MEAN_STATS:
+                return None  # statistics of its own making might count the stand-in rows
             tau_t, tau_s = tau_columns(self.temperature, temps, n)
             scale = self.objective.row_scale(tau_t, tau_s, temps.scale)
             row_coef = shares if scale is None else shares * scale
             log_sigma = None if labels is None else rows.student_log_probs
+            strategy_stats = temps.stats
         try:
             total, kd, ce = ClosedFormKL.apply(student, s32, t32, log_sigma, safe, tau_t, tau_s, row_coef,
                                                self.kd_weight, self.ce_weight, _NO_LABEL, shares)
@@ -450,7 +455,8 @@ class DistillationLoss(nn.Module):
             entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
             return masked_row_statistics(*taus, entropy, keep, count)
 
-        return LossOutput(total, terms, LazyStats({"loss": total, **terms, "rows": count}, pending), progress)
+        return LossOutput(total, terms, LazyStats({**strategy_stats, "loss": total, **terms, "rows": count}, pending),
+                          progress)
 
     def _hinton(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None"
                 ) -> LossOutput:

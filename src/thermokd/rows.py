@@ -17,11 +17,19 @@ class Rows:
     """
 
     def __init__(self, student: Tensor, teacher: Tensor, labels: "Tensor | None" = None,
-                 progress: "Progress | None" = None) -> None:
+                 progress: "Progress | None" = None, shares: "Tensor | None" = None) -> None:
         self.student = student
         self.teacher = teacher.detach()
         self.labels = labels
         self.progress = progress
+        self.shares = shares  # each row's share of a mean ([N], summing to 1 or 0), or None: every row alike
+
+    def mean(self, values: Tensor) -> Tensor:
+        """The mean of per-row ``values`` (``[N]`` or ``[N, 1]``) over the rows that count: a strategy's batch
+        statistics go through it, so that rows weighted by zero (``sync_free_rows``) count nowhere."""
+        if self.shares is None:
+            return values.mean()
+        return torch.dot(values.reshape(-1).float(), self.shares)
 
     @property
     def num_rows(self) -> int:

@@ -81,6 +81,13 @@ class LazyStats(Mapping):
         return f"LazyStats({dict(self)!r})"
 
 
+def device_count(stats: Mapping) -> "Tensor | None":
+    """``stats["rows"]`` when it was counted on the device (a tensor: ``sync_free_rows``), else None (a host float,
+    or absent); reads nothing."""
+    value = stats._tensors.get("rows") if isinstance(stats, LazyStats) else stats.get("rows")
+    return value if isinstance(value, Tensor) else None
+
+
 def stat_tensor(stats: Mapping, key: str, device: "torch.device | None" = None) -> Tensor:
     """``stats[key]`` as a float32 tensor, without reading a device value: works for :class:`LazyStats` and for
     plain mappings of floats or tensors (e.g. a trainer's averaged window)."""

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..errors import ThermoKDError, choice_error
 from ..rows import Rows
+from ..stats import device_count, stat_tensor
 from .base import Temperatures, TemperatureStrategy, check_bounds, check_positive, register
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class CIST(TemperatureStrategy):
             tau_s = m_s.clamp_min_(_TINY).div_(m_t.clamp_min(_TINY)).pow_(self.gamma).mul_(tau_t)
         else:  # own-ratio
             log_scale = _log_m(m_s.clone()).sub_(_log_m(m_t))
-            stats[OWN_SCALE_STAT] = log_scale.mean()
+            stats[OWN_SCALE_STAT] = rows.mean(log_scale)
             c = self.student_log_scale.to(m_s.device)
             # on device, no sync: τ^t until c has a value
             tau_s = torch.where(torch.isnan(c), tau_t, m_s.div_(c.nan_to_num().exp().mul(rho)))
@@ -180,12 +181,16 @@ class CIST(TemperatureStrategy):
     @torch.no_grad()
     def observe(self, output: "LossOutput") -> None:
         """``own-ratio``: move ``c`` towards this step's ``mean_i log(m^s_i/m^t_i)`` (tensor ops, no sync)."""
-        value = output.stats.get(OWN_SCALE_STAT) if self.student_rule == "own-ratio" else None
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        if self.student_rule != "own-ratio" or OWN_SCALE_STAT not in output.stats:  # `in` reads no value
             return
         c = self.student_log_scale
-        value = torch.as_tensor(value, dtype=c.dtype).to(c.device)  # a float or a 0-dim tensor: no device sync
-        c.copy_(torch.where(torch.isnan(c), value, torch.lerp(value, c, self.momentum)))
+        value = stat_tensor(output.stats, OWN_SCALE_STAT, c.device).to(c.dtype)  # no device sync
+        ok = torch.isfinite(value)
+        rows = device_count(output.stats)
+        if rows is not None:  # counted on the device (sync_free_rows): a batch of no valid rows moves nothing
+            ok = ok & (rows.to(c.device) > 0)
+        moved = torch.where(torch.isnan(c), value, torch.lerp(value, c, self.momentum))
+        c.copy_(torch.where(ok, moved, c))
 
     def extra_repr(self) -> str:
         return (f"tau0={self.tau0:g}, ratio={self._ratio_value():g}, tau_min={self.tau_min:g}, "

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import ThermoKDError
 from ..progress import require_progress
 from ..rows import Rows
-from ..stats import stat_tensor
+from ..stats import device_count, stat_tensor
 from .base import Temperatures, TemperatureStrategy, check_bounds, check_positive, register
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ class DTS(TemperatureStrategy):
         require_progress(rows.progress, "DTS")
         tau = self.current.to(rows.teacher.device, copy=True)  # a snapshot: observe() moves the buffer in place
         with torch.no_grad():
-            stats = {"dts_ce_teacher": -rows.teacher_label_log_prob.mean(),
-                     "dts_ce_student": -rows.student_label_log_prob.mean()}
+            stats = {"dts_ce_teacher": -rows.mean(rows.teacher_label_log_prob),
+                     "dts_ce_student": -rows.mean(rows.student_label_log_prob)}
         return Temperatures(teacher=tau, student=tau, stats=stats)
 
     def target(self, ce_gap: "float | Tensor", epoch: int, total_epochs: int) -> "float | Tensor":
@@ -74,8 +74,11 @@ class DTS(TemperatureStrategy):
         p = require_progress(output.progress, "DTS")
         device = self.current.device
         gap = stat_tensor(output.stats, "dts_ce_teacher", device) - stat_tensor(output.stats, "dts_ce_student", device)
-        t_tgt = self.target(gap, p.epoch, p.total_epochs)
-        self.current.mul_(self.momentum).add_(t_tgt.to(self.current.dtype), alpha=1.0 - self.momentum)
+        t_tgt = self.target(gap, p.epoch, p.total_epochs).to(self.current.dtype)
+        moved = self.current.mul(self.momentum).add_(t_tgt, alpha=1.0 - self.momentum)
+        rows = device_count(output.stats)
+        # rows counted on the device (sync_free_rows): a batch of no valid rows moves nothing, decided there
+        self.current.copy_(moved if rows is None else torch.where(rows.to(device) > 0, moved, self.current))
 
     def extra_repr(self) -> str:
         return f"T={float(self.current):.4g}, t_init={self.t_init:g}, t_min={self.t_min:g}, t_max={self.t_max:g}"
