@@ -41,7 +41,8 @@ def test_no_sync_in_forward_backward_observe(method, chunk):
 
 
 @pytest.mark.parametrize("method, domain", [("kd", "default"), ("cist", "lm"), ("dtkd", "default"),
-                                            ("entropy-target", "default"), ("dts", "default")])
+                                            ("entropy-target", "default"), ("dts", "default"), ("cist", "default"),
+                                            ("erkd", "default")])
 def test_no_sync_with_a_mask_and_ignored_labels(method, domain):
     """A language-model batch (a mask, labels of -100): these losses weight the rows that count nowhere by zero on
     the device (sync_free_rows, the default there) instead of gathering the others, which would read their count."""

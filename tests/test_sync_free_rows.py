@@ -14,11 +14,14 @@ from thermokd.steps import StatWindow
 from test_host_sync import PROGRESS, Reads
 
 # the losses that can weight rows by zero: label -> (method, build options). CIST without weights (its LM preset,
-# and the own-ratio rule, whose batch statistic feeds its state) and DTS (its CE means feed T)
+# and the own-ratio rule, whose batch statistic feeds its state), DTS (its CE means feed T), and batch-normalised
+# weights (CIST's default: floored at max/4 and blended with uniform; without either; ER-KD's entropies)
 KEPT = {"kd": ("kd", {}), "dtkd": ("dtkd", {}),
         "entropy-target": ("entropy-target", {"temperature": {"early_exit": False}}),
         "cist-lm": ("cist", {"domain": "lm"}), "dts": ("dts", {}),
-        "cist-own-ratio": ("cist", {"temperature": {"student": "own-ratio"}, "weighting": {"mix": 0.0}})}
+        "cist-own-ratio": ("cist", {"temperature": {"student": "own-ratio"}, "weighting": {"mix": 0.0}}),
+        "cist": ("cist", {}), "erkd": ("erkd", {}),
+        "cist-unbounded": ("cist", {"weighting": {"mix": 1.0, "max_ratio": None}})}
 
 
 def _pair(method: str, **extra):
@@ -115,7 +118,13 @@ def test_only_losses_that_allow_it_weight_rows_by_zero():
     assert not tk.build_loss("kd")._keeps_rows(cpu)  # the default: on accelerators only
     assert tk.build_loss("kd", sync_free_rows=True)._keeps_rows(cpu)
     assert not tk.build_loss("kd", sync_free_rows=True, chunk_size=4)._keeps_rows(cpu)
-    assert not tk.build_loss("cist", sync_free_rows=True)._keeps_rows(cpu)  # its weights normalise over the batch
+    cist = tk.build_loss("cist", sync_free_rows=True)
+    assert not cist._keeps_rows(cpu)  # its first batch calibrates ρ on every valid row: gathered
+    cist.prepare(torch.randn(50, 7) * 3)
+    assert cist._keeps_rows(cpu)
+    running = tk.build_loss("cist", sync_free_rows=True, weighting={"normalise": "running"})
+    running.prepare(torch.randn(50, 7) * 3)
+    assert not running._keeps_rows(cpu)  # a running mean of the weights counts its batches on the host
     assert not tk.build_loss("ctkd", sync_free_rows=True)._keeps_rows(cpu)  # a learnable τ: the autograd path
     assert not tk.build_loss("dkd", sync_free_rows=True)._keeps_rows(cpu)
     with pytest.raises(tk.ThermoKDError, match="sync_free_rows must be None"):

@@ -92,8 +92,8 @@ class DistillationLoss(nn.Module):
       nowhere. Gathering the other rows needs their count on the host (a host-device sync); ``ignore_index=None``
       (no label is ignored) with no ``mask`` has nothing to gather. ``sync_free_rows`` (default None: on
       accelerators) weights those rows by zero instead, with no sync, where the loss allows it (plain path, forward
-      KL, a row-local τ, no weighting: ``kd``, DTS, DTKD, the entropy target, CIST without weights as at its
-      language-model preset); the same value, gradients and statistics. The maths runs in float32.
+      KL, a row-local τ, weights without a running mean: ``kd``, CIST, DTS, DTKD, the entropy target, ER-KD); the
+      same value, gradients and statistics. The maths runs in float32.
     - ``chunk_size``: evaluate at most this many rows at a time (``thermokd.chunked``): the same value and
       gradients without float32 intermediates for the whole ``[B·L, V]`` block. For language models with large
       vocabularies; ``terms`` are then detached values (only ``loss`` is differentiable).
@@ -216,15 +216,16 @@ class DistillationLoss(nn.Module):
         """Whether masked and ignored rows are weighted by zero instead of dropped (:meth:`_kept`), so that the step
         never reads how many rows are valid: on an accelerator (``sync_free_rows=None``, the default), for a plain
         (unchunked) loss of forward KL whose τ is row-local (a built-in strategy: its batch statistics, DTS's CE
-        means or CIST's own-ratio scale, are means over the rows that count), with no weighting. Elsewhere the valid
-        rows are gathered (one read of their count)."""
+        means or CIST's own-ratio scale, are means over the rows that count), with built-in weights normalised per
+        batch or not at all (a running mean counts its batches on the host). Elsewhere the valid rows are gathered
+        (one read of their count)."""
         policy = self.sync_free_rows
         if policy is False or (policy is None and device.type == "cpu") or self.chunk_size is not None:
             return False
         hinton, _, closed = self._routes()
-        strategy = self.temperature
-        return hinton or (closed and self._active_weighting() is None and strategy.row_local
-                          and not strategy.needs_batch_preparation)
+        strategy, weighting = self.temperature, self._active_weighting()
+        return hinton or (closed and strategy.row_local and not strategy.needs_batch_preparation
+                          and (weighting is None or not weighting.normalisation.stateful))
 
     # -- the loss -------------------------------------------------------------------------------------
     def forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None" = None, *,
@@ -429,6 +430,7 @@ class DistillationLoss(nn.Module):
             row_coef = shares * (tau * tau)
             log_sigma = None if labels is None else torch.log_softmax(s32, dim=-1)
             strategy_stats: dict[str, Tensor] = {}
+            weights = None
         else:
             rows = Rows(s32, t32, safe, progress, shares)
             temps = self.temperature(rows)
@@ -436,7 +438,10 @@ class DistillationLoss(nn.Module):
                 return None  # statistics of its own making might count the stand-in rows
             tau_t, tau_s = tau_columns(self.temperature, temps, n)
             scale = self.objective.row_scale(tau_t, tau_s, temps.scale)
-            row_coef = shares if scale is None else shares * scale
+            weights = None
+            if self._active_weighting() is not None:  # w_i/count on the valid rows, 0 elsewhere
+                weights = self.weighting.shares_of(self.weighting.log_unnormalised(rows), keep, count)
+            row_coef = RowObjective.factor(scale, weights if weights is not None else shares)
             log_sigma = None if labels is None else rows.student_log_probs
             strategy_stats = temps.stats
         try:
@@ -453,7 +458,8 @@ class DistillationLoss(nn.Module):
 
         def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
             entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
-            return masked_row_statistics(*taus, entropy, keep, count)
+            return masked_row_statistics(*taus, entropy, keep, count,
+                                         None if weights is None else weights * count.clamp_min(1.0))
 
         return LossOutput(total, terms, LazyStats({**strategy_stats, "loss": total, **terms, "rows": count}, pending),
                           progress)

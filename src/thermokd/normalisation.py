@@ -73,10 +73,13 @@ class StepMeans:
 
 
 def shares(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = None,
-           step: "StepMeans | None" = None) -> Tensor:
+           step: "StepMeans | None" = None, keep: "Tensor | None" = None, count: "Tensor | None" = None) -> Tensor:
     """``w_i/N`` for the ``[N]`` ``log w̃`` of every valid row of a batch: the loss takes ``Σ_i share_i·D_i``,
     which equals ``mean_i w_i·D_i``. A ``running`` mean reads ``running_mean`` (NaN: not set yet) and records the
-    batch's mean in ``step``."""
+    batch's mean in ``step``. ``keep`` (``[N]`` bool) and ``count`` (a tensor): only those rows are valid, the
+    others get a share of 0, and nothing reads the count (``batch`` and ``none`` means only)."""
+    if keep is not None:
+        return _kept_shares(log_w, spec, keep, count)
     n = log_w.shape[0]
     if spec.max_ratio is not None:
         log_w = torch.maximum(log_w, log_w.max() - math.log(spec.max_ratio))
@@ -92,6 +95,23 @@ def shares(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = N
         ref = running_mean.to(log_w.device).log()
         out = (log_w - torch.where(torch.isnan(ref), log_mean, ref)).exp_().div_(n)
     return out if spec.mix == 1.0 else out.mul_(spec.mix).add_((1.0 - spec.mix) / n)  # a fresh tensor
+
+
+def _kept_shares(log_w: Tensor, spec: Normalisation, keep: Tensor, count: Tensor) -> Tensor:
+    """:func:`shares` over the rows of ``keep`` with the others at 0, computed on the device: their ``log w̃`` is
+    −inf for the floor's maximum and the softmax, and the uniform part of the blend is 1/count."""
+    if spec.mean == "running":
+        raise ThermoKDError("a running normalisation counts its batches on the host: gather the rows instead")
+    none = torch.tensor(-math.inf, dtype=log_w.dtype, device=log_w.device)
+    log_w = torch.where(keep, log_w, none)
+    if spec.max_ratio is not None:
+        log_w = torch.where(keep, torch.maximum(log_w, log_w.max() - math.log(spec.max_ratio)), none)
+    rows = count.clamp_min(1.0)
+    if spec.mean == "batch":  # over no valid row the softmax is NaN everywhere: those shares are 0
+        out = torch.where(keep, torch.softmax(log_w, dim=0), 0.0)
+    else:
+        out = log_w.exp().div_(rows)
+    return out if spec.mix == 1.0 else out.mul_(spec.mix).add_(keep.float().mul_(1.0 - spec.mix).div_(rows))
 
 
 def weights(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = None,

@@ -116,14 +116,17 @@ def row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, weights: "Tens
             "tau_teacher_min": low, "tau_teacher_max": high}
 
 
-def masked_row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, keep: Tensor, count: Tensor
-                          ) -> dict[str, Tensor]:
-    """:func:`row_statistics` (without weights) over the rows of ``keep`` (``[N]`` bool; ``count`` of them, a
-    tensor), with no read of the count: the other rows are weighted by zero. Over no rows: means 0, and τ's min and
-    max +inf and −inf (a window that adds a batch of no rows keeps its extremes)."""
+def masked_row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, keep: Tensor, count: Tensor,
+                          weights: "Tensor | None" = None) -> dict[str, Tensor]:
+    """:func:`row_statistics` over the rows of ``keep`` (``[N]`` bool; ``count`` of them, a tensor), with no read
+    of the count: the other rows are weighted by zero. Over no rows: means 0, and τ's min and max +inf and −inf (a
+    window that adds a batch of no rows keeps its extremes)."""
     n = entropy.shape[0]
     columns = [tau.detach().float().reshape(-1, 1).expand(n, 1) for tau in (tau_t, tau_s)]
-    table = torch.cat(columns + [entropy.detach().reshape(n, 1)], dim=1)
+    columns.append(entropy.detach().reshape(n, 1))
+    if weights is not None:
+        columns.append(weights.detach().reshape(n, 1))
+    table = torch.cat(columns, dim=1)
     share = keep.float().div(count.clamp_min(1.0)).unsqueeze(-1)
     mean = (table * share).sum(0)
     std = ((table - mean).square_() * share).sum(0).sqrt_()
@@ -131,5 +134,5 @@ def masked_row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, keep: T
     low = torch.where(keep, tau, torch.inf).amin()
     high = torch.where(keep, tau, -torch.inf).amax()
     return {"tau_teacher_mean": mean[0], "tau_student_mean": mean[1], "teacher_entropy_mean": mean[2],
-            "teacher_entropy_std": std[2], "weight_std": std.new_zeros(()), "tau_teacher_min": low,
-            "tau_teacher_max": high}
+            "teacher_entropy_std": std[2], "weight_std": std[3] if weights is not None else std.new_zeros(()),
+            "tau_teacher_min": low, "tau_teacher_max": high}

@@ -51,9 +51,11 @@ class Weighting(nn.Module):
         raise ThermoKDError(f"{type(self).__name__} does not define log_unnormalised(rows): a Weighting gives "
                             "log w̃ per row there and declares its normalisation")
 
-    def shares_of(self, log_w: Tensor) -> Tensor:
-        """``w_i/N`` of the declared normalisation for the ``log w̃`` of every valid row (what the loss uses)."""
-        return norm.shares(log_w, self.normalisation, self._buffers.get("running_mean"), self.step_means)
+    def shares_of(self, log_w: Tensor, keep: "Tensor | None" = None, count: "Tensor | None" = None) -> Tensor:
+        """``w_i/N`` of the declared normalisation for the ``log w̃`` of every valid row (what the loss uses);
+        with ``keep``/``count``, of those rows only, the others at 0 (``normalisation.shares``)."""
+        return norm.shares(log_w, self.normalisation, self._buffers.get("running_mean"), self.step_means, keep,
+                           count)
 
     @property
     def uniform(self) -> bool:
