@@ -414,8 +414,8 @@ class DistillationLoss(nn.Module):
         """The loss over the rows of ``keep`` without reading how many there are: every row is evaluated, the
         others with stand-in logits (a fixed ramp, so that no masked garbage enters and every strategy gets a
         finite τ) and a weight of zero; means divide by the count as a device tensor. Same value, gradients and
-        statistics as gathering the valid rows. None when a strategy of the user's reports batch statistics (they
-        might count the stand-in rows): the caller then gathers the rows."""
+        statistics as gathering the valid rows. None when the strategy reports batch statistics that are not means
+        through ``Rows.mean`` (they might count the stand-in rows): the caller then gathers the rows."""
         n, num_classes = student.shape
         count = keep.sum(dtype=torch.float32)
         shares = keep.float().div_(count.clamp_min(1.0))  # each row's share of a mean over the valid rows
