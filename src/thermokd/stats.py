@@ -100,20 +100,29 @@ def host_floats(values: Mapping) -> dict[str, float]:
     return dict(LazyStats.of(values))
 
 
-def row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, weights: "Tensor | None") -> dict[str, Tensor]:
-    """Temperature, teacher-entropy and weight statistics over the valid rows, as device tensors: τ^t, τ^s
-    scalars or ``[N, 1]``; ``entropy`` ``[N]``; ``weights`` ``[N]`` with mean 1 (None: all 1)."""
+def _table(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, weights: "Tensor | None") -> Tensor:
+    """``[N, 3 or 4]``: τ^t, τ^s, the teacher's entropy and the weights per row, detached, float32."""
     n = entropy.shape[0]
     columns = [tau.detach().float().reshape(-1, 1).expand(n, 1) for tau in (tau_t, tau_s)]
     columns.append(entropy.detach().reshape(n, 1))
     if weights is not None:
         columns.append(weights.detach().reshape(n, 1))
-    table = torch.cat(columns, dim=1)
-    std, mean = torch.std_mean(table, dim=0, correction=0)
-    low, high = torch.aminmax(table[:, 0])
+    return torch.cat(columns, dim=1)
+
+
+def _named(mean: Tensor, std: Tensor, low: Tensor, high: Tensor, weights: "Tensor | None") -> dict[str, Tensor]:
     return {"tau_teacher_mean": mean[0], "tau_student_mean": mean[1], "teacher_entropy_mean": mean[2],
             "teacher_entropy_std": std[2], "weight_std": std[3] if weights is not None else std.new_zeros(()),
             "tau_teacher_min": low, "tau_teacher_max": high}
+
+
+def row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, weights: "Tensor | None") -> dict[str, Tensor]:
+    """Temperature, teacher-entropy and weight statistics over the valid rows, as device tensors: τ^t, τ^s
+    scalars or ``[N, 1]``; ``entropy`` ``[N]``; ``weights`` ``[N]`` with mean 1 (None: all 1)."""
+    table = _table(tau_t, tau_s, entropy, weights)
+    std, mean = torch.std_mean(table, dim=0, correction=0)
+    low, high = torch.aminmax(table[:, 0])
+    return _named(mean, std, low, high, weights)
 
 
 def masked_row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, keep: Tensor, count: Tensor,
@@ -121,18 +130,10 @@ def masked_row_statistics(tau_t: Tensor, tau_s: Tensor, entropy: Tensor, keep: T
     """:func:`row_statistics` over the rows of ``keep`` (``[N]`` bool; ``count`` of them, a tensor), with no read
     of the count: the other rows are weighted by zero. Over no rows: means 0, and τ's min and max +inf and −inf (a
     window that adds a batch of no rows keeps its extremes)."""
-    n = entropy.shape[0]
-    columns = [tau.detach().float().reshape(-1, 1).expand(n, 1) for tau in (tau_t, tau_s)]
-    columns.append(entropy.detach().reshape(n, 1))
-    if weights is not None:
-        columns.append(weights.detach().reshape(n, 1))
-    table = torch.cat(columns, dim=1)
+    table = _table(tau_t, tau_s, entropy, weights)
     share = keep.float().div(count.clamp_min(1.0)).unsqueeze(-1)
     mean = (table * share).sum(0)
     std = ((table - mean).square_() * share).sum(0).sqrt_()
-    tau = table[:, 0]
-    low = torch.where(keep, tau, torch.inf).amin()
-    high = torch.where(keep, tau, -torch.inf).amax()
-    return {"tau_teacher_mean": mean[0], "tau_student_mean": mean[1], "teacher_entropy_mean": mean[2],
-            "teacher_entropy_std": std[2], "weight_std": std[3] if weights is not None else std.new_zeros(()),
-            "tau_teacher_min": low, "tau_teacher_max": high}
+    low = torch.where(keep, table[:, 0], torch.inf).amin()
+    high = torch.where(keep, table[:, 0], -torch.inf).amax()
+    return _named(mean, std, low, high, weights)
