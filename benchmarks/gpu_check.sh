@@ -7,7 +7,8 @@
 #   3. the fused linear-layer loss's peak memory and time at 8x512 tokens, hidden 768, V=50304 (kd at the default
 #      chunk and at 256; cist, with its weights and at its LM preset);
 #   4. every method under bf16 autocast;
-#   5. the loss's own time against a hand-written Hinton KD at [256, 100] and [4096, 32000] (loss_overhead.py).
+#   5. the loss's own time against a hand-written Hinton KD at [256, 100] and [4096, 32000] (loss_overhead.py),
+#      also with masked rows weighted by zero (no sync) or gathered.
 # Every part runs even if an earlier one fails; the failures are listed at the end and the exit status is 1.
 # Usage: bash benchmarks/gpu_check.sh [python]
 #   python: default .venv/bin/python if there is one, else python3. Without an installed thermokd the source tree
@@ -71,6 +72,10 @@ part "fused-memory, cist at its LM preset (w = 1: one visit)" 45 "$PY" benchmark
 part "bf16" 30 "$PY" benchmarks/gpu_check.py bf16
 part "loss-overhead" 60 "$PY" benchmarks/loss_overhead.py --device cuda --large --methods kd,kd-no-ignore,cist \
   --rounds 20 --block 20 --large-rounds 8
+# rows that count nowhere (every eighth masked): weighted by zero without a sync (the default here) or gathered
+part "loss-overhead, masked rows kept or gathered" 60 "$PY" benchmarks/loss_overhead.py --device cuda --large \
+  --methods kd-masked-kept,kd-masked-gathered,cist-masked-kept,cist-masked-gathered --rounds 20 --block 20 \
+  --large-rounds 8
 
 echo
 echo "=== gpu_check: $((SECONDS - START)) s in all ==="

@@ -16,7 +16,9 @@ speed hit every variant alike, and the quartiles show how much one round's ratio
 other jobs the wall clock also counts the time this process waited for a core (use it with one thread).
 ``--device cuda`` runs on the GPU, synchronising before and after each block (wall clock).
 A method name ending in ``-no-ignore`` runs it with ``ignore_index=None``; one ending in ``-lm`` at its
-language-model preset (e.g. ``cist-lm``: CIST without its weights, w ≡ 1).
+language-model preset (e.g. ``cist-lm``: CIST without its weights, w ≡ 1); ``-masked-kept`` and ``-masked-gathered``
+with every eighth row masked (as a prompt would be), those rows weighted by zero (``sync_free_rows=True``, the
+default on accelerators) or the others gathered (the default on the CPU).
 
 ``cist-by-hand`` is not thermokd: it is thermokd's default CIST written out by hand as shortly as it goes
 (``hand_cist``, autograd for the KL as in the Hinton baseline), so that thermokd's own overhead can be told from
@@ -42,7 +44,10 @@ import thermokd as tk
 
 METHODS = ["kd", "kd-no-ignore", "cist", "dts", "ctkd", "lskd", "dtkd", "dkd", "entropy-target", "erkd"]
 TARGETS = {"kd": 1.05, "cist": 1.2}
-SUFFIXES = {"-no-ignore": {"ignore_index": None}, "-lm": {"domain": "lm"}}  # a method name's suffix: build options
+# a method name's suffix: build options. "-masked-...": every eighth row masked (a prompt), its rows weighted by zero
+# (kept, sync_free_rows=True: no read of the count) or gathered (the CPU's default)
+SUFFIXES = {"-no-ignore": {"ignore_index": None}, "-lm": {"domain": "lm"},
+            "-masked-kept": {"sync_free_rows": True}, "-masked-gathered": {"sync_free_rows": False}}
 PROGRESS = tk.Progress(step=0, total_steps=100, epoch=3, total_epochs=10)
 
 
@@ -89,9 +94,11 @@ def thermokd_step(method: str, device: torch.device) -> Callable:
         if method.endswith(suffix):
             name, options = method[: -len(suffix)], extra
     loss_fn = tk.build_loss(name, **options).to(device)
+    masked = "-masked-" in method
 
     def step(student, teacher, labels):
-        out = loss_fn(student, teacher, labels, progress=PROGRESS)
+        mask = torch.arange(student.shape[0], device=student.device) % 8 != 0 if masked else None
+        out = loss_fn(student, teacher, labels, mask=mask, progress=PROGRESS)
         out.loss.backward()
         loss_fn.observe(out)  # the statistics are not read: a step that nobody logs
 

@@ -26,6 +26,15 @@ def test_loss_overhead_prints_a_ratio_and_its_round_quartiles_per_method():
         assert ratio > 0 and 0 < low <= high, (method, text)
 
 
+def test_loss_overhead_times_masked_rows_kept_and_gathered():
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "loss_overhead.py"), "--rounds", "2", "--block", "1",
+                           "--threads", "1", "--methods", "kd-masked-kept,kd-masked-gathered,cist-masked-kept"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for method in ("kd-masked-kept", "kd-masked-gathered", "cist-masked-kept"):
+        assert re.search(rf"^\s+{method}\s+[\d.]+x", proc.stdout, flags=re.M), proc.stdout
+
+
 def test_the_hand_written_cist_reference_is_thermokds_default_cist():
     """The benchmark's ``cist-by-hand`` must compute what ``build_loss("cist")`` computes (value and gradient),
     or its time says nothing about thermokd's overhead."""
