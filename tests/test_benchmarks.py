@@ -35,6 +35,16 @@ def test_loss_overhead_times_masked_rows_kept_and_gathered():
         assert re.search(rf"^\s+{method}\s+[\d.]+x", proc.stdout, flags=re.M), proc.stdout
 
 
+def test_paired_reproduces_the_readmes_gamma_figures():
+    """benchmarks/paired.py on the committed digits results: the README's γ 0.75 − γ 0.5 figures."""
+    results = BENCHMARKS / "results" / "digits-cist-gamma-10" / "results.json"
+    for extra, figure in (([], "−1.50 [−2.60, −0.40]"), (["--on", "val"], "−1.18 [−2.42, +0.06]")):
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "paired.py"), str(results), "cist", "cist-g05", *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert figure in proc.stdout, proc.stdout
+
+
 def test_the_hand_written_cist_reference_is_thermokds_default_cist():
     """The benchmark's ``cist-by-hand`` must compute what ``build_loss("cist")`` computes (value and gradient),
     or its time says nothing about thermokd's overhead."""

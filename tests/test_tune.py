@@ -577,7 +577,7 @@ def test_tune_in_turn_sets_a_busy_study_aside_and_returns_results_in_order(monke
         calls.append((label, wait))
         if busy_left[label] and not wait:
             busy_left[label] -= 1
-            raise StudyBusy(label, 1)
+            raise StudyBusy(f"{label}: 1 trial(s) still running in other processes")
         return label.upper()
 
     lines: list = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ThermoKDError
+from ..errors import ThermoKDError, first_line
 from .bundle import DataBundle, make_bundle
 
 # what numpy raises on a damaged .npy/.npz: a header with a NUL byte fails Python's parser (SyntaxError), and then
@@ -141,7 +141,7 @@ def npz_file(path: "str | Path") -> DataBundle:
         with loaded as f:
             arrays = {k: f[k] for k in (*keys, "x_val", "y_val") if k in f}
     except NUMPY_READ_ERRORS as exc:
-        raise ThermoKDError(f"cannot read {path} as .npz: {(str(exc).splitlines() or [repr(exc)])[0]}") from None
+        raise ThermoKDError(f"cannot read {path} as .npz: {first_line(exc)}") from None
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise ThermoKDError(f"{path} lacks {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")

@@ -9,6 +9,7 @@ method it tunes, and refuses to continue with either changed.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MethodConfig, RunConfig, TuneConfig
-from ..errors import ThermoKDError
+from ..errors import ThermoKDError, first_line
 from ..files import write_json, write_text
 from ..spaces import (SECTIONS, FloatRange, Knob, check_knob, declared_space, method_space, parse_knob, resolve_knob,
                       space_to_json)
@@ -36,11 +37,7 @@ POLL_S = 10.0  # how often a worker with no trial left to start looks whether th
 
 class StudyBusy(Exception):
     """Raised by ``tune_method(..., wait=False)`` when the study's own trials are done but trials that other
-    processes run are not: the caller may do other work and call again."""
-
-    def __init__(self, label: str, running: int) -> None:
-        super().__init__(f"{label}: {running} trial(s) still running in other processes")
-        self.label, self.running = label, running
+    processes run are not: the caller may do other work and call again. The message says which and how many."""
 
 
 @dataclass
@@ -144,8 +141,7 @@ def open_study(url: str, name: str, sampler, pruner):
         return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
                                    direction="maximize", load_if_exists=True)
     except Exception as exc:  # SQLAlchemy raises many kinds (bad URL, missing driver, refused connection)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ThermoKDError(f"cannot open the study storage {redact(url)!r}: {first}") from None
+        raise ThermoKDError(f"cannot open the study storage {redact(url)!r}: {first_line(exc)}") from None
 
 
 def check_study_file(out_dir: Path) -> None:
@@ -398,7 +394,7 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
             break
         else:  # the rest of the budget is other workers' running trials: choose from the study once they finish
             if not wait:
-                raise StudyBusy(label, _running(study))
+                raise StudyBusy(f"{label}: {_running(study)} trial(s) still running in other processes")
             if not waited:
                 echo(f"  {label}: waiting for {_running(study)} trial(s) that other processes are running")
                 waited = True
@@ -415,8 +411,6 @@ def tune_in_turn(labels: list[str], tune_one: "Callable[[str, bool], TuneResult]
     """Tune every label with ``tune_one(label, wait)`` (a :func:`tune_method` call), in order, except that a study
     whose own trials are done while other processes still run some (:class:`StudyBusy`) is set aside, and the labels
     after it are tuned meanwhile; the last study left waits. Returns the results in the labels' order."""
-    import collections
-
     results: dict[str, TuneResult] = {}
     queue, busy, said = collections.deque(labels), 0, set()
     while queue:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.formats import NUMPY_READ_ERRORS
-from ..errors import ThermoKDError
+from ..errors import ThermoKDError, first_line
 from ..files import KEY, atomic_write, digest, path_digest, read_json, write_json
 from .batches import Windows
 from .models import lm_logits
@@ -94,8 +94,7 @@ class LogitsFile:
         try:
             self.table = np.load(self.path, mmap_mode="r")  # read per batch; never loaded whole
         except NUMPY_READ_ERRORS as exc:
-            first = (str(exc).splitlines() or [repr(exc)])[0]
-            raise ThermoKDError(f"{self.path} is not a readable .npy file ({first}); "
+            raise ThermoKDError(f"{self.path} is not a readable .npy file ({first_line(exc)}); "
                                 + _remedy(self.path)) from None
         if self.table.ndim != 3 or str(self.table.dtype) != dtype:
             raise ThermoKDError(f"{self.path} holds {self.table.dtype} logits of shape {self.table.shape}, not "
