@@ -4,6 +4,7 @@
     python benchmarks/lm_loss_memory.py --mode fused --shape 2,128,64,8000   # a quick check
     python benchmarks/lm_loss_memory.py --mode chunked                  # [8, 512, 32000] logits, chunk_size
     python benchmarks/lm_loss_memory.py --mode chunked --shape 2,128,8000
+    python benchmarks/lm_loss_memory.py --mode fused --shape 2,256,128,8000 --rows on   # ignored rows weighted by 0
 
 ``fused``: the plain path builds both models' logits with their linear heads (``hidden @ Wᵀ + b``) and runs the
 loss on them; the fused path (``DistillationLoss.forward_hidden``) gets the hidden states and the heads and never
@@ -71,8 +72,11 @@ def peak_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def loss_for(method: str, chunk: int):
-    loss = build_loss(method, chunk_size=chunk or None)
+SYNC_FREE_ROWS = {"default": None, "on": True, "off": False}
+
+
+def loss_for(method: str, chunk: int, rows: str = "default"):
+    loss = build_loss(method, chunk_size=chunk or None, sync_free_rows=SYNC_FREE_ROWS[rows])
     if method == "cist":
         # as after ``prepare`` on a training set; not part of the step
         loss.temperature.calibrate(torch.randn(64, 100, generator=torch.Generator().manual_seed(1)) * 3)
@@ -109,8 +113,8 @@ def measure_memory(args) -> None:
     tiny_shape = (1, 4, 16) if args.mode == "chunked" else (1, 4, 8, 16)
     tiny = make_inputs(args.mode, tiny_shape, seed=1)
     for variant in ("plain", "new"):  # warm-up: libraries and thread pools, not the loss's memory
-        step(args.mode, variant, loss_for(args.method, 2 if variant == "new" else 0), tiny)
-    loss = loss_for(args.method, chunk)
+        step(args.mode, variant, loss_for(args.method, 2 if variant == "new" else 0, args.rows), tiny)
+    loss = loss_for(args.method, chunk, args.rows)
     before = reset_peak()
     step(args.mode, args.variant, loss, inputs)
     peak = peak_bytes()
@@ -119,7 +123,8 @@ def measure_memory(args) -> None:
 
 def child_memory(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--mode", args.mode, "--method", args.method, "--variant", variant,
-           "--chunk", str(args.chunk), "--shape", ",".join(map(str, args.shape)), "--threads", str(args.threads)]
+           "--chunk", str(args.chunk), "--shape", ",".join(map(str, args.shape)), "--threads", str(args.threads),
+           "--rows", args.rows]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -127,7 +132,7 @@ def child_memory(args, variant: str) -> dict:
 def compare_time_and_values(args) -> dict:
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args.mode, args.shape)
-    losses = {"plain": loss_for(args.method, 0), "new": loss_for(args.method, args.chunk)}
+    losses = {"plain": loss_for(args.method, 0, args.rows), "new": loss_for(args.method, args.chunk, args.rows)}
     results = {}
     for variant, loss in losses.items():
         out = step(args.mode, variant, loss, inputs)
@@ -146,6 +151,11 @@ def compare_time_and_values(args) -> dict:
             "quartiles": {k: statistics.quantiles(v, n=4) if len(v) > 1 else v * 3 for k, v in times.items()}}
 
 
+def _ratio(new: int, plain: int) -> float:
+    """new/plain; NaN when the plain step added no resident page (a tiny shape: below the page granularity)."""
+    return new / plain if plain > 0 else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("fused", "chunked"), default="fused")
@@ -156,6 +166,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="rows per chunk (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--rows", choices=tuple(SYNC_FREE_ROWS), default="default",
+                        help="the ignored prompt rows: 'on' weights them by zero (sync_free_rows=True), 'off' gathers "
+                             "the others, 'default' as the device decides (gathered on the CPU)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.shape = tuple(int(v) for v in (args.shape or DEFAULT_SHAPES[args.mode]).split(","))
@@ -166,7 +179,8 @@ def main() -> None:
         return
     what = "hidden states + heads" if args.mode == "fused" else "logits"
     print(f"{args.mode}: {what} {list(args.shape)} float32, chunk {args.chunk} rows, {args.threads} threads, "
-          f"torch {torch.__version__}, {args.rounds} interleaved rounds; ratios are {args.mode}/plain")
+          f"torch {torch.__version__}, {args.rounds} interleaved rounds, ignored rows: {args.rows}; "
+          f"ratios are {args.mode}/plain")
     print(f"{'method':8s} {'plain MiB':>10s} {args.mode + ' MiB':>11s} {'memory ratio':>13s} {'time ratio':>11s} "
           f"{'plain s':>8s} {'new s':>7s} {'rel|Δloss|':>11s} {'max rel|Δgrad|':>15s}")
     for method in args.methods.split(","):
@@ -175,7 +189,7 @@ def main() -> None:
         res = compare_time_and_values(args)
         t = res["median_s"]
         print(f"{method:8s} {mem_p['peak_added'] / 2**20:10.0f} {mem_n['peak_added'] / 2**20:11.0f} "
-              f"{mem_n['peak_added'] / mem_p['peak_added']:13.3f} {t['new'] / t['plain']:11.3f} "
+              f"{_ratio(mem_n['peak_added'], mem_p['peak_added']):13.3f} {t['new'] / t['plain']:11.3f} "
               f"{t['plain']:8.2f} {t['new']:7.2f} {res['diff']['loss_rel']:11.2e} {res['diff']['grad_rel']:15.2e}")
         q = res["quartiles"]
         print(f"{'':8s} time quartiles (s): plain [{q['plain'][0]:.2f}-{q['plain'][2]:.2f}], "

@@ -51,8 +51,8 @@ def _run(loss_fn, student, teacher, labels, mask):
     return out, s.grad
 
 
-def _assert_same(method: str, batch, with_labels: bool = True) -> None:
-    kept, gathered = _pair(method)
+def _assert_same(method: str, batch, with_labels: bool = True, **extra) -> None:
+    kept, gathered = _pair(method, **extra)
     student, teacher, labels, mask = batch
     if KEPT[method][0] == "cist":  # the same ρ for both (CIST calibrates on the teacher's logits)
         valid = teacher[mask & (labels != -100) if with_labels else mask]
@@ -82,17 +82,23 @@ def test_weighting_rows_by_zero_equals_gathering_them(method, with_labels):
     _assert_same(method, _batch(0, labelled=with_labels), with_labels)
 
 
+@pytest.mark.parametrize("method", list(KEPT))
+def test_chunked_rows_weighted_by_zero_equal_gathered_chunks(method):
+    """``chunk_size``: every row is visited a chunk at a time, those that count nowhere weighted by zero."""
+    _assert_same(method, _batch(0), chunk_size=4)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), method=st.sampled_from(list(KEPT)), ignored=st.floats(0, 1),
-       masked=st.floats(0, 1), rows=st.integers(1, 9))
-def test_weighting_rows_by_zero_equals_gathering_them_for_any_mask(seed, method, ignored, masked, rows):
+       masked=st.floats(0, 1), rows=st.integers(1, 9), chunk=st.sampled_from([None, 3, 16]))
+def test_weighting_rows_by_zero_equals_gathering_them_for_any_mask(seed, method, ignored, masked, rows, chunk):
     batch = _batch(seed, shape=(rows, 5, 11), ignored=ignored, masked=masked)
     if not (batch[3] & (batch[2] != -100)).any():  # no valid row: the gathered loss is a plain 0
-        kept, _ = _pair(method)
+        kept, _ = _pair(method, chunk_size=chunk)
         out, grad = _run(kept, *batch)
         assert out.loss.item() == 0.0 and not grad.any() and out.stats["rows"] == 0.0
         return
-    _assert_same(method, batch)
+    _assert_same(method, batch, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("method", list(KEPT))
@@ -117,7 +123,7 @@ def test_only_losses_that_allow_it_weight_rows_by_zero():
     cpu = torch.device("cpu")
     assert not tk.build_loss("kd")._keeps_rows(cpu)  # the default: on accelerators only
     assert tk.build_loss("kd", sync_free_rows=True)._keeps_rows(cpu)
-    assert not tk.build_loss("kd", sync_free_rows=True, chunk_size=4)._keeps_rows(cpu)
+    assert tk.build_loss("kd", sync_free_rows=True, chunk_size=4)._keeps_rows(cpu)  # chunked and fused paths too
     cist = tk.build_loss("cist", sync_free_rows=True)
     assert not cist._keeps_rows(cpu)  # its first batch calibrates ρ on every valid row: gathered
     cist.prepare(torch.randn(50, 7) * 3)
@@ -179,3 +185,107 @@ def test_nan_in_a_valid_row_is_still_an_error_and_garbage_in_a_masked_row_is_not
     student.reshape(-1, student.shape[-1])[row, 0] = float("nan")
     with pytest.raises(tk.ThermoKDError, match="student logits contain NaN or inf"):
         kept(student, teacher, labels, mask=mask)
+
+
+# -- the fused linear-layer loss (hidden states and heads) ---------------------------------------------------------
+
+def _hidden_batch(seed: int, rows: int = 19, hidden: int = 6, vocab: int = 11, masked: float = 0.25,
+                  ignored: float = 0.25, garbage: bool = True):
+    """Hidden states (NaN in the rows that count nowhere), heads with bias, labels with −100 and a mask."""
+    g = torch.Generator().manual_seed(seed)
+    h_s, h_t = torch.randn(2, rows, hidden, generator=g), torch.randn(2, rows, hidden + 1, generator=g)
+    head_s, head_t = torch.nn.Linear(hidden, vocab), torch.nn.Linear(hidden + 1, vocab)
+    with torch.no_grad():
+        for head in (head_s, head_t):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 2)
+            head.bias.copy_(torch.randn(vocab, generator=g))
+    labels = torch.randint(0, vocab, (2, rows), generator=g)
+    labels[torch.rand(2, rows, generator=g) < ignored] = -100
+    mask = torch.rand(2, rows, generator=g) >= masked
+    if garbage:
+        out = ~mask | (labels == -100)
+        h_s[out], h_t[out] = float("nan"), float("inf")
+    return h_s, h_t, head_s, head_t, labels, mask
+
+
+def _fused(loss_fn, h_s, head_s, labels, mask, chunk, **teacher):
+    hidden = h_s.clone().requires_grad_()
+    head_s.zero_grad(set_to_none=True)
+    out = loss_fn.forward_hidden(hidden, head_s, labels=labels, mask=mask, progress=PROGRESS, chunk_size=chunk,
+                                 **teacher)
+    out.loss.backward()
+    return out, [hidden.grad.clone(), head_s.weight.grad.clone(), head_s.bias.grad.clone()]
+
+
+def _assert_same_fused(method: str, batch, chunk: int, topk=None) -> None:
+    h_s, h_t, head_s, head_t, labels, mask = batch
+    kept, gathered = _pair(method)
+    teacher = {"teacher_topk": topk} if topk is not None else {"teacher_hidden": h_t, "teacher_head": head_t}
+    if KEPT[method][0] == "cist":  # the same ρ for both
+        valid = (mask & (labels != -100)).reshape(-1)
+        with torch.no_grad():
+            logits = head_t(h_t.reshape(-1, h_t.shape[-1])[valid])
+        kept.prepare(logits)
+        gathered.prepare(logits)
+    a, grads_a = _fused(kept, h_s, head_s, labels, mask, chunk, **teacher)
+    b, grads_b = _fused(gathered, h_s, head_s, labels, mask, chunk, **teacher)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-7)
+    assert set(a.terms) == set(b.terms) and set(a.stats) == set(b.stats)
+    for key in a.terms:
+        torch.testing.assert_close(a.terms[key], b.terms[key], rtol=1e-5, atol=1e-7)
+    for x, y in zip(grads_a, grads_b):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    for key in a.stats:
+        assert a.stats[key] == pytest.approx(b.stats[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("method", list(KEPT))
+def test_fused_rows_weighted_by_zero_equal_gathering_them(method):
+    """The fused loss weights masked and ignored rows by zero too: the same value, gradients (hidden states, head
+    weight and bias) and statistics, and the NaN hidden states of those rows reach nothing."""
+    _assert_same_fused(method, _hidden_batch(0), chunk=5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(list(KEPT)), masked=st.floats(0, 1),
+       rows=st.integers(1, 12), chunk=st.integers(1, 30))
+def test_fused_rows_weighted_by_zero_for_any_mask(seed, method, masked, rows, chunk):
+    batch = _hidden_batch(seed, rows=rows, masked=masked)
+    valid = batch[5] & (batch[4] != -100)
+    if not valid.any():  # no valid row: a zero loss, a zero gradient for every head parameter, no read
+        kept, _ = _pair(method)
+        out, grads = _fused(kept, *batch[0:1], batch[2], batch[4], batch[5], chunk,
+                            teacher_hidden=batch[1], teacher_head=batch[3])
+        assert out.loss.item() == 0.0 and out.stats["rows"] == 0.0 and not any(g.any() for g in grads)
+        return
+    _assert_same_fused(method, batch, chunk)
+
+
+def test_fused_rows_weighted_by_zero_with_a_topk_teacher_of_garbage_ids():
+    """A top-k cache may hold anything in rows that count nowhere, class ids out of range included."""
+    from thermokd.lm import capture_topk
+
+    h_s, h_t, head_s, head_t, labels, mask = _hidden_batch(3, garbage=False)
+    with torch.no_grad():
+        topk = capture_topk(head_t(h_t) * 2, 4, capture_tau=2.0)
+    out = ~mask | (labels == -100)
+    topk.indices[out] = 10_000
+    topk.log_probs[out] = float("nan")
+    _assert_same_fused("cist-lm", (h_s, h_t, head_s, head_t, labels, mask), chunk=7, topk=topk)
+
+
+def test_a_masked_fused_step_reads_nothing_back(monkeypatch):
+    kept, gathered = _pair("cist")
+    h_s, h_t, head_s, head_t, labels, mask = _hidden_batch(1, garbage=False)
+    reads = Reads(monkeypatch)
+    for loss_fn, expect_reads in ((kept, False), (gathered, True)):
+        reads.calls.clear()
+        for step in range(4):
+            reads.active = step > 1  # after CIST's calibration on the first batch
+            out = loss_fn.forward_hidden(h_s.clone().requires_grad_(), head_s, h_t, head_t, labels, mask=mask,
+                                         progress=PROGRESS, chunk_size=8)
+            out.loss.backward()
+            loss_fn.observe(out)
+            reads.active = False
+        assert bool(reads.calls) == expect_reads, reads.calls

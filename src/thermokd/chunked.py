@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -98,6 +99,7 @@ class LinearRows:
     weight: Tensor
     bias: "Tensor | None" = None
     index: "Tensor | None" = None
+    keep: "Tensor | None" = None  # [M] bool with index None: rows that count (the others may hold anything)
     fresh: ClassVar[bool] = True  # rows() returns a new block each call: a consumer may overwrite it
 
     def rows(self, start: int, stop: int) -> Tensor:
@@ -127,6 +129,8 @@ class _LinearGradients:
     def add(self, grad: Tensor, start: int, stop: int) -> None:
         src = self.source
         h = _pick(src.hidden, src.index, start, stop).detach()
+        if src.keep is not None:  # a row that counts nowhere has a zero gradient row, but 0·NaN is NaN
+            h = torch.where(src.keep[start:stop].unsqueeze(-1), h, 0.0)
         g = grad.to(src.weight.dtype)  # the dtype the plain path's matmul backward would use
         part = g @ src.weight.detach()
         if src.index is None:
@@ -170,7 +174,12 @@ class TopKRows:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a chunked evaluation visits: both sources, the valid rows' labels ``[N]``, N, the chunk size."""
+    """What a chunked evaluation visits: both sources, the rows' labels ``[N]``, N, the chunk size.
+
+    ``keep`` (``[N]`` bool) and ``count`` (a float tensor, how many are true): every row is visited, and those
+    outside ``keep`` are weighted by zero (``DistillationLoss(sync_free_rows=...)``), so that nothing reads how many
+    rows count. Their logits are replaced by a stand-in (a fixed ramp: finite, with a finite τ for every strategy),
+    and their labels must be valid class ids (the caller puts 0 there)."""
 
     student: "LogitRows | LinearRows"
     teacher: RowSource
@@ -178,6 +187,8 @@ class Plan:
     num_rows: int
     chunk_size: int
     progress: "Progress | None"
+    keep: "Tensor | None" = None
+    count: "Tensor | None" = None
 
     def spans(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.num_rows, self.chunk_size):
@@ -186,12 +197,39 @@ class Plan:
     def labels_of(self, start: int, stop: int) -> "Tensor | None":
         return None if self.labels is None else self.labels[start:stop]
 
+    @cached_property
+    def divisor(self) -> "int | Tensor":
+        """What sums over rows are divided by: N, or the count of rows that count (at least 1, a tensor)."""
+        return self.num_rows if self.keep is None else self.count.clamp_min(1.0)
+
+    def row_mask(self, start: int, stop: int) -> "Tensor | None":
+        """1 for the rows of ``start:stop`` that count, 0 for the others (float32 ``[n]``); None: all count."""
+        return None if self.keep is None else self.keep[start:stop].float()
+
+    def stat_share(self, start: int, stop: int) -> float:
+        """What a chunk's statistic (a mean over its rows, through ``Rows.mean``) is multiplied by to add up to the
+        mean over all rows: the chunk's share of N; 1 with ``keep``, whose chunk shares are already global."""
+        return (stop - start) / self.num_rows if self.keep is None else 1.0
+
+    def _stand_in(self, x: Tensor, start: int, stop: int) -> Tensor:
+        if self.keep is None:
+            return x
+        ramp = torch.linspace(0.0, 1.0, x.shape[-1], device=x.device)
+        return torch.where(self.keep[start:stop].unsqueeze(-1), x, ramp)
+
+    def student_rows(self, start: int, stop: int) -> Tensor:
+        return self._stand_in(self.student.rows(start, stop), start, stop)
+
+    def teacher_rows(self, start: int, stop: int) -> Tensor:
+        return self._stand_in(self.teacher.rows(start, stop), start, stop)
+
     def chunk_rows(self, start: int, stop: int, check: bool) -> Rows:
         """The chunk as :class:`Rows` (no gradient), checked finite first if asked."""
-        student, teacher = self.student.rows(start, stop), self.teacher.rows(start, stop)
+        student, teacher = self.student_rows(start, stop), self.teacher_rows(start, stop)
         if check:  # before any strategy state (CIST's calibration) can see a NaN
             check_finite(student, teacher)
-        return Rows(student, teacher, self.labels_of(start, stop), self.progress)
+        shares = None if self.keep is None else self.row_mask(start, stop).div_(self.divisor)
+        return Rows(student, teacher, self.labels_of(start, stop), self.progress, shares)
 
 
 def _join(parts: list["Tensor | None"]) -> "Tensor | None":
@@ -235,7 +273,7 @@ def temperatures_by_chunk(strategy: "TemperatureStrategy", weighting: "Weighting
     """Pass 1: the strategy and the weighting on each chunk, weights normalised over all rows."""
     if strategy.needs_batch_preparation:
         with torch.no_grad():
-            teacher = torch.cat([plan.teacher.rows(a, b) for a, b in plan.spans()])
+            teacher = torch.cat([plan.teacher_rows(a, b) for a, b in plan.spans()])
             if check:
                 check_finite(teacher, teacher)
             strategy.prepare_batch(teacher)
@@ -259,14 +297,14 @@ def temperatures_by_chunk(strategy: "TemperatureStrategy", weighting: "Weighting
         taus_s.append(tau_s)
         scales.append(scale)
         for key, value in chunk_stats.items():  # strategies report means over rows: weight by chunk size
-            stats[key] = stats.get(key, 0.0) + value.detach() * ((stop - start) / plan.num_rows)
+            stats[key] = stats.get(key, 0.0) + value.detach() * plan.stat_share(start, stop)
         if weighting is not None:
             with torch.no_grad():
                 log_ws.append(weighting.log_unnormalised(rows))
     weights = None
     if weighting is not None:
         with torch.no_grad():
-            weights = weighting.shares_of(torch.cat(log_ws)) * plan.num_rows
+            weights = weighting.shares_of(torch.cat(log_ws), plan.keep, plan.count) * plan.divisor
     return ChunkTemperatures(_join(taus_t), _join(taus_s), _join(scales), weights, stats)
 
 
@@ -293,7 +331,7 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
 
     ``temps``: pass 1's τ and factor (``factor`` = scale × weights), or None to let ``strategy`` compute τ on
     each chunk here (row-local, not learnable strategies without a weighting: one visit of the rows)."""
-    n = plan.num_rows
+    n = plan.divisor
     tau_t = tau_s = factor = None
     if temps is not None:
         tau_t, tau_s = temps.tau_t, temps.tau_s
@@ -318,16 +356,17 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
             chunk_taus_t.append(tt)
             chunk_taus_s.append(ts)
             for key, value in chunk_temps.stats.items():
-                stats[key] = stats.get(key, 0.0) + value.detach() * ((stop - start) / n)
+                stats[key] = stats.get(key, 0.0) + value.detach() * plan.stat_share(start, stop)
             student, teacher = rows.student, rows.teacher
         else:
             tt, ts, f = _span(tau_t, start, stop), _span(tau_s, start, stop), _span(factor, start, stop)
-            student, teacher = plan.student.rows(start, stop), plan.teacher.rows(start, stop)
+            student, teacher = plan.student_rows(start, stop), plan.teacher_rows(start, stop)
             if check and (temps is None or not kd_coef):  # otherwise pass 1 has checked these rows
                 check_finite(student, teacher)
         if closed_form:
             chunk = objective.kl_chunk(teacher, student, labels, tt, ts, f, kd_coef, ce_weight, n,
-                                       fresh_teacher=getattr(plan.teacher, "fresh", False))
+                                       fresh_teacher=getattr(plan.teacher, "fresh", False) or plan.keep is not None,
+                                       row_mask=plan.row_mask(start, stop))
             if sink is not None:
                 sink.add(chunk.grad, start, stop)
             sums["kd"] = sums["kd"] + chunk.kd_sum
@@ -336,6 +375,8 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
             # drop this chunk's [n, C] blocks now, not when the next chunk's are already built
             rows = student = teacher = chunk = None
             continue
+        if plan.keep is not None:  # DistillationLoss weights rows by zero only where the closed form applies
+            raise ThermoKDError("internal: rows weighted by zero reached the autograd sweep")
         with torch.enable_grad():
             s = student.requires_grad_(grad_on)
             leaves = [s]

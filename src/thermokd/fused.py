@@ -56,8 +56,10 @@ class _NoTeacher:
 
 
 def teacher_source(lead: torch.Size, vocab: int, hidden: "Tensor | None", head: "HeadLike | None", topk,
-                   index: "Tensor | None", device: torch.device, distils: bool) -> RowSource:
-    """The teacher as a row source: hidden states and a head, a top-k cache, or (no distillation) none."""
+                   index: "Tensor | None", device: torch.device, distils: bool,
+                   keep: "Tensor | None" = None) -> RowSource:
+    """The teacher as a row source: hidden states and a head, a top-k cache, or (no distillation) none.
+    ``keep``: every row is read, and those outside it may hold anything (a cached class id out of range too)."""
     if topk is not None:
         if hidden is not None or head is not None:
             raise ThermoKDError("give the teacher as teacher_hidden + teacher_head or as teacher_topk, not both")
@@ -65,7 +67,10 @@ def teacher_source(lead: torch.Size, vocab: int, hidden: "Tensor | None", head: 
             raise ThermoKDError(f"teacher_topk covers {tuple(topk.indices.shape[:-1])} rows of a "
                                 f"{topk.vocab_size}-class vocabulary; the student has {tuple(lead)} rows of {vocab}")
         k = topk.indices.shape[-1]
-        return TopKRows(topk.indices.reshape(-1, k), topk.log_probs.detach().reshape(-1, k),
+        indices = topk.indices.reshape(-1, k)
+        if keep is not None:  # distinct, in-range ids in the rows that count nowhere: the scatter then cannot fail
+            indices = torch.where(keep.unsqueeze(-1), indices, torch.arange(k, device=indices.device))
+        return TopKRows(indices, topk.log_probs.detach().reshape(-1, k),
                         topk.rest_log_mass.detach().reshape(-1), float(topk.capture_tau), vocab, index)
     if hidden is None or head is None:
         if distils:

@@ -91,9 +91,9 @@ class DistillationLoss(nn.Module):
     - Logits ``[..., C]`` of any float dtype; rows with ``labels == ignore_index`` or ``mask == False`` count
       nowhere. Gathering the other rows needs their count on the host (a host-device sync); ``ignore_index=None``
       (no label is ignored) with no ``mask`` has nothing to gather. ``sync_free_rows`` (default None: on
-      accelerators) weights those rows by zero instead, with no sync, where the loss allows it (plain path, forward
-      KL, a row-local τ, weights without a running mean: ``kd``, CIST, DTS, DTKD, the entropy target, ER-KD); the
-      same value, gradients and statistics. The maths runs in float32.
+      accelerators) weights those rows by zero instead, with no sync, where the loss allows it (forward KL, a
+      row-local τ, weights without a running mean: ``kd``, CIST, DTS, DTKD, the entropy target, ER-KD; on the
+      plain, chunked and fused paths); the same value, gradients and statistics. The maths runs in float32.
     - ``chunk_size``: evaluate at most this many rows at a time (``thermokd.chunked``): the same value and
       gradients without float32 intermediates for the whole ``[B·L, V]`` block. For language models with large
       vocabularies; ``terms`` are then detached values (only ``loss`` is differentiable).
@@ -214,13 +214,13 @@ class DistillationLoss(nn.Module):
 
     def _keeps_rows(self, device: torch.device) -> bool:
         """Whether masked and ignored rows are weighted by zero instead of dropped (:meth:`_kept`), so that the step
-        never reads how many rows are valid: on an accelerator (``sync_free_rows=None``, the default), for a plain
-        (unchunked) loss of forward KL whose τ is row-local (a built-in strategy: its batch statistics, DTS's CE
-        means or CIST's own-ratio scale, are means over the rows that count), with built-in weights normalised per
-        batch or not at all (a running mean counts its batches on the host). Elsewhere the valid rows are gathered
-        (one read of their count)."""
+        never reads how many rows are valid: on an accelerator (``sync_free_rows=None``, the default), for a loss
+        (plain, chunked or fused) of forward KL whose τ is row-local (a built-in strategy: its batch statistics,
+        DTS's CE means or CIST's own-ratio scale, are means over the rows that count), with built-in weights
+        normalised per batch or not at all (a running mean counts its batches on the host). Elsewhere the valid
+        rows are gathered (one read of their count)."""
         policy = self.sync_free_rows
-        if policy is False or (policy is None and device.type == "cpu") or self.chunk_size is not None:
+        if policy is False or (policy is None and device.type == "cpu"):
             return False
         hinton, _, closed = self._routes()
         strategy, weighting = self.temperature, self._active_weighting()
@@ -249,8 +249,11 @@ class DistillationLoss(nn.Module):
                 self._keeps_rows(student_logits.device):
             flat_labels, keep = self._valid(student_logits.shape[:-1], labels, mask, shortcut=False)
             if keep is not None:
-                out = self._kept(_flat(student_logits, num_classes), _flat(teacher_logits.detach(), num_classes),
-                                 flat_labels, keep, progress)
+                s, t = _flat(student_logits, num_classes), _flat(teacher_logits.detach(), num_classes)
+                if self.chunk_size is not None and s.shape[0] > self.chunk_size:
+                    return self._chunked(self._kept_plan(LogitRows(s), LogitRows(t), flat_labels, keep,
+                                                         self.chunk_size, progress, num_classes))
+                out = self._kept(s, t, flat_labels, keep, progress)
                 if out is not None:
                     return out
         labels, index = self._select(student_logits.shape[:-1], labels, mask)
@@ -303,23 +306,41 @@ class DistillationLoss(nn.Module):
             raise ThermoKDError(f"student_hidden {tuple(student_hidden.shape)} must be [..., H] with H = the head's "
                                 f"input size {weight.shape[1]}")
         lead, vocab = student_hidden.shape[:-1], weight.shape[0]
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        chunk = chunk_size if chunk_size is not None else (self.chunk_size or default_chunk(vocab, hidden.device))
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
+        keep = None
+        if (mask is not None or (labels is not None and self.ignore_index is not None)) and \
+                self._keeps_rows(hidden.device):
+            labels, keep = self._valid(lead, labels, mask, shortcut=False)
+        if keep is not None:
+            teacher = teacher_source(lead, vocab, teacher_hidden, teacher_head, teacher_topk, None,
+                                     hidden.device, distils=bool(self.kd_weight), keep=keep)
+            return self._chunked(self._kept_plan(LinearRows(hidden, weight, bias, keep=keep), teacher, labels,
+                                                 keep, chunk, progress, vocab))
         labels, index = self._select(lead, labels, mask)
         if self.check_inputs:
             check_rows(None, None, labels, vocab)
         teacher = teacher_source(lead, vocab, teacher_hidden, teacher_head, teacher_topk, index,
                                  student_hidden.device, distils=bool(self.kd_weight))
-        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         n = hidden.shape[0] if index is None else index.shape[0]
         if n == 0:  # nothing to learn from; keep the graph so backward() still works
             zero = hidden[:0].float().sum() + weight[:0].float().sum()
             if bias is not None:  # a zero gradient for every parameter the plain path's logits touch
                 zero = zero + bias[:0].float().sum()
             return LossOutput(zero, {"ce": zero, "kd": zero}, LazyStats(floats={"rows": 0.0}), progress)
-        chunk = chunk_size if chunk_size is not None else (self.chunk_size or default_chunk(vocab, hidden.device))
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
         student = LinearRows(hidden, weight, bias, index)
         return self._chunked(Plan(student, teacher, labels, n, chunk, progress))
+
+    def _kept_plan(self, student: "LogitRows | LinearRows", teacher, labels: "Tensor | None", keep: Tensor,
+                   chunk: int, progress: "Progress | None", num_classes: int) -> Plan:
+        """A chunked evaluation of every row, those outside ``keep`` weighted by zero (see :meth:`_kept`); their
+        labels become class 0, and the labels are checked on the device."""
+        safe = None if labels is None else torch.where(keep, labels, 0)
+        if self.check_inputs:  # the logits are checked chunk by chunk
+            check_rows(None, None, safe, num_classes)
+        return Plan(student, teacher, safe, keep.shape[0], chunk, progress, keep, keep.sum(dtype=torch.float32))
 
     def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None",
                late_check: bool = False) -> LossOutput:
@@ -538,9 +559,14 @@ class DistillationLoss(nn.Module):
             weights = temps.weights if temps is not None else None
 
             def pending() -> dict[str, Tensor]:
-                return row_statistics(tau_t, tau_s, result.entropy, weights)
+                if plan.keep is None:
+                    return row_statistics(tau_t, tau_s, result.entropy, weights)
+                return masked_row_statistics(tau_t, tau_s, result.entropy, plan.keep, plan.count, weights)
         tensors["loss"] = total
         tensors.update(terms)
+        if plan.keep is not None:
+            tensors["rows"] = plan.count
+            return LossOutput(total, terms, LazyStats(tensors, pending), plan.progress)
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(plan.num_rows)}), plan.progress)
 
     def _warmup(self, progress: "Progress | None") -> float:

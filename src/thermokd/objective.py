@@ -190,11 +190,14 @@ class RowObjective:
     @torch.no_grad()
     def kl_chunk(teacher: Tensor, student: Tensor, labels: "Tensor | None", tau_t: Tensor, tau_s: Tensor,
                  factor: "Tensor | None", kd_coef: float, ce_weight: float, n: "int | Tensor",
-                 fresh_teacher: bool = False) -> ClosedFormChunk:
+                 fresh_teacher: bool = False, row_mask: "Tensor | None" = None) -> ClosedFormChunk:
         """Forward KL (plus CE) for one chunk of float32 rows with the gradient in closed form,
         ``∂/∂z^s = coef·f·(q − p)/τ^s + ce_weight·(σ(z^s) − onehot)/N``.
         Per-row sums are plain ``.sum`` reductions (a ``bmm`` row dot product loses ~4e-5 relative in float32).
-        ``fresh_teacher``: ``teacher`` is a temporary of the caller's that may be overwritten."""
+        ``fresh_teacher``: ``teacher`` is a temporary of the caller's that may be overwritten. ``row_mask``
+        (``[n]``, 1 or 0): rows at 0 count nowhere, in the value or the gradient (their logits must be finite)."""
+        if row_mask is not None:
+            factor = row_mask if factor is None else factor * row_mask
         # a teacher block made for this chunk (a head's output) is scaled in place: one [n, C] block less alive
         native = native_softmax(student)
         log_p, p = _tempered_pair(teacher.div_(tau_t) if fresh_teacher else teacher / tau_t, native)
@@ -212,16 +215,18 @@ class RowObjective:
             column = labels.unsqueeze(-1)
             if native:  # log σ(z^s) in one kernel, then σ(z^s) in its place
                 probs = torch.log_softmax(student, dim=-1)
-                ce = -probs.gather(-1, column).sum()
+                ce_rows = probs.gather(-1, column)
                 probs.exp_()
             else:
                 # σ(z^s) and log σ(z^s)_y = (z_y − max) − log Σ exp(z − max) from one [n, C] block (no log σ block)
                 top = student.amax(-1, keepdim=True)
                 probs = (student - top).exp_()
                 norm = probs.sum(-1, keepdim=True)
-                ce = -(student.gather(-1, column) - top).sub_(norm.log()).sum()
+                ce_rows = (student.gather(-1, column) - top).sub_(norm.log())
                 probs.div_(norm)
-        grad = closed_form_gradient(q, p, coef, probs, column if ce_weight else None, ce_weight / n)
+            ce = -(ce_rows.sum() if row_mask is None else torch.dot(ce_rows.reshape(-1), row_mask))
+        ce_coef = ce_weight / n if row_mask is None else (ce_weight / n) * row_mask.unsqueeze(-1)
+        grad = closed_form_gradient(q, p, coef, probs, column if ce_weight else None, ce_coef)
         del p, probs
         weighted = kl if factor is None else kl * factor
         return ClosedFormChunk(grad, weighted.sum(), ce, entropy)
