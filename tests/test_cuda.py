@@ -43,19 +43,29 @@ def test_no_sync_in_forward_backward_observe(method, chunk):
 @pytest.mark.parametrize("method, domain", [("kd", "default"), ("cist", "lm"), ("dtkd", "default"),
                                             ("entropy-target", "default"), ("dts", "default"), ("cist", "default"),
                                             ("erkd", "default")])
-def test_no_sync_with_a_mask_and_ignored_labels(method, domain):
+@pytest.mark.parametrize("path", ["plain", "chunked", "fused"])
+def test_no_sync_with_a_mask_and_ignored_labels(method, domain, path):
     """A language-model batch (a mask, labels of -100): these losses weight the rows that count nowhere by zero on
-    the device (sync_free_rows, the default there) instead of gathering the others, which would read their count."""
-    loss_fn = tk.build_loss(method, domain=domain, **OPTIONS.get(method, {})).cuda()
+    the device (sync_free_rows, the default there) instead of gathering the others, which would read their count;
+    on the plain path, a chunk at a time (chunk_size) and from hidden states and heads (forward_hidden)."""
+    loss_fn = tk.build_loss(method, domain=domain, chunk_size=16 if path == "chunked" else None,
+                            **OPTIONS.get(method, {})).cuda()
     s, t, y = _inputs()
     y[::5] = -100
     mask = torch.ones_like(y, dtype=torch.bool)
     mask[::7] = False
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(s.shape[0], 8, generator=g).cuda().requires_grad_()
+    heads = _head(8, s.shape[1], g), _head(8, s.shape[1], g)
     for step in range(4):
         if step == 2:  # after CIST's one-time calibration
             torch.cuda.set_sync_debug_mode("error")
         try:
-            out = loss_fn(s, t, y, mask=mask, progress=PROGRESS)
+            if path == "fused":
+                out = loss_fn.forward_hidden(hidden, heads[0], hidden.detach(), heads[1], y, mask=mask,
+                                             progress=PROGRESS, chunk_size=16)
+            else:
+                out = loss_fn(s, t, y, mask=mask, progress=PROGRESS)
             out.loss.backward()
             loss_fn.observe(out)
         finally:
