@@ -175,15 +175,15 @@ def _finished(study) -> int:
     """The trials that count against the budget: complete, pruned, and failed ones that nobody retried. A trial
     whose process died (killed, machine gone) fails by heartbeat and is retried with the same knobs: the retry
     counts, the dead attempt does not, so a kill costs a method none of its budget."""
-    return sum(state in ("complete", "pruned", "fail") for state in _states(study.get_trials(deepcopy=False)))
+    return _counts(study)[0]
 
 
-def _running(study) -> int:
-    """Trials running now, here or in other workers on the study (a dead worker's count until they fail by
-    heartbeat)."""
-    from optuna.trial import TrialState
-
-    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+def _counts(study) -> tuple[int, int]:
+    """(finished, running): :func:`_finished`'s count and the trials running now, here or in other workers (a dead
+    worker's until they fail by heartbeat), from one read of the study: two reads could see another worker's trial
+    finish in between, counted in neither, and one trial too many would start."""
+    states = _states(study.get_trials(deepcopy=False))
+    return sum(state in ("complete", "pruned", "fail") for state in states), states.count("running")
 
 
 def _fail_stale(study) -> None:
@@ -376,13 +376,14 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
         echo(f"  {label} trial {trial.number} [{done}/{budget}] {state}: {knob_text(trial.params)}{what}{best}")
 
     def at_budget(study, trial) -> None:  # other workers on the study may have finished or started trials meanwhile
-        if _finished(study) + _running(study) >= budget:
+        if sum(_counts(study)) >= budget:
             study.stop()
 
     announced = waited = False
     while True:
         _fail_stale(study)  # a dead worker's trial fails here, and its retry is queued
-        remaining = budget - _finished(study) - _running(study)
+        finished, running = _counts(study)
+        remaining = budget - finished - running
         if remaining > 0:
             if not announced:
                 echo(f"tuning {label}: {remaining} of {budget} trials to go ({tune.sampler} sampler, {tune.pruner} "
@@ -390,13 +391,13 @@ def tune_method(cfg: Any, method: MethodConfig, label: str, out_dir: Path, tune:
                 announced = True
             # ThermoKDError in a trial (e.g. a diverging setting) fails that trial, not the study
             study.optimize(objective, n_trials=remaining, catch=(ThermoKDError,), callbacks=[at_budget, progress])
-        elif _finished(study) >= budget:
+        elif finished >= budget:
             break
         else:  # the rest of the budget is other workers' running trials: choose from the study once they finish
             if not wait:
-                raise StudyBusy(f"{label}: {_running(study)} trial(s) still running in other processes")
+                raise StudyBusy(f"{label}: {running} trial(s) still running in other processes")
             if not waited:
-                echo(f"  {label}: waiting for {_running(study)} trial(s) that other processes are running")
+                echo(f"  {label}: waiting for {running} trial(s) that other processes are running")
                 waited = True
             time.sleep(POLL_S)
     # the default study lives beside tune.json: record it relative to the folder, not this machine's absolute path
