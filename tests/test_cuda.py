@@ -42,12 +42,13 @@ def test_no_sync_in_forward_backward_observe(method, chunk):
 
 @pytest.mark.parametrize("method, domain", [("kd", "default"), ("cist", "lm"), ("dtkd", "default"),
                                             ("entropy-target", "default"), ("dts", "default"), ("cist", "default"),
-                                            ("erkd", "default")])
+                                            ("erkd", "default"), ("dkd", "default"), ("ctkd", "default"),
+                                            ("lskd", "default"), ("ce", "default")])
 @pytest.mark.parametrize("path", ["plain", "chunked", "fused"])
 def test_no_sync_with_a_mask_and_ignored_labels(method, domain, path):
-    """A language-model batch (a mask, labels of -100): these losses weight the rows that count nowhere by zero on
-    the device (sync_free_rows, the default there) instead of gathering the others, which would read their count;
-    on the plain path, a chunk at a time (chunk_size) and from hidden states and heads (forward_hidden)."""
+    """A language-model batch (a mask, labels of -100): the built-in losses weight the rows that count nowhere by
+    zero on the device (sync_free_rows, the default there) instead of gathering the others, which would read their
+    count; on the plain path, a chunk at a time (chunk_size) and from hidden states and heads (forward_hidden)."""
     loss_fn = tk.build_loss(method, domain=domain, chunk_size=16 if path == "chunked" else None,
                             **OPTIONS.get(method, {})).cuda()
     s, t, y = _inputs()

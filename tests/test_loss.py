@@ -242,6 +242,19 @@ def test_dkd_matches_mdistiller(hand, assert_close, epoch, ramp):
     assert_close(preset.loss, out.loss)
 
 
+def test_dkd_without_the_temperature_scale(hand, assert_close):
+    """``scale="none"``: α·TCKD + β·NCKD without the τ² factor (this once failed: no factor multiplied None)."""
+    s, t, y = hand.batch(n=12, c=7, seed=8, spread=(0.5, 4.0))
+    tckd, nckd = _mdistiller_dkd(s, t, y, 3.0, 3.0)
+    loss = tk.DistillationLoss(Fixed(3.0), family="dkd", ce_weight=0.0, kd_weight=1.0, dkd_alpha=1.0, dkd_beta=8.0,
+                               dkd_warmup=0, scale="none")
+    out = loss(s.requires_grad_(), t, y)
+    assert_close(out.terms["kd"], (tckd + 8 * nckd).mean())
+    assert_close(out.terms["tckd"], tckd.mean())
+    out.loss.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
 def test_dkd_alpha_beta_and_no_warmup(hand, assert_close):
     s, t, y = hand.batch(n=16, c=10, seed=6, spread=(0.5, 4.0))
     tckd, nckd = _mdistiller_dkd(s, t, y, 2.0, 2.0)

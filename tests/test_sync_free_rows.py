@@ -14,20 +14,30 @@ from thermokd.steps import StatWindow
 from test_host_sync import PROGRESS, Reads
 
 # the losses that can weight rows by zero: label -> (method, build options). CIST without weights (its LM preset,
-# and the own-ratio rule, whose batch statistic feeds its state), DTS (its CE means feed T), and batch-normalised
-# weights (CIST's default: floored at max/4 and blended with uniform; without either; ER-KD's entropies)
+# and the own-ratio rule, whose batch statistic feeds its state), DTS (its CE means feed T), batch-normalised
+# weights (CIST's default: floored at max/4 and blended with uniform; without either; ER-KD's entropies), a running
+# mean of the weights; DKD, other divergences and a learnable τ (CTKD's, logit standardisation's) by autograd;
+# a cross-entropy-only loss
 KEPT = {"kd": ("kd", {}), "dtkd": ("dtkd", {}),
         "entropy-target": ("entropy-target", {"temperature": {"early_exit": False}}),
         "cist-lm": ("cist", {"domain": "lm"}), "dts": ("dts", {}),
         "cist-own-ratio": ("cist", {"temperature": {"student": "own-ratio"}, "weighting": {"mix": 0.0}}),
         "cist": ("cist", {}), "erkd": ("erkd", {}),
-        "cist-unbounded": ("cist", {"weighting": {"mix": 1.0, "max_ratio": None}})}
+        "cist-unbounded": ("cist", {"weighting": {"mix": 1.0, "max_ratio": None}}),
+        "cist-running": ("cist", {"weighting": {"normalise": "running"}}),
+        "dkd": ("dkd", {}), "dkd-unscaled": ("dkd", {"scale": "none"}), "js": ("kd", {"divergence": "js"}),
+        "reverse-kl-weighted": ("erkd", {"divergence": "reverse_kl"}),
+        "ctkd": ("ctkd", {}), "lskd": ("lskd", {}), "ce": ("ce", {})}
+NEEDS_LABELS = {"dts": "DTS needs labels", "dkd": "needs labels", "dkd-unscaled": "needs labels",
+                "ce": "needs labels"}
 
 
 def _pair(method: str, **extra):
     name, options = KEPT[method]
     options = {**options, **extra}
-    return (tk.build_loss(name, sync_free_rows=True, **options), tk.build_loss(name, sync_free_rows=False, **options))
+    kept, gathered = (tk.build_loss(name, sync_free_rows=flag, **options) for flag in (True, False))
+    kept.load_state_dict(gathered.state_dict())  # learnable parts start alike
+    return kept, gathered
 
 
 def _batch(seed: int, shape=(3, 7, 13), ignored: float = 0.3, masked: float = 0.2, garbage: bool = True,
@@ -66,6 +76,8 @@ def _assert_same(method: str, batch, with_labels: bool = True, **extra) -> None:
     for key in a.terms:
         torch.testing.assert_close(a.terms[key], b.terms[key], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
+    for p_a, p_b in zip(kept.parameters(), gathered.parameters(), strict=True):  # a learnable τ's (CTKD's θ)
+        torch.testing.assert_close(p_a.grad, p_b.grad, rtol=1e-4, atol=1e-7)
     assert torch.isfinite(grad_a).all() and set(a.stats) == set(b.stats)
     for key in a.stats:
         assert a.stats[key] == pytest.approx(b.stats[key], rel=1e-4, abs=1e-6), key
@@ -74,9 +86,9 @@ def _assert_same(method: str, batch, with_labels: bool = True, **extra) -> None:
 @pytest.mark.parametrize("method", list(KEPT))
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_weighting_rows_by_zero_equals_gathering_them(method, with_labels):
-    if method == "dts" and not with_labels:  # DTS needs labels either way
+    if method in NEEDS_LABELS and not with_labels:  # they need labels either way
         for loss_fn in _pair(method):
-            with pytest.raises(tk.ThermoKDError, match="DTS needs labels"):
+            with pytest.raises(tk.ThermoKDError, match=NEEDS_LABELS[method]):
                 _run(loss_fn, *_batch(0, labelled=False)[:2], None, _batch(0)[3])
         return
     _assert_same(method, _batch(0, labelled=with_labels), with_labels)
@@ -119,10 +131,16 @@ def test_a_masked_step_reads_nothing_back(method, monkeypatch):
         assert bool(reads.calls) == expect_reads, (method, reads.calls)
 
 
+class _OwnTau(tk.temperature.Fixed):
+    """A strategy of the user's: nothing says its τ or its statistics are row-local."""
+
+
 def test_only_losses_that_allow_it_weight_rows_by_zero():
     cpu = torch.device("cpu")
     assert not tk.build_loss("kd")._keeps_rows(cpu)  # the default: on accelerators only
-    assert tk.build_loss("kd", sync_free_rows=True)._keeps_rows(cpu)
+    assert not tk.build_loss("kd", sync_free_rows=False)._keeps_rows(cpu)
+    for name in ("kd", "dkd", "ctkd", "lskd", "ce", "dts", "dtkd", "erkd"):
+        assert tk.build_loss(name, sync_free_rows=True)._keeps_rows(cpu), name
     assert tk.build_loss("kd", sync_free_rows=True, chunk_size=4)._keeps_rows(cpu)  # chunked and fused paths too
     cist = tk.build_loss("cist", sync_free_rows=True)
     assert not cist._keeps_rows(cpu)  # its first batch calibrates ρ on every valid row: gathered
@@ -130,17 +148,17 @@ def test_only_losses_that_allow_it_weight_rows_by_zero():
     assert cist._keeps_rows(cpu)
     running = tk.build_loss("cist", sync_free_rows=True, weighting={"normalise": "running"})
     running.prepare(torch.randn(50, 7) * 3)
-    assert not running._keeps_rows(cpu)  # a running mean of the weights counts its batches on the host
-    assert not tk.build_loss("ctkd", sync_free_rows=True)._keeps_rows(cpu)  # a learnable τ: the autograd path
-    assert not tk.build_loss("dkd", sync_free_rows=True)._keeps_rows(cpu)
+    assert running._keeps_rows(cpu)  # the running mean counts its batches on the device
+    assert not tk.DistillationLoss(_OwnTau(), sync_free_rows=True)._keeps_rows(cpu)
     with pytest.raises(tk.ThermoKDError, match="sync_free_rows must be None"):
         tk.DistillationLoss(sync_free_rows="yes")
 
 
-@pytest.mark.parametrize("method", ["dts", "cist-own-ratio"])
+@pytest.mark.parametrize("method", ["dts", "cist-own-ratio", "cist-running"])
 def test_state_moves_alike_over_steps_including_a_batch_of_no_valid_rows(method):
-    """DTS's T and CIST's own-ratio scale follow batch statistics (means over the rows that count): weighting rows
-    by zero moves them as gathering does, and a batch of no valid row moves nothing (decided on the device)."""
+    """DTS's T, CIST's own-ratio scale and a running mean of the weights follow batch statistics (means over the
+    rows that count): weighting rows by zero moves them as gathering does, and a batch of no valid row moves
+    nothing (decided on the device)."""
     kept, gathered = _pair(method)
     for loss_fn in (kept, gathered):
         loss_fn.prepare(_batch(0, garbage=False)[1].reshape(-1, 13))

@@ -107,7 +107,13 @@ class LinearRows:
             return self.rows_with_graph(start, stop)
 
     def rows_with_graph(self, start: int, stop: int) -> Tensor:
-        return F.linear(_pick(self.hidden, self.index, start, stop), self.weight, self.bias).float()
+        return F.linear(self.hidden_rows(start, stop), self.weight, self.bias).float()
+
+    def hidden_rows(self, start: int, stop: int) -> Tensor:
+        """The chunk's hidden states; zeros in the rows outside ``keep``: such a row gets a zero gradient, but its
+        contribution to the head's (``gᵀ·h``) would still be NaN for a NaN ``h``."""
+        h = _pick(self.hidden, self.index, start, stop)
+        return h if self.keep is None else torch.where(self.keep[start:stop].unsqueeze(-1), h, 0.0)
 
     def inputs(self) -> tuple[Tensor, ...]:
         return (self.hidden, self.weight) + ((self.bias,) if self.bias is not None else ())
@@ -128,9 +134,7 @@ class _LinearGradients:
     @torch.no_grad()
     def add(self, grad: Tensor, start: int, stop: int) -> None:
         src = self.source
-        h = _pick(src.hidden, src.index, start, stop).detach()
-        if src.keep is not None:  # a row that counts nowhere has a zero gradient row, but 0·NaN is NaN
-            h = torch.where(src.keep[start:stop].unsqueeze(-1), h, 0.0)
+        h = src.hidden_rows(start, stop).detach()
         g = grad.to(src.weight.dtype)  # the dtype the plain path's matmul backward would use
         part = g @ src.weight.detach()
         if src.index is None:
@@ -220,6 +224,9 @@ class Plan:
     def student_rows(self, start: int, stop: int) -> Tensor:
         return self._stand_in(self.student.rows(start, stop), start, stop)
 
+    def student_rows_with_graph(self, start: int, stop: int) -> Tensor:
+        return self._stand_in(self.student.rows_with_graph(start, stop), start, stop)
+
     def teacher_rows(self, start: int, stop: int) -> Tensor:
         return self._stand_in(self.teacher.rows(start, stop), start, stop)
 
@@ -230,6 +237,11 @@ class Plan:
             check_finite(student, teacher)
         shares = None if self.keep is None else self.row_mask(start, stop).div_(self.divisor)
         return Rows(student, teacher, self.labels_of(start, stop), self.progress, shares)
+
+
+def _masked(per_row: Tensor, mask: "Tensor | None") -> Tensor:
+    """Per-row values ``[n]`` times the chunk's row mask (1: the row counts, 0: it does not; None: all count)."""
+    return per_row if mask is None else per_row * mask
 
 
 def _join(parts: list["Tensor | None"]) -> "Tensor | None":
@@ -284,7 +296,8 @@ def temperatures_by_chunk(strategy: "TemperatureStrategy", weighting: "Weighting
         rows = plan.chunk_rows(start, stop, check)
         if learn:  # τ may depend on the student's logits: keep that graph, rebuilt in backward (checkpoint)
             def temps_of(*_inputs: Tensor, start=start, stop=stop, rows=rows) -> tuple:
-                chunk = Rows(plan.student.rows_with_graph(start, stop), rows.teacher, rows.labels, plan.progress)
+                chunk = Rows(plan.student_rows_with_graph(start, stop), rows.teacher, rows.labels, plan.progress,
+                             rows.shares)
                 t = strategy(chunk)
                 return tau_columns(strategy, t, stop - start) + (t.scale, t.stats)
             tau_t, tau_s, scale, chunk_stats = checkpoint(temps_of, *plan.student.inputs(), use_reentrant=False)
@@ -375,8 +388,7 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
             # drop this chunk's [n, C] blocks now, not when the next chunk's are already built
             rows = student = teacher = chunk = None
             continue
-        if plan.keep is not None:  # DistillationLoss weights rows by zero only where the closed form applies
-            raise ThermoKDError("internal: rows weighted by zero reached the autograd sweep")
+        mask = plan.row_mask(start, stop)  # rows weighted by zero, or None
         with torch.enable_grad():
             s = student.requires_grad_(grad_on)
             leaves = [s]
@@ -391,16 +403,17 @@ def sweep(objective: RowObjective, plan: Plan, kd_coef: float, ce_weight: float,
                         leaves.append(chunk_extras[i])
                 tt, ts, f = chunk_extras
                 rd = objective.rows(s, teacher, labels, tt, ts)
-                weighted = rd.per_row if f is None else rd.per_row * f
+                weighted = _masked(rd.per_row if f is None else rd.per_row * f, mask)
                 objective_sum = objective_sum + kd_coef * weighted.sum()
                 sums["kd"] = sums["kd"] + weighted.detach().sum()
                 entropies.append(rd.entropy)
                 if rd.dkd is not None:
                     scale = objective.dkd_scale(tt, ts)
-                    sums["tckd"] = sums["tckd"] + (rd.dkd[0].detach() * scale).sum()
-                    sums["nckd"] = sums["nckd"] + (rd.dkd[1].detach() * scale).sum()
+                    sums["tckd"] = sums["tckd"] + _masked(rd.dkd[0].detach() * scale, mask).sum()
+                    sums["nckd"] = sums["nckd"] + _masked(rd.dkd[1].detach() * scale, mask).sum()
             if labels is not None:
-                ce = -log_softmax(s, objective.precise).gather(-1, labels.unsqueeze(-1)).sum()
+                ce = -_masked(log_softmax(s, objective.precise).gather(-1, labels.unsqueeze(-1)).squeeze(-1),
+                              mask).sum()
                 objective_sum = objective_sum + ce_weight * ce
                 sums["ce"] = sums["ce"] + ce.detach()
             if not grad_on:

@@ -9,6 +9,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,8 @@ from .objective import RowObjective
 from .progress import Progress, require_progress
 from .rows import Rows
 from .stats import LazyStats, masked_row_statistics, row_statistics
-from .temperature import CIST, DTKD, DTS, EntropyTarget, Fixed, Scheduled, TemperatureStrategy
+from .temperature import (CIST, CTKD, DTKD, DTS, EntropyTarget, Fixed, InstanceCTKD, LogitStandardization, Scheduled,
+                          TemperatureStrategy)
 from .weighting import ConfidenceDifficulty, TeacherEntropy, Weighting
 
 FAMILIES = ("kd", "dkd")
@@ -38,8 +40,18 @@ _STATELESS_WEIGHTINGS = (type(None), ConfidenceDifficulty, TeacherEntropy)
 # built-in parts whose τ, scale and weights never read the student's graph: their rows may be handed over detached
 _DETACHED_STRATEGIES = _STATELESS_STRATEGIES + (EntropyTarget,)
 _DETACHED_WEIGHTINGS = _STATELESS_WEIGHTINGS
-# built-in strategies whose batch statistics are means through Rows.mean (so rows weighted by zero count nowhere)
-_MEAN_STATS = (CIST, DTS)
+# built-in strategies whose τ reads each row alone and whose batch statistics, if any (CIST's, DTS's), are means
+# through Rows.mean: rows weighted by zero (sync_free_rows) then count nowhere
+_ROW_WEIGHABLE = _DETACHED_STRATEGIES + (CTKD, InstanceCTKD, LogitStandardization)
+class _Kept(NamedTuple):
+    """Rows weighted by zero (``sync_free_rows``): which count (``[N]`` bool), how many (a float32 tensor), and
+    each row's share of a mean over them (``[N]``)."""
+
+    keep: Tensor
+    count: Tensor
+    shares: Tensor
+
+
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # torch.is_autocast_enabled raises for other types
 
 
@@ -91,9 +103,8 @@ class DistillationLoss(nn.Module):
     - Logits ``[..., C]`` of any float dtype; rows with ``labels == ignore_index`` or ``mask == False`` count
       nowhere. Gathering the other rows needs their count on the host (a host-device sync); ``ignore_index=None``
       (no label is ignored) with no ``mask`` has nothing to gather. ``sync_free_rows`` (default None: on
-      accelerators) weights those rows by zero instead, with no sync, where the loss allows it (forward KL, a
-      row-local τ, weights without a running mean: ``kd``, CIST, DTS, DTKD, the entropy target, ER-KD; on the
-      plain, chunked and fused paths); the same value, gradients and statistics. The maths runs in float32.
+      accelerators) weights those rows by zero instead, with no sync, for built-in strategies and weightings (on
+      the plain, chunked and fused paths); the same value, gradients and statistics. The maths runs in float32.
     - ``chunk_size``: evaluate at most this many rows at a time (``thermokd.chunked``): the same value and
       gradients without float32 intermediates for the whole ``[B·L, V]`` block. For language models with large
       vocabularies; ``terms`` are then detached values (only ``loss`` is differentiable).
@@ -215,17 +226,16 @@ class DistillationLoss(nn.Module):
     def _keeps_rows(self, device: torch.device) -> bool:
         """Whether masked and ignored rows are weighted by zero instead of dropped (:meth:`_kept`), so that the step
         never reads how many rows are valid: on an accelerator (``sync_free_rows=None``, the default), for a loss
-        (plain, chunked or fused) of forward KL whose τ is row-local (a built-in strategy: its batch statistics,
-        DTS's CE means or CIST's own-ratio scale, are means over the rows that count), with built-in weights
-        normalised per batch or not at all (a running mean counts its batches on the host). Elsewhere the valid
-        rows are gathered (one read of their count)."""
+        (plain, chunked or fused, any family and divergence) with a built-in strategy whose τ reads each row alone
+        (its batch statistics, DTS's CE means or CIST's own-ratio scale, are means over the rows that count) and a
+        built-in weighting. Elsewhere (a strategy or weighting of the user's, CIST's first batch, which calibrates
+        ρ on every valid row) the valid rows are gathered: one read of their count."""
         policy = self.sync_free_rows
         if policy is False or (policy is None and device.type == "cpu"):
             return False
-        hinton, _, closed = self._routes()
-        strategy, weighting = self.temperature, self._active_weighting()
-        return hinton or (closed and strategy.row_local and not strategy.needs_batch_preparation
-                          and (weighting is None or not weighting.normalisation.stateful))
+        strategy = self.temperature
+        return (type(strategy) in _ROW_WEIGHABLE and strategy.row_local and not strategy.needs_batch_preparation
+                and type(self._active_weighting()) in _STATELESS_WEIGHTINGS)
 
     # -- the loss -------------------------------------------------------------------------------------
     def forward(self, student_logits: Tensor, teacher_logits: "Tensor | None", labels: "Tensor | None" = None, *,
@@ -253,9 +263,9 @@ class DistillationLoss(nn.Module):
                 if self.chunk_size is not None and s.shape[0] > self.chunk_size:
                     return self._chunked(self._kept_plan(LogitRows(s), LogitRows(t), flat_labels, keep,
                                                          self.chunk_size, progress, num_classes))
-                out = self._kept(s, t, flat_labels, keep, progress)
-                if out is not None:
-                    return out
+                if self._fixed_tau_kl() or self._routes()[2]:
+                    return self._kept(s, t, flat_labels, keep, progress)
+                return self._kept_by_autograd(s, t, flat_labels, keep, progress)
         labels, index = self._select(student_logits.shape[:-1], labels, mask)
         s, t = _flat(student_logits, num_classes), _flat(teacher_logits.detach() if teacher_logits.requires_grad
                                                          else teacher_logits, num_classes)
@@ -343,13 +353,16 @@ class DistillationLoss(nn.Module):
         return Plan(student, teacher, safe, keep.shape[0], chunk, progress, keep, keep.sum(dtype=torch.float32))
 
     def _plain(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None",
-               late_check: bool = False) -> LossOutput:
-        rows = Rows(student.float(), teacher.float(), labels, progress)
+               late_check: bool = False, kept: "_Kept | None" = None) -> LossOutput:
+        """The loss by autograd. ``kept``: every row is given (see :meth:`_stand_ins`), and means are taken over the
+        rows that count (``Rows.mean``)."""
+        rows = Rows(student.float(), teacher.float(), labels, progress, None if kept is None else kept.shares)
         terms: dict[str, Tensor] = {}
         total = None
         if labels is not None:
             try:  # no label is ignored here (ignored rows were dropped): a label nobody uses as the sentinel
-                terms["ce"] = F.nll_loss(rows.student_log_probs, labels, ignore_index=_NO_LABEL)
+                terms["ce"] = (F.nll_loss(rows.student_log_probs, labels, ignore_index=_NO_LABEL) if kept is None
+                               else rows.mean(rows.student_log_probs.gather(-1, rows.label_column)).neg())
             except (IndexError, RuntimeError):
                 explain_labels(labels, rows.num_classes)
                 raise
@@ -362,11 +375,11 @@ class DistillationLoss(nn.Module):
             objective = self.objective
             temps = self.temperature(rows)
             tau_t, tau_s = tau_columns(self.temperature, temps, rows.num_rows)
-            shares = self._weight_shares(rows) if self._active_weighting() is not None else None
+            shares = self._weight_shares(rows, kept) if self._active_weighting() is not None else None
             factor = objective.factor(objective.row_scale(tau_t, tau_s, temps.scale), shares)
             dkd = None
             # the teacher's entropy (a statistic) is computed only if a statistic is read
-            if objective.family == "kd" and (factor is None or factor.dim() == 0):  # one factor for every row
+            if objective.family == "kd" and (factor is None or factor.dim() == 0) and kept is None:  # one factor
                 kd, _ = objective.mean(rows.student, rows.teacher, labels, tau_t, tau_s, entropy=False)
                 kd = kd if factor is None else kd * factor
             else:
@@ -374,12 +387,12 @@ class DistillationLoss(nn.Module):
                 if shares is not None:  # Σ_i (w_i/N)·s_i·D_i = mean_i w_i·s_i·D_i, in one kernel
                     kd = torch.dot(per_row, factor)
                 else:
-                    kd = (per_row * factor).mean()
+                    kd = rows.mean(per_row if factor is None else per_row * factor)
             if late_check:  # forward KL ≥ 0 with factors ≥ 0: finite iff every logit was (NaN fails "< inf")
                 check_finite_value(kd < math.inf, rows.student, rows.teacher)
             if dkd is not None:
                 scale = objective.dkd_scale(tau_t, tau_s)
-                terms["tckd"], terms["nckd"] = (dkd[0] * scale).mean(), (dkd[1] * scale).mean()
+                terms["tckd"], terms["nckd"] = rows.mean(dkd[0] * scale), rows.mean(dkd[1] * scale)
             terms["kd"] = kd
             weighted = (self.kd_weight * self._warmup(progress)) * kd
             total = weighted if total is None else total + weighted
@@ -390,11 +403,16 @@ class DistillationLoss(nn.Module):
 
             def pending() -> dict[str, Tensor]:  # only when someone reads the statistics
                 entropy = RowObjective.teacher_entropy(teacher_rows, taus[0])
-                return row_statistics(*taus, entropy, None if shares is None else shares.detach() * n)
+                if kept is None:
+                    return row_statistics(*taus, entropy, None if shares is None else shares.detach() * n)
+                return masked_row_statistics(*taus, entropy, kept.keep, kept.count,
+                                             None if shares is None else shares.detach() * kept.count.clamp_min(1.0))
         if total is None:  # neither term: a zero that still has a graph
             total = rows.student.sum() * 0.0
         tensors["loss"] = total
         tensors.update(terms)
+        if kept is not None:
+            return LossOutput(total, terms, LazyStats({**tensors, "rows": kept.count}, pending), progress)
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(rows.num_rows)}), progress)
 
     def _closed_form(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", progress: "Progress | None",
@@ -430,21 +448,40 @@ class DistillationLoss(nn.Module):
 
         return LossOutput(total, terms, LazyStats(tensors, pending, {"rows": float(n)}), progress)
 
-    def _kept(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", keep: Tensor,
-              progress: "Progress | None") -> "LossOutput | None":
-        """The loss over the rows of ``keep`` without reading how many there are: every row is evaluated, the
-        others with stand-in logits (a fixed ramp, so that no masked garbage enters and every strategy gets a
-        finite τ) and a weight of zero; means divide by the count as a device tensor. Same value, gradients and
-        statistics as gathering the valid rows. None when the strategy reports batch statistics that are not means
-        through ``Rows.mean`` (they might count the stand-in rows): the caller then gathers the rows."""
-        n, num_classes = student.shape
+    @staticmethod
+    def _stand_ins(student: Tensor, teacher: Tensor, labels: "Tensor | None", keep: Tensor, detach: bool
+                   ) -> tuple["_Kept", Tensor, Tensor, "Tensor | None"]:
+        """Every row of float32 logits, those outside ``keep`` replaced by stand-in logits (a fixed ramp, so that no
+        masked garbage enters and every strategy gets a finite τ) and their labels by class 0; with the count of
+        rows that count (a tensor: nothing reads it) and each row's share of a mean over them."""
         count = keep.sum(dtype=torch.float32)
-        shares = keep.float().div_(count.clamp_min(1.0))  # each row's share of a mean over the valid rows
-        ramp = torch.linspace(0.0, 1.0, num_classes, device=student.device)
+        kept = _Kept(keep, count, keep.float().div_(count.clamp_min(1.0)))
+        ramp = torch.linspace(0.0, 1.0, student.shape[-1], device=student.device)
         column = keep.unsqueeze(-1)
-        s32 = torch.where(column, student.detach().float(), ramp)
+        s32 = torch.where(column, (student.detach() if detach else student).float(), ramp)
         t32 = torch.where(column, teacher.float(), ramp)
-        safe = None if labels is None else torch.where(keep, labels, 0)  # a class id in every row (weighted by 0)
+        return kept, s32, t32, None if labels is None else torch.where(keep, labels, 0)
+
+    def _kept_by_autograd(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", keep: Tensor,
+                          progress: "Progress | None") -> LossOutput:
+        """:meth:`_kept` for the losses the closed form does not cover (DKD, other divergences, a learnable τ):
+        the plain autograd path over every row, the others weighted by zero."""
+        kept, s32, t32, safe = self._stand_ins(student, teacher, labels, keep, detach=False)
+        late = self.check_inputs and self._late_check()
+        if self.check_inputs and not late:  # the stand-in rows are finite: only the valid rows can fail
+            check_finite_sum(s32, t32)
+        return self._plain(s32, t32, safe, progress, late, kept)
+
+    def _kept(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", keep: Tensor,
+              progress: "Progress | None") -> LossOutput:
+        """The loss over the rows of ``keep`` without reading how many there are: every row is evaluated, the
+        others with stand-in logits (:meth:`_stand_ins`) and a weight of zero; means divide by the count as a device
+        tensor. Same value, gradients and statistics as gathering the valid rows. Forward KL in closed form."""
+        n, num_classes = student.shape
+        kept, s32, t32, safe = self._stand_ins(student, teacher, labels, keep, detach=True)
+        count, shares = kept.count, kept.shares
+        if self.check_inputs and not self._fixed_tau_kl() and not self._late_check():
+            check_finite_sum(s32, t32)  # before a running mean of the weights can see a NaN
         if self._fixed_tau_kl():
             tau = self.temperature.value()
             tau_t = tau_s = torch.full((), tau, dtype=torch.float32, device=student.device)
@@ -455,13 +492,11 @@ class DistillationLoss(nn.Module):
         else:
             rows = Rows(s32, t32, safe, progress, shares)
             temps = self.temperature(rows)
-            if temps.stats and type(self.temperature) not in _MEAN_STATS:
-                return None  # statistics of its own making might count the stand-in rows
             tau_t, tau_s = tau_columns(self.temperature, temps, n)
             scale = self.objective.row_scale(tau_t, tau_s, temps.scale)
             weights = None
             if self._active_weighting() is not None:  # w_i/count on the valid rows, 0 elsewhere
-                weights = self.weighting.shares_of(self.weighting.log_unnormalised(rows), keep, count)
+                weights = self._weight_shares(rows, kept)
             row_coef = RowObjective.factor(scale, weights if weights is not None else shares)
             log_sigma = None if labels is None else rows.student_log_probs
             strategy_stats = temps.stats
@@ -516,10 +551,12 @@ class DistillationLoss(nn.Module):
         weighting = self.weighting
         return None if weighting is None or weighting.uniform else weighting
 
-    def _weight_shares(self, rows: Rows) -> Tensor:
+    def _weight_shares(self, rows: Rows, kept: "_Kept | None" = None) -> Tensor:
         """The weights divided by the number of rows, ``[N]``: the weighting's one hook, then its declared
         normalisation (``thermokd.normalisation``); no ×N then ÷N."""
-        return self.weighting.shares_of(self.weighting.log_unnormalised(rows))
+        log_w = self.weighting.log_unnormalised(rows)
+        return self.weighting.shares_of(log_w) if kept is None else self.weighting.shares_of(log_w, kept.keep,
+                                                                                               kept.count)
 
     def _chunked(self, plan: Plan) -> LossOutput:
         """The loss of ``forward`` evaluated ``plan.chunk_size`` rows at a time (see ``thermokd.chunked``)."""

@@ -59,17 +59,26 @@ class StepMeans:
 
     def __init__(self) -> None:
         self.total: "Tensor | None" = None
-        self.count = 0
+        self.count: "int | Tensor" = 0
 
-    def add(self, mean: Tensor) -> None:
+    def add(self, mean: Tensor, present: "Tensor | None" = None) -> None:
+        """``present`` (a 0-d bool tensor): whether the batch had any valid row, decided on the device (rows
+        weighted by zero); a batch without one adds nothing."""
+        if present is not None:
+            mean = torch.where(present, mean, 0.0)
         self.total = mean if self.total is None else self.total + mean
-        self.count += 1
+        self.count = self.count + (1 if present is None else present.float())
 
-    def take(self) -> "Tensor | None":
-        """Their mean (None if none was added), and start afresh."""
+    def take(self) -> "tuple[Tensor, Tensor | None] | None":
+        """Their mean and, when batches were counted on the device, whether there was any (a 0-d bool tensor;
+        None: there was); None if none was added. Then start afresh."""
         total, count = self.total, self.count
         self.total, self.count = None, 0
-        return None if total is None else total / count
+        if total is None:
+            return None
+        if isinstance(count, Tensor):
+            return total / count.clamp_min(1.0), count > 0
+        return total / count, None
 
 
 def shares(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = None,
@@ -77,9 +86,11 @@ def shares(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = N
     """``w_i/N`` for the ``[N]`` ``log w̃`` of every valid row of a batch: the loss takes ``Σ_i share_i·D_i``,
     which equals ``mean_i w_i·D_i``. A ``running`` mean reads ``running_mean`` (NaN: not set yet) and records the
     batch's mean in ``step``. ``keep`` (``[N]`` bool) and ``count`` (a tensor): only those rows are valid, the
-    others get a share of 0, and nothing reads the count (``batch`` and ``none`` means only)."""
+    others get a share of 0, and nothing reads the count."""
+    if spec.mean == "running" and (running_mean is None or step is None):
+        raise ThermoKDError("a running normalisation needs its running_mean buffer and the step's means")
     if keep is not None:
-        return _kept_shares(log_w, spec, keep, count)
+        return _kept_shares(log_w, spec, keep, count, running_mean, step)
     n = log_w.shape[0]
     if spec.max_ratio is not None:
         log_w = torch.maximum(log_w, log_w.max() - math.log(spec.max_ratio))
@@ -88,20 +99,23 @@ def shares(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = N
     elif spec.mean == "none":
         out = log_w.exp().div_(n)
     else:
-        if running_mean is None or step is None:
-            raise ThermoKDError("a running normalisation needs its running_mean buffer and the step's means")
         log_mean = torch.logsumexp(log_w, dim=0) - math.log(n)
         step.add(log_mean.detach().exp())
-        ref = running_mean.to(log_w.device).log()
-        out = (log_w - torch.where(torch.isnan(ref), log_mean, ref)).exp_().div_(n)
+        out = (log_w - _reference(running_mean, log_mean)).exp_().div_(n)
     return out if spec.mix == 1.0 else out.mul_(spec.mix).add_((1.0 - spec.mix) / n)  # a fresh tensor
 
 
-def _kept_shares(log_w: Tensor, spec: Normalisation, keep: Tensor, count: Tensor) -> Tensor:
+def _reference(running_mean: Tensor, log_mean: Tensor) -> Tensor:
+    """``log`` of what a running normalisation divides by: the running mean, or the batch's own until it is set."""
+    ref = running_mean.to(log_mean.device).log()
+    return torch.where(torch.isnan(ref), log_mean, ref)
+
+
+def _kept_shares(log_w: Tensor, spec: Normalisation, keep: Tensor, count: Tensor,
+                 running_mean: "Tensor | None", step: "StepMeans | None") -> Tensor:
     """:func:`shares` over the rows of ``keep`` with the others at 0, computed on the device: their ``log w̃`` is
-    −inf for the floor's maximum and the softmax, and the uniform part of the blend is 1/count."""
-    if spec.mean == "running":
-        raise ThermoKDError("a running normalisation counts its batches on the host: gather the rows instead")
+    −inf for the floor's maximum, the softmax and the batch's mean, and the uniform part of the blend is 1/count.
+    A batch with no valid row adds nothing to a running mean's step."""
     none = torch.tensor(-math.inf, dtype=log_w.dtype, device=log_w.device)
     log_w = torch.where(keep, log_w, none)
     if spec.max_ratio is not None:
@@ -109,8 +123,12 @@ def _kept_shares(log_w: Tensor, spec: Normalisation, keep: Tensor, count: Tensor
     rows = count.clamp_min(1.0)
     if spec.mean == "batch":  # over no valid row the softmax is NaN everywhere: those shares are 0
         out = torch.where(keep, torch.softmax(log_w, dim=0), 0.0)
-    else:
+    elif spec.mean == "none":
         out = log_w.exp().div_(rows)
+    else:
+        log_mean = torch.logsumexp(log_w, dim=0) - rows.log()
+        step.add(log_mean.detach().exp(), present=count > 0)
+        out = torch.where(keep, (log_w - _reference(running_mean, log_mean)).exp(), 0.0).div_(rows)
     return out if spec.mix == 1.0 else out.mul_(spec.mix).add_(keep.float().mul_(1.0 - spec.mix).div_(rows))
 
 
@@ -124,11 +142,12 @@ def weights(log_w: Tensor, spec: Normalisation, running_mean: "Tensor | None" = 
 def commit(running_mean: Tensor, step: StepMeans, momentum: float) -> None:
     """Once per optimiser step: move ``running_mean`` towards the step's mean ``w̃`` (its value if still NaN);
     tensor ops in place, no sync. Nothing happens if no batch was seen."""
-    value = step.take()
-    if value is None:
+    taken = step.take()
+    if taken is None:
         return
-    value = value.to(running_mean.device)
-    running_mean.copy_(torch.where(torch.isnan(running_mean), value, torch.lerp(value, running_mean, momentum)))
+    value, seen = taken[0].to(running_mean.device), taken[1]
+    moved = torch.where(torch.isnan(running_mean), value, torch.lerp(value, running_mean, momentum))
+    running_mean.copy_(moved if seen is None else torch.where(seen, moved, running_mean))
 
 
 def max_weight(spec: Normalisation, num_rows: int) -> float:

@@ -34,6 +34,7 @@ class _CurriculumTemperature(TemperatureStrategy):
     """Shared parts: ``T = t_start + t_end·sigmoid(θ)`` and the gradient-reversal curriculum."""
 
     learnable = True
+    row_local = True  # one τ for all (CTKD), or each row's from that row alone
 
     def __init__(self, init: float, t_start: float, t_end: float, lam_max: float, lam_min: float,
                  loops: int) -> None:

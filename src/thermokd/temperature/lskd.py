@@ -18,6 +18,7 @@ class LogitStandardization(TemperatureStrategy):
 
     name = "lskd"
     learnable = True
+    row_local = True
 
     def __init__(self, base: float = 2.0, eps: float = 1e-7) -> None:
         super().__init__()
