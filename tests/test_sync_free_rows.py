@@ -100,6 +100,21 @@ def test_chunked_rows_weighted_by_zero_equal_gathered_chunks(method):
     _assert_same(method, _batch(0), chunk_size=4)
 
 
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_instance_ctkd_weights_rows_by_zero_like_gathering(chunk):
+    """Instance-wise CTKD: an MLP gives each row its τ (its weights get the same gradient either way)."""
+    kept, gathered = (tk.DistillationLoss(tk.temperature.InstanceCTKD(num_classes=13), chunk_size=chunk,
+                                          sync_free_rows=flag) for flag in (True, False))
+    kept.load_state_dict(gathered.state_dict())
+    student, teacher, labels, mask = _batch(2)
+    (a, grad_a), (b, grad_b) = (_run(loss_fn, student, teacher, labels, mask) for loss_fn in (kept, gathered))
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
+    for p_a, p_b in zip(kept.parameters(), gathered.parameters(), strict=True):
+        assert p_b.grad.abs().sum() > 0
+        torch.testing.assert_close(p_a.grad, p_b.grad, rtol=1e-4, atol=1e-7)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), method=st.sampled_from(list(KEPT)), ignored=st.floats(0, 1),
        masked=st.floats(0, 1), rows=st.integers(1, 9), chunk=st.sampled_from([None, 3, 16]))
