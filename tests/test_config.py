@@ -146,3 +146,14 @@ def test_bad_compare_sections_name_themselves(overrides, fragments):
     message = _error(overrides)
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+def test_each_method_gets_its_own_study_and_a_shifted_sampler_seed():
+    from thermokd.config import TuneConfig
+    from thermokd.lm.config import LMTuneConfig
+
+    base = TuneConfig(trials=3, seed=4)
+    assert (base.for_method("kd").study, base.for_method("kd", 7).seed) == ("kd", 11)
+    named = LMTuneConfig(study="grimm", seed=1).for_method("cist")
+    assert isinstance(named, LMTuneConfig) and (named.study, named.seed) == ("grimm-cist", 1)
+    assert base.study is None and base.seed == 4  # the config itself is left alone

@@ -171,6 +171,12 @@ class TuneConfig:
     study: "str | None" = None
     seed: int = 0
 
+    def for_method(self, label: str, seed_offset: int = 0) -> "TuneConfig":
+        """A copy for one method's study: named ``STUDY-LABEL`` (``LABEL`` without a ``study``; one study per
+        method), its sampler seeded ``seed + seed_offset``."""
+        study = f"{self.study}-{label}" if self.study else label
+        return dataclasses.replace(self, study=study, seed=self.seed + seed_offset)
+
     def validate(self, name: "Callable[[str], str]", min_trials: int = 0) -> None:
         """Raise a ConfigError unless ``trials >= min_trials`` (0: no tuning, where that is allowed), and
         ``grid_points`` and ``min_rounds`` are >= 1; ``name(field)`` is how the message names a field (a config

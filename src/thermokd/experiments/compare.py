@@ -204,11 +204,8 @@ def tune_all(cfg: RunConfig, methods: list[str], out_dir: Path, shared: tuple, c
     runner = DistillRunner(cfg, cache_dir, progress_bar, echo, shared=shared)
 
     def tune_one(label: str, wait: bool):
-        options = copy.deepcopy(cfg.compare.tune)
-        options.study = f"{options.study}-{label}" if options.study else label  # one study per method
-        options.seed += sampler_offset
-        result = tune_method(cfg, resolve_method(cfg, label), label, out_dir / label, options, runner, echo,
-                             wait=wait)
+        result = tune_method(cfg, resolve_method(cfg, label), label, out_dir / label,
+                             cfg.compare.tune.for_method(label, sampler_offset), runner, echo, wait=wait)
         if result.params:
             echo(f"  {label}: tuned to {knob_text(result.params)} (validation {100 * result.best_value:.2f} %)")
         return result

@@ -4,7 +4,6 @@ rounds). A study is continued where it stopped (a finished one is only summarise
 in the current output folder, so a folder copied or merged elsewhere keeps its study."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -66,9 +65,8 @@ def tune_methods(cfg: LMRunConfig, out_dir: Path, train_fn: TrainFn, echo: Calla
     ``best_val_ppl``, the chosen trial's validation perplexity)."""
     def tune_one(label: str, wait: bool):
         _check_one_process(Path(out_dir) / "tune" / label, label, cfg.tune.trials)
-        options = copy.deepcopy(cfg.tune)
-        options.study = f"{options.study}-{label}" if options.study else label  # one study per method
-        return tune_method(cfg, cfg.method(label), label, Path(out_dir) / "tune" / label, options, train_fn, echo,
+        return tune_method(cfg, cfg.method(label), label, Path(out_dir) / "tune" / label, cfg.tune.for_method(label),
+                           train_fn, echo,
                            metric=PERPLEXITY, rounds=evaluation_rounds(cfg), domain="lm",
                            config_for=lambda method: tuned_config(cfg, label, method),
                            set_prefix=f"variants.{tuned_label(label)}", wait=wait)
