@@ -32,6 +32,7 @@ from .tune_metric import ACCURACY, Metric, metric_of
 # (method section, trial folder, per-round callback) -> the run's result (``best_val_acc``, ``best_epoch``, ...)
 TrainFn = Callable[[MethodConfig, Path, Callable[[dict[str, Any]], None]], dict[str, Any]]
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is failed (and retried) after GRACE_S seconds
+RETRIES = 2  # how often a trial whose process died is run again
 POLL_S = 10.0  # how often a worker with no trial left to start looks whether the others' trials have finished
 
 
@@ -124,6 +125,16 @@ def _pruner(tune: TuneConfig, rounds: int):
     return optuna.pruners.NopPruner()
 
 
+def _retry_callback() -> tuple[str, Any]:
+    """The storage's keyword for the hook that retries a trial whose process died, and the hook: Optuna's retry
+    callback (stateless: :func:`_fail_stale` calls one of its own). Optuna >= 4.9 renamed it."""
+    from optuna import storages
+
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        return "heartbeat_stale_trial_callback", storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
+    return "failed_trial_callback", storages.RetryFailedTrialCallback(max_retry=RETRIES)
+
+
 def open_study(url: str, name: str, sampler, pruner):
     """Create or load (``load_if_exists``) a maximising study; a bad URL is a one-line error."""
     import optuna
@@ -132,12 +143,8 @@ def open_study(url: str, name: str, sampler, pruner):
     try:
         with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; they have been stable since v2.8
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # a trial whose process died is retried; Optuna >= 4.9 renamed that hook
-            if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
-                retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
-            else:
-                retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
-            storage = storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **retry)
+            hook, retry = _retry_callback()  # a trial whose process died is retried
+            storage = storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **{hook: retry})
         return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
                                    direction="maximize", load_if_exists=True)
     except Exception as exc:  # SQLAlchemy raises many kinds (bad URL, missing driver, refused connection)
@@ -204,11 +211,9 @@ def _fail_stale(study) -> None:
                 study.tell(trial.number, state=TrialState.FAIL)
             except (ValueError, RuntimeError):  # another worker failed it first
                 continue
-            storage = study._storage  # the retry callback open_study gave it (its name depends on Optuna's version)
-            getter = getattr(storage, "get_heartbeat_stale_trial_callback", None) or storage.get_failed_trial_callback
-            retry = getter()
-            if retry is not None:
-                retry(study, study.trials[trial.number])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                _retry_callback()[1](study, study.trials[trial.number])  # as the storage's hook would
 
 
 def _alive(pid: Any) -> bool:
