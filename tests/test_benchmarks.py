@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -139,3 +141,42 @@ def test_lm_across_folders_pairs_each_method_with_the_other_folders_reference_by
     rows = {line.split()[0]: line.split(None, 1)[1] for line in proc.stdout.splitlines()[1:]}
     assert rows["cist"].startswith("+0.47 [") and rows["kd-tuned"].startswith("-0.53 [")  # ppl: +0.5, +0.4, +0.5
     assert rows["cist"].endswith("+1.00 [+1.00, +1.00]")  # accuracy in pp, identical on every seed
+
+
+def test_gamma_selection_pools_set_ups_alike_and_chooses_on_validation(tmp_path):
+    """Two set-ups of three seeds: per set-up the paired differences to γ = 0.5, pooled as the mean of the set-ups'
+    means with the standard errors combined; the choice is the highest pooled validation difference."""
+    import json
+    import math
+    import statistics
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import gamma_selection as gs
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # validation accuracies per γ and seed; γ 0.25 leads by 1, 2, 3 pp in set-up a and by 0 in b
+    val = {"a": {0.0: [80, 81, 82], 0.25: [91, 93, 95], 0.5: [90, 91, 92], 0.75: [89, 90, 91], 1.0: [85, 85, 85]},
+           "b": {0.0: [70, 70, 71], 0.25: [70, 71, 72], 0.5: [70, 71, 72], 0.75: [72, 71, 70], 1.0: [60, 60, 60]}}
+    setups = {}
+    for setup, by_gamma in val.items():
+        runs = [{"method": f"g{g}", "seed": seed, "best_val_acc": acc / 100, "best_acc": 0.5}
+                for g, accs in by_gamma.items() for seed, acc in enumerate(accs)]
+        (tmp_path / setup).mkdir()
+        (tmp_path / setup / "results.json").write_text(json.dumps({"runs": runs}))
+        setups[setup] = {g: (setup, f"g{g}") for g in by_gamma}
+    setups["missing"] = {g: ("nowhere", f"g{g}") for g in gs.GAMMAS}
+    old, gs.SETUPS = gs.SETUPS, setups
+    try:
+        lines = gs.report(tmp_path, "val")
+        per_setup = [gs.differences(gs.gamma_runs(tmp_path, setups[s]), "best_val_acc") for s in ("a", "b")]
+    finally:
+        gs.SETUPS = old
+    assert per_setup[0][0.25]["mean"] == pytest.approx(0.02) and per_setup[1][0.25]["mean"] == pytest.approx(0.0)
+    se_a = statistics.stdev([0.01, 0.02, 0.03]) / math.sqrt(3)  # set-up b's differences are 0, 0, 0
+    pool = gs.pooled(per_setup)
+    assert pool[0.25]["mean"] == pytest.approx(0.01)
+    assert pool[0.25]["hi"] - pool[0.25]["mean"] == pytest.approx(1.96 * math.sqrt(se_a ** 2) / 2)
+    assert gs.choose(pool) == 0.25 and "chosen on validation: γ = 0.25" in lines
+    assert "missing (not pooled): missing" in lines and any(line.startswith("| **pooled**") for line in lines)
+    assert gs.choose({g: {"mean": -0.01} for g in (0.0, 0.25, 0.75, 1.0)}) == 0.5  # nothing beats the reference
