@@ -43,6 +43,8 @@ _DETACHED_WEIGHTINGS = _STATELESS_WEIGHTINGS
 # built-in strategies whose τ reads each row alone and whose batch statistics, if any (CIST's, DTS's), are means
 # through Rows.mean: rows weighted by zero (sync_free_rows) then count nowhere
 _ROW_WEIGHABLE = _DETACHED_STRATEGIES + (CTKD, InstanceCTKD, LogitStandardization)
+
+
 class _Kept(NamedTuple):
     """Rows weighted by zero (``sync_free_rows``): which count (``[N]`` bool), how many (a float32 tensor), and
     each row's share of a mean over them (``[N]``)."""
@@ -320,15 +322,14 @@ class DistillationLoss(nn.Module):
         chunk = chunk_size if chunk_size is not None else (self.chunk_size or default_chunk(vocab, hidden.device))
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ThermoKDError(f"chunk_size must be a positive integer or None, got {chunk!r}")
-        keep = None
         if (mask is not None or (labels is not None and self.ignore_index is not None)) and \
                 self._keeps_rows(hidden.device):
-            labels, keep = self._valid(lead, labels, mask, shortcut=False)
-        if keep is not None:
-            teacher = teacher_source(lead, vocab, teacher_hidden, teacher_head, teacher_topk, None,
-                                     hidden.device, distils=bool(self.kd_weight), keep=keep)
-            return self._chunked(self._kept_plan(LinearRows(hidden, weight, bias, keep=keep), teacher, labels,
-                                                 keep, chunk, progress, vocab))
+            flat_labels, keep = self._valid(lead, labels, mask, shortcut=False)
+            if keep is not None:
+                teacher = teacher_source(lead, vocab, teacher_hidden, teacher_head, teacher_topk, None,
+                                         hidden.device, distils=bool(self.kd_weight), keep=keep)
+                return self._chunked(self._kept_plan(LinearRows(hidden, weight, bias, keep=keep), teacher,
+                                                     flat_labels, keep, chunk, progress, vocab))
         labels, index = self._select(lead, labels, mask)
         if self.check_inputs:
             check_rows(None, None, labels, vocab)
@@ -481,7 +482,7 @@ class DistillationLoss(nn.Module):
         kept, s32, t32, safe = self._stand_ins(student, teacher, labels, keep, detach=True)
         count, shares = kept.count, kept.shares
         if self.check_inputs and not self._fixed_tau_kl() and not self._late_check():
-            check_finite_sum(s32, t32)  # before a running mean of the weights can see a NaN
+            check_finite_sum(s32, t32)  # as when gathering: before a strategy or weighting with state sees a NaN
         if self._fixed_tau_kl():
             tau = self.temperature.value()
             tau_t = tau_s = torch.full((), tau, dtype=torch.float32, device=student.device)
@@ -553,10 +554,9 @@ class DistillationLoss(nn.Module):
 
     def _weight_shares(self, rows: Rows, kept: "_Kept | None" = None) -> Tensor:
         """The weights divided by the number of rows, ``[N]``: the weighting's one hook, then its declared
-        normalisation (``thermokd.normalisation``); no ×N then ÷N."""
-        log_w = self.weighting.log_unnormalised(rows)
-        return self.weighting.shares_of(log_w) if kept is None else self.weighting.shares_of(log_w, kept.keep,
-                                                                                               kept.count)
+        normalisation (``thermokd.normalisation``); no ×N then ÷N. ``kept``: over the rows that count, 0 elsewhere."""
+        keep, count = (None, None) if kept is None else (kept.keep, kept.count)
+        return self.weighting.shares_of(self.weighting.log_unnormalised(rows), keep, count)
 
     def _chunked(self, plan: Plan) -> LossOutput:
         """The loss of ``forward`` evaluated ``plan.chunk_size`` rows at a time (see ``thermokd.chunked``)."""
