@@ -32,7 +32,7 @@ from .checks import check_finite
 from .errors import ThermoKDError
 from .objective import RowObjective, log_softmax
 from .progress import Progress
-from .rows import Rows
+from .rows import Rows, stand_in
 from .temperature import Temperatures
 from .temperature.base import check_tau_shape
 
@@ -216,10 +216,7 @@ class Plan:
         return (stop - start) / self.num_rows if self.keep is None else 1.0
 
     def _stand_in(self, x: Tensor, start: int, stop: int) -> Tensor:
-        if self.keep is None:
-            return x
-        ramp = torch.linspace(0.0, 1.0, x.shape[-1], device=x.device)
-        return torch.where(self.keep[start:stop].unsqueeze(-1), x, ramp)
+        return x if self.keep is None else stand_in(x, self.keep[start:stop])
 
     def student_rows(self, start: int, stop: int) -> Tensor:
         return self._stand_in(self.student.rows(start, stop), start, stop)

@@ -25,7 +25,7 @@ from .functional import DIVERGENCES
 from .fused import HeadLike, default_chunk, head_parts, teacher_source
 from .objective import RowObjective
 from .progress import Progress, require_progress
-from .rows import Rows
+from .rows import Rows, stand_in
 from .stats import LazyStats, masked_row_statistics, row_statistics
 from .temperature import (CIST, CTKD, DTKD, DTS, EntropyTarget, Fixed, InstanceCTKD, LogitStandardization, Scheduled,
                           TemperatureStrategy)
@@ -452,16 +452,13 @@ class DistillationLoss(nn.Module):
     @staticmethod
     def _stand_ins(student: Tensor, teacher: Tensor, labels: "Tensor | None", keep: Tensor, detach: bool
                    ) -> tuple["_Kept", Tensor, Tensor, "Tensor | None"]:
-        """Every row of float32 logits, those outside ``keep`` replaced by stand-in logits (a fixed ramp, so that no
-        masked garbage enters and every strategy gets a finite τ) and their labels by class 0; with the count of
-        rows that count (a tensor: nothing reads it) and each row's share of a mean over them."""
+        """Every row of float32 logits, those outside ``keep`` replaced by stand-in logits (``rows.stand_in``) and
+        their labels by class 0; with the count of rows that count (a tensor: nothing reads it) and each row's share
+        of a mean over them."""
         count = keep.sum(dtype=torch.float32)
         kept = _Kept(keep, count, keep.float().div_(count.clamp_min(1.0)))
-        ramp = torch.linspace(0.0, 1.0, student.shape[-1], device=student.device)
-        column = keep.unsqueeze(-1)
-        s32 = torch.where(column, (student.detach() if detach else student).float(), ramp)
-        t32 = torch.where(column, teacher.float(), ramp)
-        return kept, s32, t32, None if labels is None else torch.where(keep, labels, 0)
+        s32 = stand_in((student.detach() if detach else student).float(), keep)
+        return kept, s32, stand_in(teacher.float(), keep), None if labels is None else torch.where(keep, labels, 0)
 
     def _kept_by_autograd(self, student: Tensor, teacher: Tensor, labels: "Tensor | None", keep: Tensor,
                           progress: "Progress | None") -> LossOutput:

@@ -10,6 +10,14 @@ from torch import Tensor
 from .progress import Progress
 
 
+def stand_in(logits: Tensor, keep: Tensor) -> Tensor:
+    """``logits`` ``[N, C]`` with the rows outside ``keep`` (``[N]`` bool) replaced by a fixed ramp over the classes:
+    rows weighted by zero (``sync_free_rows``) must be finite, whatever a masked row held, and give every strategy a
+    finite τ (an all-equal row might not)."""
+    ramp = torch.linspace(0.0, 1.0, logits.shape[-1], device=logits.device)
+    return torch.where(keep.unsqueeze(-1), logits, ramp)
+
+
 class Rows:
     """Student and teacher logits of the valid (unmasked) rows, ``[N, C]`` float32; ``labels`` ``[N]`` or None.
 
