@@ -139,7 +139,8 @@ METHODS = ["kd", "cist", "dts", "dtkd", "entropy-target", "erkd"]
 @given(method=st.sampled_from(METHODS), n=st.integers(1, 12), c=st.integers(2, 12), seed=st.integers(0, 10_000),
        labelled=st.booleans(), dtype=st.sampled_from([torch.float32, *HALF]), scale=st.floats(0.1, 30.0),
        ignored=st.booleans())
-# float32 rounding of the two ways scales with the gradient's largest entry, not with each entry: found at scale 26
+# the autograd path rounds q − p of probabilities near 1: ~eps per unit of its coefficient (0.9·τ = 3.6 for kd), 3e-7
+# here, where the closed form is within 1e-8 of a float64 reference
 @example(method="kd", n=1, c=5, seed=4831, labelled=False, dtype=torch.float32, scale=26.0, ignored=False)
 def test_closed_form_equals_the_autograd_path(method, n, c, seed, labelled, dtype, scale, ignored):
     labelled = labelled or method == "dts"
@@ -156,7 +157,7 @@ def test_closed_form_equals_the_autograd_path(method, n, c, seed, labelled, dtyp
     torch.testing.assert_close(a.loss, b.loss, rtol=2e-6, atol=1e-6)
     assert grad_a.dtype == grad_b.dtype == dtype
     if dtype == torch.float32:
-        torch.testing.assert_close(grad_a, grad_b, rtol=1e-5, atol=max(1e-7, 1e-5 * float(grad_b.abs().max())))
+        torch.testing.assert_close(grad_a, grad_b, rtol=1e-5, atol=1e-6)
     else:  # both round a float32 gradient once; they may land one step of the dtype apart
         torch.testing.assert_close(grad_a.float(), grad_b.float(), rtol=1e-2, atol=1e-5)
     assert_same_terms_and_stats(a, b, rtol=2e-6, atol=1e-6, stats_abs=1e-6)
