@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import thermokd as tk
@@ -74,7 +74,8 @@ def _assert_same(method: str, batch, with_labels: bool = True, **extra) -> None:
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-7)
     assert set(a.terms) == set(b.terms)
     for key in a.terms:
-        torch.testing.assert_close(a.terms[key], b.terms[key], rtol=1e-5, atol=1e-7)
+        # DKD's TCKD, a binary KL of near-equal distributions, cancels: ~eps·|logits| absolute, whatever its size
+        torch.testing.assert_close(a.terms[key], b.terms[key], rtol=1e-5, atol=1e-5 if key == "tckd" else 1e-7)
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
     for p_a, p_b in zip(kept.parameters(), gathered.parameters(), strict=True):  # a learnable τ's (CTKD's θ)
         torch.testing.assert_close(p_a.grad, p_b.grad, rtol=1e-4, atol=1e-7)
@@ -265,7 +266,8 @@ def _assert_same_fused(method: str, batch, chunk: int, topk=None) -> None:
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-7)
     assert set(a.terms) == set(b.terms) and set(a.stats) == set(b.stats)
     for key in a.terms:
-        torch.testing.assert_close(a.terms[key], b.terms[key], rtol=1e-5, atol=1e-7)
+        # DKD's TCKD, a binary KL of near-equal distributions, cancels: ~eps·|logits| absolute, whatever its size
+        torch.testing.assert_close(a.terms[key], b.terms[key], rtol=1e-5, atol=1e-5 if key == "tckd" else 1e-7)
     for x, y in zip(grads_a, grads_b):
         assert torch.isfinite(x).all()
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
@@ -283,6 +285,7 @@ def test_fused_rows_weighted_by_zero_equal_gathering_them(method):
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), method=st.sampled_from(list(KEPT)), masked=st.floats(0, 1),
        rows=st.integers(1, 12), chunk=st.integers(1, 30))
+@example(seed=8, method="dkd", masked=0.875, rows=8, chunk=2)  # TCKD 0.0327 apart by 2e-6
 def test_fused_rows_weighted_by_zero_for_any_mask(seed, method, masked, rows, chunk):
     batch = _hidden_batch(seed, rows=rows, masked=masked)
     valid = batch[5] & (batch[4] != -100)
