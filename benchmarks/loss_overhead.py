@@ -61,14 +61,14 @@ def hinton_kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 
 def hand_cist(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, rho: float) -> torch.Tensor:
     """thermokd's default CIST written out by hand, as short as it goes (a reference, not thermokd): per-row τ^t
-    from the centred max over ρ, τ^s = τ^t·(m^s/m^t)^0.75, both clipped to [0.5, 20]; weights a·(d + 0.001)
+    from the centred max over ρ, τ^s = τ^t·(m^s/m^t)^0.5, both clipped to [0.5, 20]; weights a·(d + 0.001)
     floored at 1/4 of the batch's largest, mean 1, blended half with uniform; each row's KL scaled by τ^t·τ^s."""
     with torch.no_grad():
         s = student.detach()
         m_t = teacher.amax(-1, keepdim=True) - teacher.mean(-1, keepdim=True)
         m_s = s.amax(-1, keepdim=True) - s.mean(-1, keepdim=True)
         tau_t = (m_t / rho).clamp(0.5, 20.0)
-        tau_s = (tau_t * (m_s.clamp_min(1e-6) / m_t.clamp_min(1e-6)) ** 0.75).clamp(0.5, 20.0)
+        tau_s = (tau_t * (m_s.clamp_min(1e-6) / m_t.clamp_min(1e-6)) ** 0.5).clamp(0.5, 20.0)
         column = labels.unsqueeze(-1)
         log_a = F.log_softmax(teacher, dim=-1).gather(-1, column)
         log_d = torch.log(1e-3 - torch.expm1(F.log_softmax(s, dim=-1).gather(-1, column)))

@@ -53,7 +53,7 @@ def ref_m(z, kind):
 
 def ref_temperatures(s, t, opts, c=None, tau_min=0.5, tau_max=20.0):
     """(τ^t, τ^s, scale) per docs/methods.md; ``c``: own-ratio's running log-scale (None: unset)."""
-    kind, rule, gamma = opts.get("max_kind", "centred"), opts.get("student", "interpolate"), opts.get("gamma", 0.75)
+    kind, rule, gamma = opts.get("max_kind", "centred"), opts.get("student", "interpolate"), opts.get("gamma", 0.5)
     m_t, m_s = ref_m(t, kind), ref_m(s, kind)
     tau_t = (m_t / RHO).clamp(tau_min, tau_max)
     if rule == "teacher" or (rule == "own-ratio" and c is None):

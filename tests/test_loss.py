@@ -122,7 +122,7 @@ def test_weighting_by_name():
 @pytest.mark.parametrize("variant", ["spec", "default"])
 def test_full_cist_loss_and_gradient(hand, assert_close, variant):
     """CIST as first reconstructed (ratio rule, batch-normalised weights), and the library's default (docs/methods.md:
-    τ^s = τ^t·(m^s/m^t)^0.75; weights floored at max/4, then blended half and half with uniform)."""
+    τ^s = τ^t·(m^s/m^t)^0.5; weights floored at max/4, then blended half and half with uniform)."""
     s, t, y = hand.batch(n=33, c=10, seed=3)
     rho = hand.centred_max(t).median() / 4.0
     tau_t = (hand.centred_max(t) / rho).clamp(0.5, 20.0)
@@ -131,7 +131,7 @@ def test_full_cist_loss_and_gradient(hand, assert_close, variant):
         tau_s = (hand.centred_max(s) / rho).clamp(0.5, 20.0)
         losses = [tk.DistillationLoss(CIST(tau0=4.0, **SPEC_CIST), weighting=ConfidenceDifficulty(**SPEC_WEIGHTS))]
     else:
-        tau_s = (tau_t * (hand.centred_max(s) / hand.centred_max(t)) ** 0.75).clamp(0.5, 20.0)
+        tau_s = (tau_t * (hand.centred_max(s) / hand.centred_max(t)) ** 0.5).clamp(0.5, 20.0)
         raw = w / w.sum()
         floored = torch.maximum(raw, raw.max() / 4.0)
         w = 0.5 + 0.5 * floored / floored.mean()

@@ -56,8 +56,8 @@ class CIST(TemperatureStrategy):
     - ``student``: ``ratio`` (``τ^s = m^s/ρ``, the teacher's ρ on the student's logits), ``teacher`` (``τ^s =
       τ^t``), ``own-ratio`` (``τ^s = m^s/ρ_s`` with the student's own ``ρ_s = ρ·exp(c)``, ``c`` a running mean
       of ``mean_i log(m^s_i/m^t_i)`` updated in :meth:`observe` with ``momentum``; before the first update
-      ``τ^s = τ^t``) or ``interpolate`` (``τ^s = τ^t·(m^s/m^t)^gamma``, γ ∈ [0, 1]: 0 is ``teacher``, 1 the
-      per-row ``ratio``).
+      ``τ^s = τ^t``) or ``interpolate`` (default; ``τ^s = τ^t·(m^s/m^t)^gamma``, γ ∈ [0, 1], default 0.5: 0 is
+      ``teacher``, 1 the per-row ``ratio``).
     - ``student_floor``: f ∈ [0, 1]; ``τ^s ≥ f·τ^t`` (a floor relative to the teacher's τ); then ``τ^s`` is
       clipped to [tau_min, tau_max].
     - ``scale``: the factor on each row's divergence: ``product`` (``τ^t·τ^s``), ``teacher-squared``
@@ -71,7 +71,7 @@ class CIST(TemperatureStrategy):
     row_local = True
 
     def __init__(self, tau0: float = 4.0, ratio: "float | str" = "auto", tau_min: float = 0.5,
-                 tau_max: float = 20.0, student: str = "interpolate", gamma: float = 0.75, student_floor: float = 0.0,
+                 tau_max: float = 20.0, student: str = "interpolate", gamma: float = 0.5, student_floor: float = 0.0,
                  max_kind: str = "centred", scale: str = "product", momentum: float = 0.9) -> None:
         super().__init__()
         self.tau0 = check_positive("tau0", tau0)
