@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -313,6 +314,32 @@ def test_compare_with_changed_epochs_reruns_with_the_flag_and_says_what_it_reuse
     assert "(reused" not in capsys.readouterr().out
     results = json.loads((t / "cmp" / "results.json").read_text())
     assert results["epochs"] == 2 and all(len(r["history"]) == 2 for r in results["runs"])
+
+
+def test_a_compare_refuses_a_teacher_rebuilt_otherwise_under_the_same_key(world, capsys):
+    """A teacher trained again on another machine keeps its cache key but may score otherwise: the folder's studies
+    and runs belong to the old one, so continuing is refused; the same accuracy with other logits is only said."""
+    t, cfg = world
+    args = ["compare", "--config", cfg, "--methods", "ce,kd", "--seeds", "1", "--out", t / "cmp", "--cache",
+            t / "cache", NO_PROGRESS]
+    results = t / "cmp" / "results.json"
+    assert _cli(*args) == 0  # the folder's own teacher: reused as it is
+    recorded = json.loads(results.read_text())
+    assert len(recorded["teacher"]["fingerprint"]) == 32 and "note: the teacher" not in capsys.readouterr().out
+    elsewhere = {**recorded, "teacher": {**recorded["teacher"], "test_acc": recorded["teacher"]["test_acc"] - 0.0037,
+                                         "fingerprint": "0" * 32}}
+    results.write_text(json.dumps(elsewhere))
+    before = _snapshot(t / "cmp")
+    assert _cli(*args) != 0
+    assert re.search(r"another teacher under the same key \w+: test accuracy [\d.]+ % there, [\d.]+ % now",
+                     capsys.readouterr().err)
+    assert _snapshot(t / "cmp") == before  # nothing was run or written
+    results.write_text(json.dumps({**recorded, "teacher": {**recorded["teacher"], "fingerprint": "0" * 32}}))
+    assert _cli(*args) == 0
+    assert "gives other test logits" in capsys.readouterr().out
+    old_format = {**recorded, "teacher": {k: v for k, v in recorded["teacher"].items() if k != "fingerprint"}}
+    results.write_text(json.dumps(old_format))  # written before fingerprints: the accuracy alone is compared
+    assert _cli(*args) == 0 and "gives other test logits" not in capsys.readouterr().out
 
 
 def test_resume_of_a_killed_run_with_the_same_config_continues(world, capsys):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data.cache import default_cache_dir
 from ..errors import ThermoKDError
-from ..files import FORMAT, cached_tensors, path_digest, save_tensors
+from ..files import FORMAT, cached_tensors, digest, path_digest, save_tensors
 from ..methods import build_loss
 from ..teacher_cache import TeacherEntry, cache_key, load_weights
 from .features import cache_frozen_features, caches_features
@@ -62,7 +62,8 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
                    echo: "Callable[[str], None] | None" = None) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher for ``cfg``: loaded from ``teacher.checkpoint``, from the cache, or trained now (resumably)
     and cached. Returns the model (eval mode) and its info (key, test accuracy, directory, ``source``: checkpoint,
-    cache or trained). Two runs that need the same uncached teacher take turns: the second waits, then reads it.
+    cache or trained, ``fingerprint``: a digest of its test logits). Two runs that need the same uncached teacher
+    take turns: the second waits, then reads it.
 
     A teacher with a frozen pretrained encoder first gets that encoder's outputs on the training and test
     inputs (cached on disk), so that training its head and every later pass cost only the head."""
@@ -91,8 +92,10 @@ def obtain_teacher(cfg: RunConfig, build_model, data: EpochData, accelerator, da
     if data.val_x is not None:
         val_logits = predict(model, data.val_x, accelerator.device, cfg.train.eval_batch_size)
         val_acc = float((val_logits.argmax(-1) == data.val_y).float().mean())
+    # the same key can still give another teacher (trained on another machine, or run on another device): what it
+    # computes is told by its test logits
     return model, {"key": key, "model": t.model, "test_acc": acc, "val_acc": val_acc, "dir": str(directory),
-                   "source": source,
+                   "source": source, "fingerprint": digest(test_logits),
                    "train_seconds": training_seconds(directory / "run" / "metrics.jsonl"), "test_logits": test_logits}
 
 

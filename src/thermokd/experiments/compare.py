@@ -18,7 +18,7 @@ from ..engine.divergence import describe_collapse
 from ..engine.identity import check_configs
 from ..engine.run import run_distill, setup
 from ..errors import FolderInUseError, ThermoKDError
-from ..files import FolderLock, holder_plan, in_use, write_json
+from ..files import FolderLock, holder_plan, in_use, read_json, write_json
 from ..registry import normalise
 
 DEFAULT_METHODS = "ce,kd,cist,dts,ctkd,lskd,entropy-target"
@@ -105,6 +105,30 @@ def check_helper_plan(out_dir: Path, plan: dict[str, Any], echo=print) -> None:
                         "helper with the compare's own command and --helper added")
 
 
+def check_teacher(out_dir: Path, info: dict[str, Any], echo) -> None:
+    """Refuse to continue a compare whose ``results.json`` was made with a teacher of the same key that scores
+    otherwise on test: rebuilt elsewhere (a teacher trained on another machine may differ, and the cache that held
+    the first one is not in the folder), its studies and runs belong to the old one. The same test accuracy with
+    other test logits (float rounding of another machine or device) is said, not refused."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return
+    recorded = read_json(path, f"delete {path} or choose another --out").get("teacher") or {}
+    if recorded.get("key") != info.get("key"):
+        return  # another teacher config: each run's identity tells what changed
+    old_acc, new_acc = recorded.get("test_acc"), info.get("test_acc")
+    if old_acc is not None and new_acc is not None and old_acc != new_acc:
+        raise ThermoKDError(
+            f"{out_dir} was made with another teacher under the same key {info['key']}: test accuracy "
+            f"{100 * old_acc:.2f} % there, {100 * new_acc:.2f} % now. It was rebuilt differently (e.g. trained on "
+            "another machine: its cache is not part of the folder), and the folder's studies and runs belong to the "
+            "old one. Choose another --out, or bring the old teacher's cache (--cache / THERMOKD_CACHE)")
+    if recorded.get("fingerprint") not in (None, info.get("fingerprint")):
+        echo(f"  note: the teacher (key {info['key']}) gives other test logits than when {path.name} was written, "
+             "at the same test accuracy (float rounding of another machine or device): runs made before and after "
+             "are close, not identical")
+
+
 def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -> RunConfig:
     run_cfg = copy.deepcopy(cfg)
     run_cfg.method, run_cfg.train.seed = copy.deepcopy(chosen[label]), seed
@@ -118,6 +142,7 @@ def _run_compare(cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, experiment, teacher = setup(cfg, cache_dir, progress_bar, echo)
+    check_teacher(out_dir, teacher[1], echo)
     tuned: dict[str, Any] = {}
     if tuning:
         # a helper seeds its sampler apart from the compare's: two workers that open a study at the same moment
