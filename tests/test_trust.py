@@ -326,13 +326,15 @@ def test_a_compare_refuses_a_teacher_rebuilt_otherwise_under_the_same_key(world,
     assert _cli(*args) == 0  # the folder's own teacher: reused as it is
     recorded = json.loads(results.read_text())
     assert len(recorded["teacher"]["fingerprint"]) == 32 and "note: the teacher" not in capsys.readouterr().out
+    trained_on = recorded["teacher"]["trained_on"]  # what its cache entry recorded when it was trained
+    assert trained_on["device"] == "cpu" and trained_on["threads"] >= 1
     elsewhere = {**recorded, "teacher": {**recorded["teacher"], "test_acc": recorded["teacher"]["test_acc"] - 0.0037,
                                          "fingerprint": "0" * 32}}
     results.write_text(json.dumps(elsewhere))
     before = _snapshot(t / "cmp")
     assert _cli(*args) != 0
-    assert re.search(r"another teacher under the same key \w+: test accuracy [\d.]+ % there, [\d.]+ % now",
-                     capsys.readouterr().err)
+    assert re.search(r"another teacher under the same key \w+: test accuracy [\d.]+ % there \(trained on cpu with "
+                     r"\d+ thread\(s\)\), [\d.]+ % now \(trained on cpu", capsys.readouterr().err)
     assert _snapshot(t / "cmp") == before  # nothing was run or written
     results.write_text(json.dumps({**recorded, "teacher": {**recorded["teacher"], "fingerprint": "0" * 32}}))
     assert _cli(*args) == 0

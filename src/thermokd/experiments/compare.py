@@ -120,13 +120,19 @@ def check_teacher(out_dir: Path, info: dict[str, Any], echo) -> None:
     if old_acc is not None and new_acc is not None and old_acc != new_acc:
         raise ThermoKDError(
             f"{out_dir} was made with another teacher under the same key {info['key']}: test accuracy "
-            f"{100 * old_acc:.2f} % there, {100 * new_acc:.2f} % now. It was rebuilt differently (e.g. trained on "
-            "another machine: its cache is not part of the folder), and the folder's studies and runs belong to the "
-            "old one. Choose another --out, or bring the old teacher's cache (--cache / THERMOKD_CACHE)")
+            f"{100 * old_acc:.2f} % there{_trained_on(recorded)}, {100 * new_acc:.2f} % now{_trained_on(info)}. It "
+            "was trained again differently (another machine or CPU thread count: its cache is not part of the "
+            "folder), and the folder's studies and runs belong to the old one. Choose another --out, or bring the "
+            "old teacher's cache (--cache / THERMOKD_CACHE)")
     if recorded.get("fingerprint") not in (None, info.get("fingerprint")):
         echo(f"  note: the teacher (key {info['key']}) gives other test logits than when {path.name} was written, "
              "at the same test accuracy (float rounding of another machine or device): runs made before and after "
              "are close, not identical")
+
+
+def _trained_on(info: dict[str, Any]) -> str:
+    how = info.get("trained_on")
+    return f" (trained on {how['device']} with {how['threads']} thread(s))" if isinstance(how, dict) else ""
 
 
 def _run_config(cfg: RunConfig, chosen: dict[str, Any], label: str, seed: int) -> RunConfig:
