@@ -19,7 +19,7 @@ import math
 import statistics
 from pathlib import Path
 
-from thermokd.experiments.stats import per_seed, t_interval
+from thermokd.experiments.stats import paired_difference
 
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 REFERENCE = 0.5
@@ -58,19 +58,9 @@ def gamma_runs(results: Path, where: dict[float, tuple[str, str]]) -> "list[dict
 
 
 def differences(runs: list[dict], key: str) -> dict[float, dict]:
-    """γ -> its paired difference to γ = 0.5 over the seeds both ran: ``n``, ``mean``, the 95 % t-interval ``lo``,
-    ``hi``, and ``se``, the mean's standard error."""
-    reference = per_seed(runs, REFERENCE, key)
-    out = {}
-    for gamma in GAMMAS:
-        if gamma == REFERENCE:
-            continue
-        mine = per_seed(runs, gamma, key)
-        values = [mine[s] - reference[s] for s in sorted(set(mine) & set(reference))]
-        mean, lo, hi = t_interval(values)
-        out[gamma] = {"n": len(values), "mean": mean, "lo": lo, "hi": hi,
-                      "se": statistics.stdev(values) / math.sqrt(len(values))}
-    return out
+    """γ -> its paired difference to γ = 0.5 over the seeds both ran (``paired_difference``: ``n``, ``mean``, the
+    95 % t-interval ``lo``, ``hi``, and ``se``, the mean's standard error)."""
+    return {gamma: paired_difference(runs, gamma, REFERENCE, key) for gamma in GAMMAS if gamma != REFERENCE}
 
 
 def pooled(per_setup: list[dict[float, dict]]) -> dict[float, dict]:

@@ -24,8 +24,9 @@ def per_seed(runs: list[dict], method: str, key: str = "best_acc") -> dict[Any, 
 
 
 def paired_difference(runs: list[dict], method: str, reference: str, key: str = "best_acc") -> "dict[str, Any] | None":
-    """``method − reference`` on ``key`` over the seeds both ran: ``n``, ``mean``, ``lo``, ``hi`` (fractions; the
-    interval is None with fewer than two shared seeds), or None when they share no seed."""
+    """``method − reference`` on ``key`` over the seeds both ran: ``n``, ``mean``, ``lo``, ``hi``, ``se`` (the
+    mean's standard error; fractions; the interval and ``se`` are None with fewer than two shared seeds), or None
+    when they share no seed."""
     a, b = per_seed(runs, method, key), per_seed(runs, reference, key)
     seeds = sorted(set(a) & set(b), key=str)
     if not seeds:
@@ -33,7 +34,8 @@ def paired_difference(runs: list[dict], method: str, reference: str, key: str = 
     diffs = [a[s] - b[s] for s in seeds]
     ci = t_interval(diffs)
     return {"n": len(seeds), "mean": statistics.fmean(diffs), "lo": ci[1] if ci else None,
-            "hi": ci[2] if ci else None, "seeds": seeds}
+            "hi": ci[2] if ci else None, "se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if ci else None,
+            "seeds": seeds}
 
 
 def paired_verdict(diff: "dict[str, Any] | None", reference: str) -> str:
